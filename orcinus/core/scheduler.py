@@ -1,0 +1,201 @@
+"""Scheduling policies: the only place that decides which requests run in an iteration.
+
+The scheduler knows requests and KV blocks, never tensors. Each call to `schedule()` selects one
+batch (Orca's `select`), reserves KV space for newcomers and marks the batch RUNNING; the engine
+runs it, appends tokens, marks finished requests, and hands the batch back with `finish_batch()`.
+Up to `n_workers` batches may be in flight at once; they always hold disjoint requests because a
+RUNNING request is never a candidate.
+"""
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from orcinus.core.kv_cache import KVCacheManager
+from orcinus.request import FinishReason, Request, RequestRejected, RequestState
+
+
+@dataclass
+class ScheduledBatch:
+    batch_id: int
+    requests: list[Request]
+    # per request: how many tokens it brings (whole prompt in initiation, 1 in increment)
+    num_new_tokens: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler(ABC):
+    def __init__(
+        self,
+        kv_cache: KVCacheManager,
+        max_num_seqs: int,
+        max_model_len: int,
+        max_num_batched_tokens: int | None = None,
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.pool: dict[str, Request] = {}  # insertion order == arrival order
+        self._batch_ids = itertools.count()
+        self._abort_after_return: set[str] = set()
+
+    # ----------------------------------------------------------------- admission
+    def check_admissible(self, request: Request) -> None:
+        """Reject at submission a request that could never run, instead of letting it wait forever."""
+        if request.num_prompt_tokens == 0:
+            raise RequestRejected("the prompt is empty; give at least one token", "prompt")
+        if request.max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"this request needs {request.max_tokens} tokens ({request.num_prompt_tokens} in the "
+                f"prompt + max_tokens {request.max_new_tokens}), but the model's context length is "
+                f"{self.max_model_len}; shorten the prompt or lower max_tokens",
+                "max_tokens",
+            )
+        if self.kv_cache.blocks_needed(request.max_tokens) > self.kv_cache.num_blocks:
+            raise RequestRejected(
+                f"this request needs {request.max_tokens} KV slots ({request.num_prompt_tokens} in the "
+                f"prompt + max_tokens {request.max_new_tokens}), but the whole KV cache holds "
+                f"{self.kv_cache.n_slots}; lower max_tokens or raise kv_cache_memory",
+                "max_tokens",
+            )
+
+    def add_request(self, request: Request) -> None:
+        self.check_admissible(request)
+        self.pool[request.request_id] = request
+
+    # ----------------------------------------------------------------- selection
+    @abstractmethod
+    def _candidates(self) -> list[Request]:
+        """Requests that may join the next batch, in the order the policy considers them."""
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Orca's select(): returns the next batch, or None when nobody can run."""
+        batch: list[Request] = []
+        num_new: list[int] = []
+        budget = self.max_num_batched_tokens
+        tokens = 0
+        for req in self._candidates():
+            if len(batch) == self.max_num_seqs:
+                break
+            n = req.num_tokens - req.num_computed_tokens
+            if budget is not None and batch and tokens + n > budget:
+                break
+            if req.state == RequestState.INITIATION:
+                # Reserve the worst case up front; *break*, not continue, so FCFS holds.
+                if not self.kv_cache.can_allocate(req.request_id, req.max_tokens):
+                    break
+                self.kv_cache.allocate(req.request_id, req.max_tokens)
+            batch.append(req)
+            num_new.append(n)
+            tokens += n
+        if not batch:
+            return None
+        for req in batch:
+            req.state = RequestState.RUNNING
+        return ScheduledBatch(next(self._batch_ids), batch, num_new)
+
+    # ----------------------------------------------------------------- completion
+    def finish_batch(self, batch: ScheduledBatch) -> list[Request]:
+        """A batch came back: requests the engine marked finished leave now and free their blocks."""
+        done: list[Request] = []
+        for req in batch.requests:
+            if req.request_id in self._abort_after_return:
+                self._abort_after_return.discard(req.request_id)
+                if not req.is_finished:
+                    self._mark_finished(req, FinishReason.ABORT)
+            if req.is_finished:
+                self._release(req)
+                done.append(req)
+            else:
+                req.state = RequestState.INCREMENT
+        self._on_batch_returned(batch)
+        return done
+
+    def abort(self, request_id: str) -> Request | None:
+        """Abort now if the request is not in flight, else as soon as its batch returns."""
+        req = self.pool.get(request_id)
+        if req is None:
+            return None
+        if req.state == RequestState.RUNNING:
+            self._abort_after_return.add(request_id)
+            return None
+        self._mark_finished(req, FinishReason.ABORT)
+        self._release(req)
+        return req
+
+    @staticmethod
+    def _mark_finished(req: Request, reason: FinishReason) -> None:
+        import time
+
+        req.state = RequestState.FINISHED
+        req.finish_reason = reason
+        req.finished_time = time.monotonic()
+
+    def _release(self, req: Request) -> None:
+        req.state = RequestState.FINISHED
+        self.pool.pop(req.request_id, None)
+        self.kv_cache.free(req.request_id)
+
+    def _on_batch_returned(self, batch: ScheduledBatch) -> None:
+        pass
+
+    # ----------------------------------------------------------------- introspection
+    @property
+    def num_running(self) -> int:
+        return sum(1 for r in self.pool.values() if r.state != RequestState.INITIATION)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 for r in self.pool.values() if r.state == RequestState.INITIATION)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.pool)
+
+
+class OrcaScheduler(Scheduler):
+    """Orca's Algorithm 1: every iteration, any request not in flight may run, in arrival order."""
+
+    def _candidates(self) -> list[Request]:
+        return [r for r in self.pool.values() if r.state != RequestState.RUNNING]
+
+
+class StaticScheduler(Scheduler):
+    """Request-level batching (FasterTransformer-style), the baseline.
+
+    A batch of up to max_num_seqs waiting requests is formed when the previous batch has fully
+    finished; it then runs iteration after iteration until its last request is done. Nobody joins
+    mid-way. Finished members stop computing (no padding) and are returned at once.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._members: set[str] = set()
+
+    def _candidates(self) -> list[Request]:
+        self._members = {rid for rid in self._members if rid in self.pool}
+        if self._members:
+            return [self.pool[rid] for rid in self._members_in_order() if self.pool[rid].state != RequestState.RUNNING]
+        return [r for r in self.pool.values() if r.state == RequestState.INITIATION]
+
+    def _members_in_order(self) -> list[str]:
+        return [rid for rid in self.pool if rid in self._members]
+
+    def schedule(self) -> ScheduledBatch | None:
+        forming = not {rid for rid in self._members if rid in self.pool}
+        batch = super().schedule()
+        if batch is not None and forming:
+            self._members = {r.request_id for r in batch.requests}
+        return batch
+
+
+def make_scheduler(policy: str, kv_cache: KVCacheManager, max_num_seqs: int, max_model_len: int,
+                   max_num_batched_tokens: int | None = None) -> Scheduler:
+    classes = {"orca": OrcaScheduler, "static": StaticScheduler}
+    if policy not in classes:
+        raise ValueError(f"unknown scheduler policy {policy!r}; choose one of {tuple(classes)}")
+    return classes[policy](kv_cache, max_num_seqs, max_model_len, max_num_batched_tokens)

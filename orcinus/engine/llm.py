@@ -1,0 +1,93 @@
+"""The offline API, in vLLM's shape: `LLM(model=...).generate(prompts, sampling_params)`."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from orcinus.config import EngineConfig
+from orcinus.engine.llm_engine import LLMEngine, PromptType
+from orcinus.request import RequestOutput
+from orcinus.sampling_params import SamplingParams
+
+
+class LLM:
+    """Engine settings are the keyword arguments of `EngineConfig` (the CLI's flags too)."""
+
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._counter = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Runs all prompts to completion; outputs come back in input order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            params = [SamplingParams()] * len(prompts)
+        elif isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts; give one or one per prompt")
+        # Validate every prompt before queuing any, so a bad one does not strand the others.
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                self._counter += 1
+                ids.append(self.engine.add_request(f"gen-{self._counter}", p, sp))
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            self._drain()
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool | None = None) -> list[RequestOutput]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer; this engine was built with skip_tokenizer_init")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [tok.apply_chat_template(conv, add_generation_prompt=True) for conv in conversations]
+        # The template already holds BOS where the model wants one; do not add it twice.
+        token_prompts = [{"prompt": p, "prompt_token_ids": tok.encode(p, add_special_tokens=False)} for p in prompts]
+        return self.generate(token_prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        show = use_tqdm if use_tqdm is not None else len(ids) > 1
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not show, dynamic_ncols=True)
+        tokens = 0
+        try:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    tokens += sum(1 for _ in out.outputs)
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        bar.update(1)
+                bar.set_postfix_str(f"{self.engine.generation_tokens_total} tok", refresh=False)
+                if not self.engine.has_unfinished_requests() and len(results) < len(ids):
+                    raise RuntimeError("engine went idle with requests outstanding")
+        except BaseException:
+            for rid in wanted - set(results):
+                self.engine.abort_request(rid)
+            self._drain()
+            raise
+        finally:
+            bar.close()
+        return [results[rid] for rid in ids]
+
+    def _drain(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.engine.step()

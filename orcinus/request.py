@@ -1,0 +1,120 @@
+"""A request's life inside the engine, and the outputs handed back to callers."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from orcinus.sampling_params import SamplingParams
+
+
+class RequestState(enum.Enum):
+    INITIATION = "initiation"  # waiting, never scheduled: its prompt is still to be processed
+    RUNNING = "running"  # in a batch that is in flight
+    INCREMENT = "increment"  # has run, waits for its next iteration
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"
+
+
+class RequestRejected(ValueError):
+    """A request that can never run (too long for the cache or the model); says why."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    decoded: str | None = None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    eos_token_ids: tuple[int, ...] = ()
+    max_new_tokens: int = 16  # resolved: sampling_params.max_tokens or what the context allows
+
+    state: RequestState = RequestState.INITIATION
+    output_token_ids: list[int] = field(default_factory=list)
+    # KV positions already written: the next iteration processes tokens from here on
+    num_computed_tokens: int = 0
+    num_iterations: int = 0
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    # per generated token: (logprob of the chosen token, top-k alternatives)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    output_text: str = ""
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    # filled by the engine: per-request random generator for a fixed seed
+    generator: object | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        """Orca's max_tokens: prompt plus the most tokens it may generate (its worst-case KV need)."""
+        return len(self.prompt_token_ids) + self.max_new_tokens
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state == RequestState.FINISHED
+
+    def tokens_to_compute(self) -> list[int]:
+        """Tokens this request brings to its next iteration: the whole prompt, then one token."""
+        return self.all_token_ids[self.num_computed_tokens:]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None
+    finished_time: float | None
+    num_iterations: int
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
