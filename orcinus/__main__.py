@@ -1,0 +1,5 @@
+import sys
+
+from orcinus.cli import main
+
+sys.exit(main())

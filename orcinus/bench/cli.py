@@ -1,0 +1,182 @@
+"""`orcinus bench offline | serve | sweep`: flags and handlers (the work lives in sibling files)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from typing import Callable
+
+from orcinus.bench.arrivals import ARRIVAL_MODES, parse_rate, with_arrivals
+from orcinus.bench.trace_builder import add_trace_args, build_trace, trace_spec_from_args
+
+logger = logging.getLogger(__name__)
+
+AddEngineArgs = Callable[[argparse.ArgumentParser], None]
+
+
+def add_bench_subparsers(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) -> None:
+    _add_offline(sub, add_engine_args)
+    _add_serve(sub)
+    _add_sweep(sub, add_engine_args)
+
+
+def _rates(text: str) -> list[float]:
+    return [parse_rate(t) for t in text.replace(",", " ").split()]
+
+
+def _progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+
+
+# ---------------------------------------------------------------------------------------- offline
+def _add_offline(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) -> None:
+    from orcinus.bench.offline import BACKENDS
+
+    p = sub.add_parser("offline", help="one trace through orcinus (orca, static) and transformers (generate, "
+                                       "continuous batching): output tokens/s and the physical floor")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the device and report throughput as a percentage of the trace's floor")
+    p.add_argument("--output-json", default=None, help="write the report here")
+    _progress_flag(p)
+    add_trace_args(p, default_dataset="random", with_seed=False)
+    add_engine_args(p)
+    p.set_defaults(func=_cmd_offline)
+
+
+def _cmd_offline(args: argparse.Namespace) -> int:
+    from orcinus.bench.offline import OfflineReport, run_offline
+    from orcinus.bench.report import command_line, machine_info, write_json
+    from orcinus.bench.workloads import trace_summary
+    from orcinus.cli import engine_config_from_args
+
+    config = engine_config_from_args(args)
+    spec = trace_spec_from_args(args)
+    trace = build_trace(spec, config.model)
+    device = str(config.resolved_device())
+    settings = {"model": config.model or "default (SmolLM2-135M-Instruct GGUF)", "dtype": config.dtype,
+                "resolved_dtype": str(config.resolved_dtype(config.resolved_device())).removeprefix("torch."),
+                "device": device, "max_num_seqs": config.max_num_seqs, "kv_cache_memory": config.kv_cache_memory,
+                "trace": spec.describe()}
+    report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor)
+    print(report.to_markdown())
+    if args.output_json:
+        write_json(args.output_json, report)
+        print(f"report written to {args.output_json}")
+    return 0 if all(r.status == "ok" or r.status.startswith("n/a") for r in report.results) else 1
+
+
+# ---------------------------------------------------------------------------------------- serve
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="load generator against any OpenAI-compatible /v1/completions endpoint")
+    p.add_argument("--base-url", default=None, help="server root, e.g. http://127.0.0.1:8000 (default from --host/--port)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the request's `model` (default: first of /v1/models)")
+    p.add_argument("--tokenizer", default=None,
+                   help="model folder or .gguf whose vocabulary/tokenizer builds the prompts (default: the default model)")
+    p.add_argument("--request-rate", type=parse_rate, default=math.inf, help="requests/s, or inf (default): all at once")
+    p.add_argument("--arrival", choices=ARRIVAL_MODES, default="poisson",
+                   help="arrival process at --request-rate (default poisson)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:100 (names: ttft tpot e2el normalized_latency)")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="send vLLM's ignore_eos so every request generates its full output length")
+    p.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--result-json", default=None, help="write the report here")
+    p.add_argument("--save-detailed", action="store_true", help="include every request's timings in the JSON")
+    _progress_flag(p)
+    add_trace_args(p, default_dataset="orca")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from orcinus.bench.client import EndpointConfig
+    from orcinus.bench.load_generator import run_load
+    from orcinus.bench.metrics import parse_slos
+    from orcinus.bench.report import command_line, machine_info, write_json
+    from orcinus.bench.serve_report import ServeReport
+    from orcinus.bench.workloads import trace_summary
+
+    base_url = args.base_url or f"http://{args.host}:{args.port}"
+    slos = parse_slos(args.goodput)
+    spec = trace_spec_from_args(args)
+    trace = with_arrivals(build_trace(spec, args.tokenizer), args.request_rate, args.arrival, args.seed)
+    extra = json.loads(args.extra_body) if args.extra_body else {}
+    ep = EndpointConfig(base_url, args.served_model_name or "", args.ignore_eos, args.api_key, extra)
+    run = run_load(trace, ep, args.max_concurrency, slos, args.progress)
+    settings = {"base_url": base_url, "model": ep.model, "request_rate": args.request_rate, "arrival": args.arrival,
+                "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos, "trace": spec.describe(),
+                "prompt_format": "text" if spec.dataset == "sharegpt" else "token ids"}
+    report = ServeReport.from_run(run, settings, trace_summary(trace), machine_info(), command_line(),
+                                  args.save_detailed)
+    print(report.summary())
+    if args.result_json:
+        write_json(args.result_json, report)
+        print(f"report written to {args.result_json}")
+    return 0 if run.metrics.failed == 0 else 1
+
+
+# ---------------------------------------------------------------------------------------- sweep
+def _add_sweep(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) -> None:
+    from orcinus.bench.sweep import DEFAULT_CONFIGS
+
+    p = sub.add_parser("sweep", help="configurations x request rates; draws the paper's Figure 10")
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
+                   help="each POLICY:MAX_NUM_SEQS or 'LABEL=ENGINE FLAGS' (default: %(default)s)")
+    p.add_argument("--rates", type=_rates, default=[0.5, 1.0, 2.0, 4.0], help="request rates, e.g. '0.5,1,2,inf'")
+    p.add_argument("--arrival", choices=ARRIVAL_MODES, default="poisson")
+    p.add_argument("--target", choices=("server", "engine"), default="server",
+                   help="server: start `orcinus serve` per config and load it over HTTP; engine: replay in-process")
+    p.add_argument("--max-concurrency", type=int, default=None, help="(server target) most requests in flight")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS")
+    p.add_argument("--output-dir", default="bench_results/sweep", help="sweep.json, sweep.md and figure10.png go here")
+    p.add_argument("--title", default="", help="plot title")
+    _progress_flag(p)
+    add_trace_args(p, default_dataset="orca", with_seed=False)
+    add_engine_args(p)
+    p.set_defaults(func=_cmd_sweep, add_engine_args=add_engine_args)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from orcinus.bench.figure import plot_figure10, sweep_table
+    from orcinus.bench.metrics import parse_slos
+    from orcinus.bench.report import command_line, machine_info, write_json
+    from orcinus.bench.sweep import parse_config, sweep_engine, sweep_server
+    from orcinus.bench.workloads import trace_summary
+    from orcinus.cli import engine_config_from_args
+
+    base = engine_config_from_args(args)
+    configs = [parse_config(c) for c in args.configs]
+    slos = parse_slos(args.goodput)
+    spec = trace_spec_from_args(args)
+    trace = build_trace(spec, base.model)
+    os.makedirs(args.output_dir, exist_ok=True)
+    points = []
+    for cfg in configs:
+        if args.target == "engine":
+            points += sweep_engine(base, cfg, args.rates, trace, args.arrival, args.seed, args.add_engine_args,
+                                   slos, args.progress)
+        else:
+            points += sweep_server(base, cfg, args.rates, trace, args.arrival, args.seed, slos, args.progress,
+                                   args.max_concurrency, args.output_dir)
+    table = sweep_table(points)
+    png = os.path.join(args.output_dir, "figure10.png")
+    title = args.title or f"{spec.dataset} trace, {len(trace)} requests, target {args.target}"
+    plot_figure10(points, png, title)
+    machine = machine_info(str(base.resolved_device()))
+    write_json(os.path.join(args.output_dir, "sweep.json"),
+               {"command": command_line(), "machine": machine, "target": args.target, "arrival": args.arrival,
+                "trace": spec.describe() | trace_summary(trace), "configs": [c.__dict__ for c in configs],
+                "points": points})
+    with open(os.path.join(args.output_dir, "sweep.md"), "w") as f:
+        f.write(f"Command: `{command_line()}`\n\nMachine: {machine}\n\n{table}\n\n![Figure 10]({os.path.basename(png)})\n")
+    print(table)
+    print(f"figure: {png}")
+    return 0 if all(p.failed == 0 for p in points) else 1

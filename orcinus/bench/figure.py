@@ -1,0 +1,71 @@
+"""The paper's Figure 10 from sweep points: throughput against median normalized latency.
+
+One line per configuration, one marker per offered request rate: x is the achieved throughput
+(requests/s), y the median over requests of end-to-end latency / generated tokens (ms/token).
+A good system's line stays low further to the right.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+from orcinus.bench.report import markdown_table
+
+
+@dataclass
+class SweepPoint:
+    config: str
+    rate: float  # offered requests/s (inf: all at once)
+    request_throughput: float
+    output_throughput: float
+    median_normalized_latency_ms: float
+    p90_normalized_latency_ms: float
+    median_ttft_ms: float
+    median_e2el_ms: float
+    completed: int
+    failed: int
+    duration_s: float
+
+
+def by_config(points: Sequence[SweepPoint]) -> dict[str, list[SweepPoint]]:
+    groups: dict[str, list[SweepPoint]] = defaultdict(list)
+    for p in points:
+        groups[p.config].append(p)
+    return {k: sorted(v, key=lambda p: p.rate) for k, v in groups.items()}
+
+
+def plot_figure10(points: Sequence[SweepPoint], path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    markers = "osD^v<>pP*X"
+    for i, (config, pts) in enumerate(by_config(points).items()):
+        pts = [p for p in pts if p.completed > 0]
+        ax.plot([p.request_throughput for p in pts], [p.median_normalized_latency_ms for p in pts],
+                marker=markers[i % len(markers)], label=config)
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("median normalized latency (ms/token)")
+    ax.set_title(title or "Throughput vs. median normalized latency (Orca Fig. 10)", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sweep_table(points: Sequence[SweepPoint]) -> str:
+    rows = []
+    for config, pts in by_config(points).items():
+        for p in pts:
+            rows.append([config, p.rate, p.request_throughput, p.output_throughput, p.median_normalized_latency_ms,
+                         p.p90_normalized_latency_ms, p.median_ttft_ms, p.median_e2el_ms,
+                         f"{p.completed}/{p.completed + p.failed}"])
+    headers = ["config", "rate (req/s)", "throughput (req/s)", "output tok/s", "median norm. latency (ms/tok)",
+               "p90 norm. latency (ms/tok)", "median TTFT (ms)", "median E2EL (ms)", "completed"]
+    return markdown_table(headers, rows)

@@ -1,0 +1,203 @@
+"""`orcinus bench offline`: one trace, every system, output tokens/s side by side.
+
+All backends get the same trace (all requests at once, EOS ignored), model, dtype and device, run
+one after another in this process. Each is warmed up with one tiny request before its timed run,
+so first-call costs (allocation, kernel selection) do not count against it. Process CPU time is
+recorded beside wall time: on a shared machine it moves less with other people's load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from orcinus.bench.floor import DeviceRates, Floor, ModelDims, measure_device, trace_floor
+from orcinus.bench.report import fmt, markdown_table
+from orcinus.bench.workloads import BenchRequest
+from orcinus.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("orca", "static", "hf", "hf-cb")
+BACKEND_LABELS = {
+    "orca": "orcinus, orca policy",
+    "static": "orcinus, static policy",
+    "hf": "transformers generate, static batches",
+    "hf-cb": "transformers continuous batching",
+}
+# The engine issue's CPU targets: orca over transformers' static batches, and over orcinus static.
+TARGETS = {("orca", "hf"): 1.5, ("orca", "static"): 1.2}
+
+
+@dataclass
+class BackendResult:
+    backend: str
+    status: str = "ok"  # "ok", "n/a: why" or "error: what"
+    elapsed_s: float = math.nan
+    cpu_s: float = math.nan
+    output_tokens: int = 0  # useful tokens: what the requests asked for
+    load_s: float = math.nan
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s if self.ok and self.elapsed_s > 0 else math.nan
+
+
+@dataclass
+class OfflineReport:
+    settings: dict
+    trace: dict
+    machine: dict
+    command: str
+    results: list[BackendResult] = field(default_factory=list)
+    floor: dict | None = None
+
+    def result(self, backend: str) -> BackendResult | None:
+        return next((r for r in self.results if r.backend == backend), None)
+
+    def best_baseline(self) -> BackendResult | None:
+        """The fastest backend that is not orcinus' orca policy."""
+        base = [r for r in self.results if r.backend != "orca" and r.ok]
+        return max(base, key=lambda r: r.output_tokens_per_s, default=None)
+
+    def ratio(self, a: str, b: str) -> float:
+        ra, rb = self.result(a), self.result(b)
+        if ra is None or rb is None or not (ra.ok and rb.ok):
+            return math.nan
+        return ra.output_tokens_per_s / rb.output_tokens_per_s
+
+    def to_markdown(self) -> str:
+        best = self.best_baseline()
+        floor_s = self.floor["seconds"] if self.floor else None
+        rows = []
+        for r in self.results:
+            vs_best = r.output_tokens_per_s / best.output_tokens_per_s if best and r.ok else math.nan
+            of_floor = 100.0 * floor_s / r.elapsed_s if floor_s and r.ok else math.nan
+            rows.append([f"{r.backend} ({BACKEND_LABELS.get(r.backend, r.backend)})", r.status,
+                         r.output_tokens_per_s, vs_best, r.elapsed_s, r.cpu_s, of_floor])
+        headers = ["backend", "status", "output tok/s", f"× best baseline ({best.backend if best else 'n/a'})",
+                   "wall s", "CPU s", "% of floor"]
+        text = markdown_table(headers, rows)
+        checks = [f"{a} / {b}: {fmt(self.ratio(a, b))}× (target ≥ {t}×)" for (a, b), t in TARGETS.items()
+                  if self.result(a) and self.result(b)]
+        if checks:
+            text += "\n\n" + "; ".join(checks)
+        if self.floor:
+            text += (f"\n\nFloor ({self.floor['rates']['label']}): {fmt(self.floor['seconds'], 3)} s = "
+                     f"{fmt(self.floor['output_tokens_per_s'], 1)} output tok/s over {self.floor['num_iterations']} "
+                     f"ideal iterations (memory-bound part {fmt(self.floor['memory_seconds'], 3)} s, compute-bound "
+                     f"part {fmt(self.floor['compute_seconds'], 3)} s; copy bandwidth "
+                     f"{fmt(self.floor['rates']['copy_bandwidth'] / 1e9, 1)} GB/s, matmul "
+                     f"{fmt(self.floor['rates']['matmul_flops'] / 1e9, 1)} GFLOP/s)")
+        return text
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _timed(fn, *args, **kwargs) -> tuple[object, float, float]:
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_orcinus(config: EngineConfig, policy: str, trace: Sequence[BenchRequest], progress: bool) -> BackendResult:
+    from orcinus.engine.llm import LLM
+    from orcinus.sampling_params import SamplingParams
+
+    res = BackendResult(policy)
+    kwargs = dataclasses.asdict(dataclasses.replace(config, scheduler_policy=policy, skip_tokenizer_init=True))
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    res.load_s = time.perf_counter() - t0
+    try:
+        warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": trace[0].prompt_token_ids[:8]}], warm, use_tqdm=False)
+        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
+        params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in trace]
+        outs, res.elapsed_s, res.cpu_s = _timed(llm.generate, prompts, params, use_tqdm=progress)
+        got = [len(o.outputs[0].token_ids) for o in outs]
+        wrong = [(g, r.output_len) for g, r in zip(got, trace) if g != r.output_len]
+        if wrong:
+            res.status = f"error: generated/asked token counts differ, e.g. {wrong[:3]}"
+        res.output_tokens = sum(got)
+    finally:
+        del llm
+        _free_memory()
+    return res
+
+
+def run_transformers(config: EngineConfig, backend: str, trace: Sequence[BenchRequest], progress: bool) -> BackendResult:
+    from orcinus.bench.hf_baselines import (continuous_batching_available, load_hf_model, run_hf_continuous,
+                                            run_hf_static)
+
+    res = BackendResult(backend)
+    device = config.resolved_device()
+    t0 = time.perf_counter()
+    hf = load_hf_model(config.model, config.resolved_dtype(device), device)
+    res.load_s = time.perf_counter() - t0
+    try:
+        tiny = [BenchRequest(trace[0].prompt_token_ids[:8], 2)]
+        if backend == "hf":
+            run_hf_static(hf, tiny, 1, progress=False)
+            useful, res.elapsed_s, res.cpu_s = _timed(run_hf_static, hf, trace, config.max_num_seqs, progress)
+        else:
+            ok, why = continuous_batching_available(hf)
+            if not ok:
+                res.status = f"n/a: {why}"
+                return res
+            # Its own warm-up would also start and stop a manager: a tiny run does the same here.
+            run_hf_continuous(hf, tiny, config.max_num_seqs, progress=False)
+            useful, res.elapsed_s, res.cpu_s = _timed(run_hf_continuous, hf, trace, config.max_num_seqs, progress)
+        res.output_tokens = int(useful)
+    finally:
+        del hf
+        _free_memory()
+    return res
+
+
+def compute_floor(config: EngineConfig, trace: Sequence[BenchRequest], rates: DeviceRates | None = None) -> Floor:
+    from orcinus.bench.trace_builder import read_model_config
+
+    device = config.resolved_device()
+    dtype = config.resolved_dtype(device)
+    dims = ModelDims.from_model_config(read_model_config(config.model), dtype)
+    rates = rates or measure_device(device, dtype)
+    return trace_floor(dims, [r.prompt_len for r in trace], [r.output_len for r in trace], config.max_num_seqs, rates)
+
+
+def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: Sequence[str], report: OfflineReport,
+                progress: bool = True, with_floor: bool = True) -> OfflineReport:
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS}")
+    for backend in backends:
+        logger.info("bench offline: running %s", BACKEND_LABELS[backend])
+        try:
+            if backend in ("orca", "static"):
+                res = run_orcinus(config, backend, trace, progress)
+            else:
+                res = run_transformers(config, backend, trace, progress)
+        except Exception as exc:  # one broken baseline must not lose the others' numbers
+            logger.exception("backend %s failed", backend)
+            res = BackendResult(backend, status=f"error: {type(exc).__name__}: {str(exc)[:200]}")
+        logger.info("bench offline: %s: %s, %s output tok/s in %s s", backend, res.status,
+                    fmt(res.output_tokens_per_s), fmt(res.elapsed_s))
+        report.results.append(res)
+    if with_floor:
+        floor = compute_floor(config, trace)
+        report.floor = dataclasses.asdict(floor) | {"output_tokens_per_s": floor.output_tokens_per_s}
+    return report

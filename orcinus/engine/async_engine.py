@@ -1,0 +1,455 @@
+"""AsyncEngine: the LLMEngine's iteration loop on one background thread, for asyncio callers.
+
+The LLMEngine is not thread-safe and `step()` blocks for a whole iteration, so it lives on one
+dedicated thread that loops: apply the commands other threads queued (add, abort, call), run one
+iteration if there is work, hand every RequestOutput to the asyncio queue of the stream waiting
+for it. The event loop only ever takes a short lock to queue a command, so it never blocks on an
+iteration, and each request's tokens leave the engine the moment the iteration that made them
+ends.
+
+Everything that touches the engine (tokenizer included: it is not thread-safe either) runs on
+that thread; callers reach it through `submit()` (prompts may be callables, run there) and
+`call()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from orcinus.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from orcinus.request import RequestOutput
+from orcinus.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# The loop wakes at least this often when idle, so its heartbeat shows it is alive.
+_IDLE_WAIT_S = 0.5
+# This many failed iterations in a row mean the engine is broken, not one bad batch.
+_MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine loop is not running (dead, stopped or shutting down): answer 503."""
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: answer 503 at once rather than let requests pile up."""
+
+
+class EngineStepError(RuntimeError):
+    """An iteration failed; the requests it held were aborted (a server error, not the caller's)."""
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    # A callable is run on the engine thread (e.g. to render a chat template with the
+    # tokenizer, which must not be used from another thread) and must return the prompt.
+    prompt: PromptType | Callable[[], PromptType]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    reason: str = ""
+
+
+_END = object()  # queued to a stream once all of its requests have finished
+
+
+class RequestStream:
+    """The outputs of one submission (one or more engine requests), in the order they arrive.
+
+    Outputs are cumulative, so when the consumer falls behind only the newest output per
+    request is worth handing over: older ones are dropped, never re-ordered across an end.
+    `close()` aborts whatever has not finished (call it when the client goes away).
+    """
+
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str], loop: asyncio.AbstractEventLoop) -> None:
+        self.request_ids = request_ids
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._unfinished = set(request_ids)
+        self._ready: deque[RequestOutput] = deque()
+        self._done = False
+        self._error: BaseException | None = None
+
+    # -- engine thread side (through call_soon_threadsafe) --------------------------------------
+    def _push(self, item: Any) -> None:
+        self._queue.put_nowait(item)
+
+    # -- consumer side --------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while not self._ready:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                raise StopAsyncIteration
+            self._take(await self._queue.get())
+            while not self._queue.empty():
+                self._take(self._queue.get_nowait())
+        return self._ready.popleft()
+
+    def _take(self, item: Any) -> None:
+        if item is _END:
+            self._done = True
+        elif isinstance(item, BaseException):
+            self._error = item
+            self._done = True
+        else:
+            if item.finished:
+                self._unfinished.discard(item.request_id)
+            # Keep only the newest output per request: they are cumulative.
+            for i, older in enumerate(self._ready):
+                if older.request_id == item.request_id:
+                    del self._ready[i]
+                    break
+            self._ready.append(item)
+
+    def close(self) -> None:
+        """Abort every request of this stream that has not finished; safe to call twice."""
+        if self._unfinished:
+            self._engine.abort(list(self._unfinished))
+            self._unfinished.clear()
+
+
+@dataclass
+class _Add:
+    requests: list[GenerateRequest]
+    stream: RequestStream
+    accepted: asyncio.Future
+    num_seqs: int
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    loop: asyncio.AbstractEventLoop
+    result: asyncio.Future
+
+
+@dataclass
+class _Stop:
+    reason: str = "the server is shutting down"
+
+
+@dataclass
+class _Counters:
+    """What the event loop may read without touching the engine (written by the engine thread)."""
+
+    stats: EngineStats | None = None
+    heartbeat: float = field(default_factory=time.monotonic)
+    busy: bool = False
+
+
+class AsyncEngine:
+    """Drives an LLMEngine from one background thread; all public methods are thread-safe."""
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
+                 stall_timeout_s: float = 60.0) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.stall_timeout_s = stall_timeout_s
+        self._cond = threading.Condition()
+        self._inbox: deque[_Add | _Abort | _Call | _Stop] = deque()
+        self._pending_seqs = 0  # sequences queued in the inbox, not yet in the engine's counts
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._counters = _Counters(stats=engine.stats())
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead_reason: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="orcinus-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Abort what is left, stop the loop and wait for the thread to end."""
+        with self._cond:
+            self._stopping = True
+            self._inbox.append(_Stop())
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout_s)
+            if self._thread.is_alive():
+                logger.error("the engine thread did not stop within %.0f s", timeout_s)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead_reason is None
+
+    # ------------------------------------------------------------------ observation
+    def health(self) -> Health:
+        if self._thread is None:
+            return Health(False, "the engine loop has not started")
+        if self._dead_reason is not None or not self._thread.is_alive():
+            return Health(False, f"the engine loop is not running: {self._dead_reason or 'thread exited'}")
+        if self._stopping:
+            return Health(False, "the server is shutting down")
+        c = self._counters
+        silent = time.monotonic() - c.heartbeat
+        if silent > self.stall_timeout_s:
+            what = "no iteration has finished" if c.busy else "the engine loop has not woken up"
+            return Health(False, f"{what} for {silent:.0f} s")
+        return Health(True)
+
+    def stats(self) -> EngineStats:
+        """The engine's statistics as of the end of its last iteration (or command)."""
+        return self._counters.stats
+
+    def num_waiting(self) -> int:
+        """Sequences not yet running: waiting in the engine plus queued to it."""
+        with self._cond:
+            return self._counters.stats.num_waiting + self._pending_seqs
+
+    # ------------------------------------------------------------------ requests
+    async def submit(self, requests: Sequence[GenerateRequest]) -> RequestStream:
+        """Queue requests as one unit and wait until the engine accepted all of them.
+
+        Raises the engine's own validation errors (RequestRejected, SamplingParamsError, or a
+        ValueError from a prompt callable) before any output, QueueFull at the waiting bound,
+        EngineUnavailable when the loop is not running. On rejection nothing stays queued.
+        """
+        loop = asyncio.get_running_loop()
+        reqs = list(requests)
+        stream = RequestStream(self, [r.request_id for r in reqs], loop)
+        cmd = _Add(reqs, stream, loop.create_future(), sum(r.params.n for r in reqs))
+        with self._cond:
+            self._check_accepting()
+            bound = self.max_waiting_requests
+            if bound is not None and self._counters.stats.num_waiting + self._pending_seqs >= bound:
+                raise QueueFull(f"the server is at its bound of {bound} waiting requests; retry later")
+            self._pending_seqs += cmd.num_seqs
+            self._inbox.append(cmd)
+            self._cond.notify()
+        try:
+            await cmd.accepted
+        except asyncio.CancelledError:
+            stream.close()  # the caller went away before the engine answered
+            raise
+        return stream
+
+    async def generate(self, request_id: str, prompt: PromptType | Callable[[], PromptType],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """One request's outputs as they are produced; closing the iterator early aborts it."""
+        stream = await self.submit([GenerateRequest(request_id, prompt, params)])
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Abort requests (unknown or finished ids are ignored); takes effect before the next iteration."""
+        with self._cond:
+            self._inbox.append(_Abort(list(request_ids)))
+            self._cond.notify()
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) on the engine thread between iterations (e.g. tokenizer work)."""
+        loop = asyncio.get_running_loop()
+        cmd = _Call(fn, loop, loop.create_future())
+        with self._cond:
+            self._check_accepting()
+            self._inbox.append(cmd)
+            self._cond.notify()
+        return await cmd.result
+
+    def _check_accepting(self) -> None:
+        if self._dead_reason is not None or self._thread is None or not self._thread.is_alive():
+            raise EngineUnavailable(f"the engine is not running ({self._dead_reason or 'not started'})")
+        if self._stopping:
+            raise EngineUnavailable("the server is shutting down")
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        reason = "the engine loop exited"
+        try:
+            reason = self._loop_until_stopped()
+        except BaseException as exc:  # a bug here must still release every waiting caller
+            logger.critical("the engine loop died", exc_info=True)
+            reason = f"the engine loop died: {exc!r}"
+        finally:
+            self._dead_reason = reason
+            error = EngineUnavailable(reason)
+            self._fail_all(error)
+            self._fail_inbox(error)
+            self._publish(adds=0)
+
+    def _loop_until_stopped(self) -> str:
+        """The iteration loop; returns why it stopped."""
+        failures = 0
+        while True:
+            stop = self._apply(self._wait_for_work())
+            if stop is not None:
+                self._drain()
+                return stop.reason
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:
+                # The engine aborted the failed batch; its state is suspect, so fail every
+                # request (their clients get an error, not a hang) but keep serving: one bad
+                # iteration must not take the server down. Repeated failures do.
+                failures += 1
+                logger.exception("an engine iteration failed (%d in a row)", failures)
+                self._fail_all(EngineStepError(f"the engine failed while running this request: {exc}"))
+                if failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
+                    return f"{failures} iterations failed in a row; last error: {exc!r}"
+                continue
+            failures = 0
+            self._deliver(outputs)
+            self._publish(adds=0)
+
+    def _drain(self) -> None:
+        """At shutdown, after aborting everything: let batches still in flight come back so that
+        every KV block is returned, then say if any leaked."""
+        for _ in range(self.engine.config.n_workers + 1):
+            if not self.engine.has_unfinished_requests():
+                break
+            self.engine.step()
+        if not self.engine.free_all_check():
+            logger.warning("KV blocks are still allocated after shutdown")
+
+    def _wait_for_work(self) -> list:
+        with self._cond:
+            while not self._inbox and not self.engine.has_unfinished_requests():
+                self._counters.heartbeat = time.monotonic()
+                self._counters.busy = False
+                self._cond.wait(_IDLE_WAIT_S)
+            self._counters.busy = True
+            commands = list(self._inbox)
+            self._inbox.clear()
+            return commands
+
+    def _apply(self, commands: list) -> _Stop | None:
+        added = 0
+        stop = None
+        for cmd in commands:
+            if isinstance(cmd, _Add):
+                self._add(cmd)
+                added += cmd.num_seqs
+            elif isinstance(cmd, _Abort):
+                for rid in cmd.request_ids:
+                    self._streams.pop(rid, None)
+                    self.engine.abort_request(rid)
+            elif isinstance(cmd, _Call):
+                try:
+                    _resolve(cmd.loop, cmd.result, value=cmd.fn(self.engine))
+                except Exception as exc:
+                    _resolve(cmd.loop, cmd.result, error=exc)
+            elif isinstance(cmd, _Stop):
+                stop = cmd
+        if commands:
+            self._publish(adds=added)
+        if stop is not None:
+            self._fail_all(EngineUnavailable(stop.reason))
+        return stop
+
+    def _add(self, cmd: _Add) -> None:
+        added: list[str] = []
+        try:
+            for req in cmd.requests:
+                prompt = req.prompt() if callable(req.prompt) else req.prompt
+                self.engine.add_request(req.request_id, prompt, req.params)
+                added.append(req.request_id)
+        except Exception as exc:
+            for rid in added:  # all or nothing: a rejected batch leaves nothing behind
+                self.engine.abort_request(rid)
+            _resolve(cmd.stream._loop, cmd.accepted, error=exc)
+            return
+        for rid in added:
+            self._streams[rid] = cmd.stream
+        if not _resolve(cmd.stream._loop, cmd.accepted, value=None):
+            self._abort_now(added)  # the caller's loop is gone; nobody will read these
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            if not _call_soon(stream._loop, stream._push, out):
+                self._abort_now([rid for rid, s in self._streams.items() if s is stream])
+                continue
+            if out.finished and not any(s is stream for s in self._streams.values()):
+                _call_soon(stream._loop, stream._push, _END)
+
+    def _abort_now(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._streams.pop(rid, None)
+            self.engine.abort_request(rid)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Abort every request that has a stream and hand the error to its consumer."""
+        streams = {id(s): s for s in self._streams.values()}
+        self._abort_now(list(self._streams))
+        for stream in streams.values():
+            _call_soon(stream._loop, stream._push, error)
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        with self._cond:
+            commands = list(self._inbox)
+            self._inbox.clear()
+            self._pending_seqs = 0
+        for cmd in commands:
+            if isinstance(cmd, _Add):
+                _resolve(cmd.stream._loop, cmd.accepted, error=error)
+            elif isinstance(cmd, _Call):
+                _resolve(cmd.loop, cmd.result, error=error)
+
+    def _publish(self, adds: int) -> None:
+        """Refresh what other threads read; inbox adds leave the pending count only now, so that
+        waiting requests are never under-counted in between."""
+        stats = self.engine.stats()
+        with self._cond:
+            self._counters.stats = stats
+            self._counters.heartbeat = time.monotonic()
+            self._pending_seqs = max(0, self._pending_seqs - adds)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> bool:
+    """Schedule fn on loop from another thread; False when that loop is closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any = None,
+             error: BaseException | None = None) -> bool:
+    def settle() -> None:
+        if fut.done():  # cancelled by a caller that went away
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+
+    return _call_soon(loop, settle)

@@ -1,0 +1,143 @@
+"""OPT: learned positions offset by 2, LayerNorm before (most sizes) or after (opt-350m) each
+sublayer, and optional projections when the word embeddings are narrower than the model.
+
+All ops run on the flat [num_tokens, hidden] tensor of the iteration; only `PagedAttention` looks
+at which token belongs to which request. Parameter names follow the Hugging Face checkpoints.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from orcinus.config import ModelConfig
+from orcinus.layers.activations import get_activation
+from orcinus.layers.attention import PagedAttention
+from orcinus.layers.context import ForwardContext
+from orcinus.models.registry import _eos_ids
+
+
+def _layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
+                        elementwise_affine=cfg.extra.get("layer_norm_elementwise_affine", True))
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, h, bias=bias)
+        self.k_proj = nn.Linear(h, h, bias=bias)
+        self.v_proj = nn.Linear(h, h, bias=bias)
+        self.out_proj = nn.Linear(h, h, bias=bias)
+        # HF multiplies q_proj's output by head_dim**-0.5; scaling the scores instead is the same.
+        self.attn = PagedAttention(layer_idx, cfg.num_heads, cfg.num_heads, cfg.head_dim, cfg.head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.out_proj(self.attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), ctx))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.pre_ln = cfg.do_layer_norm_before
+        self.self_attn = OPTAttention(cfg, layer_idx)
+        self.self_attn_layer_norm = _layer_norm(cfg)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.attention_bias)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.final_layer_norm = _layer_norm(cfg)
+        self.act = get_activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.self_attn(self.self_attn_layer_norm(x), ctx)
+            return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        # Post-LN (opt-350m): normalise after each residual add instead.
+        x = self.self_attn_layer_norm(x + self.self_attn(x, ctx))
+        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        embed_dim = cfg.word_embed_proj_dim or cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, embed_dim)
+        # The table has position_offset extra rows: position p lives at row p + offset.
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + cfg.position_offset, cfg.hidden_size)
+        self.project_in = self.project_out = None
+        if embed_dim != cfg.hidden_size:
+            self.project_in = nn.Linear(embed_dim, cfg.hidden_size, bias=False)
+            self.project_out = nn.Linear(cfg.hidden_size, embed_dim, bias=False)
+        self.layers = nn.ModuleList(OPTDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        # Post-LN models already end in a norm; some old pre-LN checkpoints lack this one.
+        self.final_layer_norm = None
+        if cfg.do_layer_norm_before and not cfg.extra.get("remove_final_layer_norm", False):
+            self.final_layer_norm = _layer_norm(cfg)
+
+
+class OPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.decoder = OPTDecoder(cfg)
+
+
+class OPTForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = OPTModel(cfg)
+        dec = self.model.decoder
+        self.lm_head = nn.Linear(dec.embed_tokens.embedding_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = dec.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        dec = self.model.decoder
+        x = dec.embed_tokens(input_ids)
+        if dec.project_in is not None:
+            x = dec.project_in(x)
+        x = x + dec.embed_positions(positions + self.config.position_offset)
+        for layer in dec.layers:
+            x = layer(x, ctx)
+        if dec.final_layer_norm is not None:
+            x = dec.final_layer_norm(x)
+        if dec.project_out is not None:
+            x = dec.project_out(x)  # back to the embedding width the tied LM head expects
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """Map a checkpoint tensor name to this module's parameter name (None: skip it)."""
+        if name == "lm_head.weight":
+            return None if self.config.tie_word_embeddings else name
+        # OPTModel checkpoints (e.g. some facebook/opt-* files) name tensors `decoder.…`.
+        return "model." + name if name.startswith("decoder.") else name
+
+
+def parse_opt_config(hf: dict) -> ModelConfig:
+    hidden, num_heads = hf["hidden_size"], hf["num_attention_heads"]
+    return ModelConfig(
+        architecture="opt",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        head_dim=hidden // num_heads,
+        intermediate_size=hf["ffn_dim"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        layer_norm_eps=1e-5,  # OPT uses nn.LayerNorm's default; the config has no field for it
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        attention_bias=bool(hf.get("enable_bias", True)),  # OPT's one switch for every Linear's bias
+        hidden_act=hf.get("activation_function", "relu"),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_ids(hf),
+        do_layer_norm_before=bool(hf.get("do_layer_norm_before", True)),
+        word_embed_proj_dim=hf.get("word_embed_proj_dim") or hidden,
+        position_offset=2,
+        extra={
+            "layer_norm_elementwise_affine": bool(hf.get("layer_norm_elementwise_affine", True)),
+            "remove_final_layer_norm": bool(hf.get("_remove_final_layer_norm", False)),
+        },
+    )

@@ -1,0 +1,196 @@
+"""The OpenAI-compatible HTTP server: the FastAPI app (`create_app`) and `orcinus serve` (`run_server`)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import AsyncIterator, Iterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from orcinus import __version__
+from orcinus.config import EngineConfig
+from orcinus.engine.async_engine import AsyncEngine
+from orcinus.server.errors import OpenAIError, install_error_handlers
+from orcinus.server.metrics import ServerMetrics
+from orcinus.server.middleware import AccessLog, ApiKeyAuth, BodySizeLimit
+from orcinus.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                     CompletionResponse, ErrorResponse, HealthResponse, ModelCard, ModelList,
+                                     VersionResponse)
+from orcinus.server.serving import ClientDisconnected, ServingContext, json_response
+from orcinus.server.serving_chat import create_chat_completion
+from orcinus.server.serving_completions import create_completion
+from orcinus.server.settings import ServerSettings, add_serve_args, settings_from_args
+from orcinus.server.stats_logger import log_stats_forever
+
+__all__ = ["add_serve_args", "create_app", "run_server"]
+
+logger = logging.getLogger("orcinus.server")
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
+
+
+def _generation_responses(model: type) -> dict:
+    """OpenAPI: a JSON object, or with stream=true an SSE stream of chunks."""
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **_ERRORS}
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    """The app over an AsyncEngine; starting it (lifespan) starts the engine loop, stopping it
+    aborts what is left and stops the loop."""
+    metrics = ServerMetrics(engine, settings.served_model_names[0])
+    ctx = ServingContext(engine, metrics, settings)
+    started_at = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        stats_task = None
+        if settings.log_stats_interval_s > 0:
+            stats_task = asyncio.create_task(log_stats_forever(engine, settings.log_stats_interval_s))
+        try:
+            yield
+        finally:
+            if stats_task is not None:
+                stats_task.cancel()
+            await engine.shutdown()
+
+    app = FastAPI(title="orcinus", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible server over an iteration-level (Orca) scheduling engine.")
+    install_error_handlers(app)
+    # add_middleware wraps: the last added runs first. Order: log, authenticate, limit the body.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    if settings.access_log:
+        app.add_middleware(AccessLog)
+
+    def model_card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=started_at, root=engine.engine.model_path, max_model_len=engine.engine.max_model_len)
+
+    @app.post("/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse),
+              tags=["openai"])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        try:
+            return await create_completion(ctx, body, request)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.post("/v1/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse),
+              tags=["openai"])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        try:
+            return await create_chat_completion(ctx, body, request)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card(name) for name in settings.served_model_names])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS, tags=["openai"])
+    async def get_model(model_id: str) -> ModelCard:
+        if model_id not in settings.served_model_names:
+            raise OpenAIError(404, f"the model {model_id!r} does not exist here", param="model",
+                              code="model_not_found")
+        return model_card(model_id)
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["ops"])
+    async def health() -> Response:
+        h = engine.health()
+        body = HealthResponse(status="ok" if h.ok else "unhealthy", reason=h.reason or None)
+        response = json_response(body)
+        response.status_code = 200 if h.ok else 503
+        return response
+
+    @app.get("/metrics", response_class=Response, tags=["ops"],
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version", response_model=VersionResponse, tags=["ops"])
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process dies of the
+    signal; a graceful stop is a success, so handle the signals and let run() return."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before the model loads, so a taken port fails in a second, not after the load.
+    No listen() yet: until the server runs, connections are refused rather than left hanging."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> int:
+    """`orcinus serve`: load the model, serve until SIGTERM/Ctrl-C, return the exit code."""
+    from orcinus.engine.llm_engine import LLMEngine
+
+    try:
+        settings = settings_from_args(args, engine_config.model)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sock = _bind(settings.host, settings.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
+    host, port = sock.getsockname()[:2]
+    engine = LLMEngine(engine_config)
+    async_engine = AsyncEngine(engine, settings.max_waiting_requests, settings.health_stall_timeout_s)
+    app = create_app(async_engine, settings)
+    config = uvicorn.Config(app, log_config=None, access_log=False, log_level=settings.uvicorn_log_level,
+                            timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
+                            timeout_keep_alive=settings.timeout_keep_alive_s, server_header=False)
+    server = _Server(config)
+    url_host = f"[{host}]" if ":" in host else host
+    logger.info("serving %s at http://%s:%d (API key %s, waiting bound %s, body limit %d bytes)",
+                ", ".join(settings.served_model_names), url_host, port,
+                "required" if settings.api_key else "not required",
+                settings.max_waiting_requests or "none", settings.max_request_bytes)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        return 1
+    logger.info("server stopped")
+    return 0

@@ -1,0 +1,50 @@
+"""Turning the engine's per-token log-probs into OpenAI's two shapes (legacy completions, chat)."""
+from __future__ import annotations
+
+from orcinus.request import Logprob
+from orcinus.server.protocol import CompletionLogprobs, ChatLogprobs, TokenLogprob, TopLogprob
+
+
+def _text(lp: Logprob) -> str:
+    # No tokenizer (skip_tokenizer_init): name the token by its id, as vLLM does.
+    return lp.decoded if lp.decoded is not None else f"token_id:{lp.token_id}"
+
+
+def _ranked(entry: dict[int, Logprob], chosen: int, k: int) -> list[Logprob]:
+    """The k most likely tokens of one position. The engine's dict holds the chosen token first
+    and then the top k, so it has k + 1 entries exactly when the chosen token is not among them."""
+    ranked = sorted(entry.values(), key=lambda lp: lp.logprob, reverse=True)
+    if len(entry) > k:
+        ranked = [lp for lp in ranked if lp.token_id != chosen]
+    return ranked[:k]
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], text_offset: int) -> CompletionLogprobs:
+    """Legacy shape: parallel lists; top_logprobs holds the chosen token too (as vLLM and the
+    old OpenAI API did), so there can be logprobs + 1 alternatives per position."""
+    out = CompletionLogprobs()
+    offset = text_offset
+    for tok, entry in zip(token_ids, entries):
+        chosen = entry.get(tok)
+        piece = _text(chosen) if chosen is not None else f"token_id:{tok}"
+        out.tokens.append(piece)
+        out.token_logprobs.append(chosen.logprob if chosen is not None else None)
+        out.top_logprobs.append({_text(lp): lp.logprob for lp in entry.values()})
+        out.text_offset.append(offset)
+        offset += len(piece)
+    return out
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top_k: int) -> ChatLogprobs:
+    content = []
+    for tok, entry in zip(token_ids, entries):
+        chosen = entry.get(tok)
+        if chosen is None:
+            continue
+        piece = _text(chosen)
+        content.append(TokenLogprob(
+            token=piece, logprob=chosen.logprob, bytes=list(piece.encode("utf-8")),
+            top_logprobs=[TopLogprob(token=_text(lp), logprob=lp.logprob, bytes=list(_text(lp).encode("utf-8")))
+                          for lp in _ranked(entry, tok, top_k)],
+        ))
+    return ChatLogprobs(content=content)

@@ -1,0 +1,123 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template, whole or streamed."""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from orcinus.engine.async_engine import AsyncEngine, GenerateRequest
+from orcinus.engine.llm_engine import PromptType
+from orcinus.request import CompletionOutput
+from orcinus.server.errors import OpenAIError
+from orcinus.server.logprobs import chat_logprobs
+from orcinus.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                     ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, DeltaMessage)
+from orcinus.server.serving import (FinishedTracker, ServingContext, guarded_events, json_response,
+                                    new_request_id, sse, streaming_response, until_disconnect)
+
+
+def _check_supported(body: ChatCompletionRequest) -> None:
+    if body.tools:
+        raise OpenAIError(400, "tool calling is not supported by this server", param="tools")
+    if isinstance(body.tool_choice, dict) or body.tool_choice not in (None, "none", "auto"):
+        raise OpenAIError(400, "tool_choice is not supported by this server", param="tool_choice")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise OpenAIError(400, f"response_format {body.response_format.type!r} is not supported; only 'text'",
+                          param="response_format")
+
+
+def chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> Callable[[], PromptType]:
+    """A prompt builder that runs on the engine thread, where the tokenizer may be used."""
+    # The OpenAI 'developer' role is the newer name of 'system'; templates know only the latter.
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    add_generation_prompt = body.add_generation_prompt
+
+    def build() -> PromptType:
+        tok = engine.engine.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer, and this server runs without one (skip_tokenizer_init)")
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except ValueError:
+            raise
+        except Exception as exc:  # a template may refuse a conversation (e.g. roles out of order)
+            raise ValueError(f"the model's chat template cannot render these messages: {exc}") from exc
+        # The rendered template already holds the special tokens the model expects.
+        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+
+    return build
+
+
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request) -> Response:
+    ctx.check_request(body)
+    _check_supported(body)
+    created = int(time.time())
+    request_id = new_request_id("chatcmpl", request)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_new_tokens()
+    params = body.sampling_params(max_tokens if max_tokens is not None else ctx.settings.default_max_tokens, top)
+    stream = await ctx.submit([GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
+    tracker = FinishedTracker(ctx, stream, body.n)
+    view = _ChatView(ctx.model_name, request_id, created, body, top)
+    if body.stream:
+        return streaming_response(guarded_events(view.events(tracker), tracker), request_id)
+    finals = await until_disconnect(request, tracker.run_to_end())
+    return json_response(view.response(finals[0].outputs, tracker), headers={"X-Request-Id": request_id})
+
+
+class _ChatView:
+    def __init__(self, model: str, request_id: str, created: int, body: ChatCompletionRequest,
+                 top_logprobs: int | None) -> None:
+        self.model = model
+        self.id = request_id
+        self.created = created
+        self.body = body
+        self.top = top_logprobs
+
+    def _logprobs(self, c: CompletionOutput, start: int = 0) -> ChatLogprobs | None:
+        if self.top is None or c.logprobs is None:
+            return None
+        return chat_logprobs(c.token_ids[start:], c.logprobs[start:], self.top)
+
+    def response(self, outputs: list[CompletionOutput], tracker: FinishedTracker) -> ChatCompletionResponse:
+        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=self._logprobs(c),
+                              finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in outputs]
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                      usage=tracker.usage())
+
+    def _chunk(self, choices: list[ChatStreamChoice], tracker: FinishedTracker, final_usage: bool = False) -> str:
+        usage = tracker.usage() if final_usage or self.body.continuous_usage() else None
+        return sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
+                                       usage=usage))
+
+    async def events(self, tracker: FinishedTracker) -> AsyncIterator[str]:
+        n = self.body.n
+        # OpenAI opens every choice with the role, before any content.
+        for i in range(n):
+            yield self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], tracker)
+        sent_text = [0] * n
+        sent_tokens = [0] * n
+        done = [False] * n  # n > 1 repeats finished choices in later outputs
+        async for out in tracker.stream:
+            tracker.see(out)
+            for c in out.outputs:
+                i = c.index
+                if done[i]:
+                    continue
+                delta = c.text[sent_text[i]:]
+                new_tokens = len(c.token_ids) - sent_tokens[i]
+                if not delta and not c.finish_reason and not (self.top is not None and new_tokens > 0):
+                    continue
+                logprobs = self._logprobs(c, sent_tokens[i])
+                sent_text[i] = max(sent_text[i], len(c.text))
+                sent_tokens[i] = len(c.token_ids)
+                done[i] = c.finish_reason is not None
+                # A choice's closing chunk has an empty delta when no text is left, as OpenAI's.
+                content = delta if delta or not c.finish_reason else None
+                choice = ChatStreamChoice(index=i, delta=DeltaMessage(content=content), logprobs=logprobs,
+                                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                yield self._chunk([choice], tracker)
+        if self.body.include_usage():
+            yield self._chunk([], tracker, final_usage=True)

@@ -1,0 +1,123 @@
+"""POST /v1/completions: one or many prompts (text or token ids), n samples each, whole or streamed."""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from orcinus.engine.async_engine import GenerateRequest
+from orcinus.request import CompletionOutput, RequestOutput
+from orcinus.server.errors import OpenAIError
+from orcinus.server.logprobs import completion_logprobs
+from orcinus.server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
+from orcinus.server.serving import (FinishedTracker, ServingContext, guarded_events, json_response,
+                                    new_request_id, sse, streaming_response, until_disconnect)
+
+
+def _check_supported(body: CompletionRequest) -> None:
+    if body.suffix:
+        raise OpenAIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise OpenAIError(400, "echo with logprobs would need prompt log-probs, which are not supported",
+                          param="echo")
+
+
+async def _echo_texts(ctx: ServingContext, prompts: list[str | list[int]]) -> list[str]:
+    """The prompt text to put in front of each completion for echo (token prompts decoded)."""
+    if all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+
+    def decode(engine) -> list[str]:
+        if engine.tokenizer is None:
+            raise OpenAIError(400, "echo of token-id prompts needs a tokenizer", param="echo")
+        return [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+
+    return await ctx.engine.call(decode)
+
+
+async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request) -> Response:
+    ctx.check_request(body)
+    _check_supported(body)
+    created = int(time.time())
+    request_id = new_request_id("cmpl", request)
+    prompts = body.prompts()
+    params = body.sampling_params(body.max_tokens, body.logprobs)
+    echo = await _echo_texts(ctx, prompts) if body.echo else None
+    stream = await ctx.submit([GenerateRequest(f"{request_id}-{i}", p, params) for i, p in enumerate(prompts)])
+    tracker = FinishedTracker(ctx, stream, body.n)
+    view = _CompletionView(ctx.model_name, request_id, created, body, stream.request_ids, echo)
+    if body.stream:
+        return streaming_response(guarded_events(view.events(tracker), tracker), request_id)
+    finals = await until_disconnect(request, tracker.run_to_end())
+    return json_response(view.response(finals, tracker), headers={"X-Request-Id": request_id})
+
+
+class _CompletionView:
+    """Renders engine outputs as OpenAI completion objects; choice index = prompt * n + sample."""
+
+    def __init__(self, model: str, request_id: str, created: int, body: CompletionRequest,
+                 engine_ids: list[str], echo: list[str] | None) -> None:
+        self.model = model
+        self.id = request_id
+        self.created = created
+        self.body = body
+        self.prompt_index = {rid: i for i, rid in enumerate(engine_ids)}
+        self.echo = echo
+
+    def _index(self, out: RequestOutput, c: CompletionOutput) -> int:
+        return self.prompt_index[out.request_id] * self.body.n + c.index
+
+    def _prefix(self, out: RequestOutput) -> str:
+        return self.echo[self.prompt_index[out.request_id]] if self.echo is not None else ""
+
+    def response(self, finals: list[RequestOutput], tracker: FinishedTracker) -> CompletionResponse:
+        choices = []
+        for out in finals:
+            for c in out.outputs:
+                logprobs = None
+                if self.body.logprobs is not None and c.logprobs is not None:
+                    logprobs = completion_logprobs(c.token_ids, c.logprobs, 0)
+                choices.append(CompletionChoice(index=self._index(out, c), text=self._prefix(out) + c.text,
+                                                logprobs=logprobs, finish_reason=c.finish_reason,
+                                                stop_reason=c.stop_reason))
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                  usage=tracker.usage())
+
+    async def events(self, tracker: FinishedTracker) -> AsyncIterator[str]:
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        done: set[int] = set()  # choices whose finish_reason went out (n > 1 repeats them)
+        want_logprobs = self.body.logprobs is not None
+        async for out in tracker.stream:
+            tracker.see(out)
+            for c in out.outputs:
+                idx = self._index(out, c)
+                if idx in done:
+                    continue
+                first = idx not in sent_text
+                text_from, tok_from = sent_text.get(idx, 0), sent_tokens.get(idx, 0)
+                delta = c.text[text_from:]
+                new_tokens = len(c.token_ids) - tok_from
+                if first and self.echo is not None:
+                    delta = self._prefix(out) + delta
+                if not delta and not c.finish_reason and not (want_logprobs and new_tokens > 0):
+                    continue  # e.g. text held back near a stop string: nothing to say yet
+                logprobs = None
+                if want_logprobs and c.logprobs is not None:
+                    logprobs = completion_logprobs(c.token_ids[tok_from:], c.logprobs[tok_from:], text_from)
+                sent_text[idx] = max(text_from, len(c.text))
+                sent_tokens[idx] = len(c.token_ids)
+                if c.finish_reason:
+                    done.add(idx)
+                choice = CompletionChoice(index=idx, text=delta, logprobs=logprobs, finish_reason=c.finish_reason,
+                                          stop_reason=c.stop_reason)
+                usage = tracker.usage() if self.body.continuous_usage() else None
+                yield sse(CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                          usage=usage))
+        if self.body.include_usage():
+            yield sse(CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
+                                      usage=tracker.usage()))

@@ -1,0 +1,106 @@
+"""Server settings (not engine settings: those are EngineConfig) and their command-line flags."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+API_KEY_ENV = "ORCINUS_API_KEY"
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str] = field(default_factory=lambda: ["orcinus"])
+    host: str = "127.0.0.1"  # loopback unless the operator decides otherwise
+    port: int = 8000
+    api_key: str | None = None
+    # Sequences allowed to wait for admission; beyond it new requests get 503 at once.
+    max_waiting_requests: int | None = 512
+    max_request_bytes: int = 8 * 1024 * 1024
+    # max_tokens of a chat request that gives none (None: whatever the context leaves).
+    default_max_tokens: int | None = None
+    # After SIGTERM/Ctrl-C: how long in-flight requests may take to finish before being aborted.
+    shutdown_timeout_s: float = 30.0
+    # /health turns 503 when the engine loop has not come round for this long.
+    health_stall_timeout_s: float = 60.0
+    log_stats_interval_s: float = 10.0
+    access_log: bool = True
+    uvicorn_log_level: str = "info"
+    timeout_keep_alive_s: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names or not all(self.served_model_names):
+            raise ValueError("served_model_names needs at least one non-empty name")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ValueError("max_waiting_requests must be at least 1 (or None for no bound)")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be at least 1024")
+        if self.default_max_tokens is not None and self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be in [0, 65535]")
+        if self.api_key == "":
+            self.api_key = None
+
+
+def default_model_name(model: str | None) -> str:
+    """What clients call the model when --served-model-name is not given: the name the user
+    passed with --model, or the default model's file name without its extensions."""
+    if model:
+        return model
+    from orcinus.models.loader import default_model_path
+
+    try:
+        name = os.path.basename(default_model_path())
+    except FileNotFoundError:
+        return "default"
+    name = name.removesuffix(".gguf")
+    return name.split(".")[0] if "." in name else name  # SmolLM2-135M-Instruct.Q4_1 -> SmolLM2-135M-Instruct
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("server")
+    d = ServerSettings()
+    g.add_argument("--host", default=d.host, help="address to bind (default: loopback only; 0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=d.port, help="port to bind (0: any free port)")
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use for the model; the first is reported in responses "
+                        "(default: the --model value, or the default model's name)")
+    g.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests,
+                   help="sequences that may wait for admission; beyond it, 503 at once (0: no bound)")
+    g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help="largest request body accepted; larger bodies get 413")
+    g.add_argument("--default-max-tokens", type=int, default=None,
+                   help="max_tokens for chat requests that give none (default: up to the context length)")
+    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
+                   help="seconds in-flight requests get to finish after SIGTERM/Ctrl-C before they are aborted")
+    g.add_argument("--health-stall-timeout", type=float, default=d.health_stall_timeout_s,
+                   help="/health answers 503 when the engine loop has made no progress for this many seconds")
+    g.add_argument("--log-stats-interval", type=float, default=d.log_stats_interval_s,
+                   help="seconds between throughput/queue log lines while busy (0: never)")
+    g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=d.access_log,
+                   help="one log line per HTTP request")
+    g.add_argument("--uvicorn-log-level", default=d.uvicorn_log_level,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    g.add_argument("--timeout-keep-alive", type=int, default=d.timeout_keep_alive_s,
+                   help="seconds an idle keep-alive connection stays open")
+
+
+def settings_from_args(args: argparse.Namespace, model: str | None) -> ServerSettings:
+    return ServerSettings(
+        served_model_names=args.served_model_name or [default_model_name(model)],
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_waiting_requests=args.max_waiting_requests or None,
+        max_request_bytes=args.max_request_bytes,
+        default_max_tokens=args.default_max_tokens,
+        shutdown_timeout_s=args.shutdown_timeout,
+        health_stall_timeout_s=args.health_stall_timeout,
+        log_stats_interval_s=args.log_stats_interval,
+        access_log=args.access_log,
+        uvicorn_log_level=args.uvicorn_log_level,
+        timeout_keep_alive_s=args.timeout_keep_alive,
+    )
