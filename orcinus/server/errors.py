@@ -106,6 +106,14 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
         return OpenAIError(exc.status_code, message, kind, code=code, headers=getattr(exc, "headers", None)).response()
 
+    async def _known(_: Request, exc: Exception) -> JSONResponse:
+        return from_exception(exc).response()
+
+    # Handlers for specific classes run inside the app; one for Exception would run in the
+    # outermost middleware, which re-raises after answering and makes uvicorn drop the connection.
+    for known in (RequestRejected, SamplingParamsError, QueueFull, EngineUnavailable, EngineStepError):
+        app.add_exception_handler(known, _known)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return from_exception(exc).response()

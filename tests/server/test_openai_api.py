@@ -49,7 +49,7 @@ def test_completion(client: openai.OpenAI, model_name: str) -> None:
     assert u.prompt_tokens > 0 and 0 < u.completion_tokens <= 8 and u.total_tokens == u.prompt_tokens + u.completion_tokens
     assert (choice.finish_reason == "length") == (u.completion_tokens == 8)
     # Without `model`, the served model is used.
-    assert httpx.post(str(client.base_url) + "/completions",
+    assert httpx.post(str(client.base_url).rstrip("/") + "/completions",
                       json={"prompt": PROMPT, "max_tokens": 2}, timeout=60).status_code == 200
 
 

@@ -1,0 +1,55 @@
+"""A short `orcinus bench serve` run against a live `orcinus serve` (default model, CPU)."""
+import importlib.util
+import json
+
+import httpx
+import pytest
+
+from orcinus.bench.server_process import ServerProcess
+from orcinus.bench.trace_builder import TraceSpec, build_trace
+from orcinus.bench.workloads import LengthRange
+from orcinus.cli import main
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("orcinus.server.app") is None,
+                                reason="orcinus.server.app is not there yet")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    proc = ServerProcess(["--max-num-seqs", "4"], log_path=str(log), startup_timeout_s=240)
+    with proc:
+        yield proc
+
+
+def test_bench_serve_report_matches_the_server(server, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--base-url", server.base_url, "--dataset", "random", "--num-requests", "3",
+            "--prompt-len", "4:12", "--output-len", "2:5", "--seed", "3", "--request-rate", "50",
+            "--goodput", "e2el:600000", "--result-json", str(out), "--save-detailed", "--no-progress"]
+    assert main(argv) == 0
+    assert "bench serve result" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert set(report) >= {"settings", "trace", "machine", "command", "metrics", "errors", "requests"}
+    m = report["metrics"]
+    assert m["completed"] == 3 and m["failed"] == 0 and report["errors"] == []
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "normalized_latency_ms"):
+        assert set(m[key]) >= {"mean", "median", "p90", "p99"}
+    assert m["request_throughput"] > 0 and m["output_throughput"] > 0 and m["goodput"] > 0
+    assert report["settings"]["model"]  # discovered from /v1/models
+
+    # The same trace, rebuilt from its seed; ask the server again without streaming.
+    trace = build_trace(TraceSpec("random", 3, LengthRange(4, 12), LengthRange(2, 5), 3), None)
+    assert [r["prompt_len"] for r in report["requests"]] == [r.prompt_len for r in trace]
+    assert m["total_output_tokens"] == sum(r.output_len for r in trace)
+    for req, seen in zip(trace, report["requests"]):
+        body = {"model": report["settings"]["model"], "prompt": req.prompt_token_ids, "max_tokens": req.output_len,
+                "temperature": 0.0, "ignore_eos": True}
+        resp = httpx.post(server.base_url + "/v1/completions", json=body, timeout=120.0)
+        assert resp.status_code == 200, resp.text
+        usage = resp.json()["usage"]
+        assert seen["output_len"] == usage["completion_tokens"] == req.output_len
+        assert usage["prompt_tokens"] == req.prompt_len
+        assert 1 <= seen["num_chunks"] <= seen["output_len"]
+        assert len(seen["itl"]) == seen["num_chunks"] - 1
+        assert seen["latency"] >= seen["ttft"] > 0

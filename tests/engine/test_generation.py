@@ -1,0 +1,166 @@
+"""End-to-end greedy generation through the engine, against each request alone and transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orcinus.engine.llm import LLM
+from orcinus.engine.llm_engine import LLMEngine
+from orcinus.request import RequestRejected
+from orcinus.sampling_params import SamplingParams, SamplingParamsError
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def _prompts(n: int, seed: int = 0, lo: int = 2, hi: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(3, 320, (k,), generator=g).tolist() for k in lens]
+
+
+def _hf_greedy(hf_model, prompt: list[int], max_new: int) -> list[int]:
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _run_staggered(engine: LLMEngine, prompts, max_new, arrive_at) -> dict[str, list[int]]:
+    """Requests join at different iterations, as they would arrive at a server."""
+    results: dict[str, list[int]] = {}
+    it = 0
+    while len(results) < len(prompts):
+        for i, p in enumerate(prompts):
+            if arrive_at[i] == it:
+                engine.add_request(f"r{i}", {"prompt_token_ids": p}, SamplingParams(max_tokens=max_new[i], **GREEDY))
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+        it += 1
+        assert it < 2000
+    return results
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "opt"])
+@pytest.mark.parametrize("policy", ["orca", "static"])
+def test_staggered_mixed_batch_equals_alone_and_transformers(arch, policy, checkpoint_factory):
+    folder, hf_model = checkpoint_factory(arch)
+    prompts = _prompts(6, seed=3)
+    max_new = [7, 3, 12, 1, 9, 5]
+    arrive_at = [0, 0, 1, 2, 2, 6]
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22,
+                                   block_size=4, max_num_seqs=4, scheduler_policy=policy)
+    together = _run_staggered(engine, prompts, max_new, arrive_at)
+    assert engine.free_all_check()
+    for i, p in enumerate(prompts):
+        alone = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22, block_size=4)
+        assert _run_staggered(alone, [p], [max_new[i]], [0])["r0"] == together[f"r{i}"]
+        assert together[f"r{i}"] == _hf_greedy(hf_model, p, max_new[i])
+
+
+@pytest.mark.parametrize("n_workers", [2, 3])
+def test_pipelined_batches_in_flight_give_the_same_tokens(n_workers, checkpoint_factory):
+    folder, hf_model = checkpoint_factory("llama")
+    prompts = _prompts(5, seed=4)
+    params = [SamplingParams(max_tokens=m, **GREEDY) for m in (4, 8, 2, 6, 5)]
+    llm = LLM(folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22, block_size=4, max_num_seqs=2,
+              n_workers=n_workers)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for p, sp, out in zip(prompts, params, outs):
+        assert out.outputs[0].token_ids == _hf_greedy(hf_model, p, sp.max_tokens)
+    assert llm.engine.free_all_check()
+
+
+def test_generate_returns_in_input_order_with_vllm_shaped_outputs(checkpoint_factory):
+    folder, _ = checkpoint_factory("llama")
+    llm = LLM(folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22, block_size=4, max_num_seqs=3)
+    prompts = _prompts(7, seed=5)
+    params = [SamplingParams(max_tokens=k + 1, **GREEDY) for k in range(7)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for p, k, out in zip(prompts, range(7), outs):
+        assert out.prompt_token_ids == p
+        assert len(out.outputs[0].token_ids) == k + 1
+        assert out.outputs[0].finish_reason == "length"
+        assert out.finished
+
+
+def test_kv_cache_too_small_and_context_overflow_are_rejected(checkpoint_factory):
+    folder, _ = checkpoint_factory("llama")
+    llm = LLM(folder, skip_tokenizer_init=True, kv_cache_memory=4 * 2 * 2 * 2 * 16 * 4 * 4, block_size=4)
+    slots = llm.engine.kv_cache.n_slots
+    with pytest.raises(RequestRejected, match="KV cache"):
+        llm.generate({"prompt_token_ids": [5] * 4}, SamplingParams(max_tokens=slots))
+    with pytest.raises(RequestRejected, match="context length"):
+        llm.generate({"prompt_token_ids": [5] * 600}, SamplingParams(max_tokens=1))
+    with pytest.raises(RequestRejected, match="vocabulary"):
+        llm.generate({"prompt_token_ids": [5, 99999]}, SamplingParams(max_tokens=1))
+    with pytest.raises(RequestRejected, match="empty"):
+        llm.generate({"prompt_token_ids": []}, SamplingParams(max_tokens=1))
+    with pytest.raises(SamplingParamsError):
+        SamplingParams(top_p=0)
+    assert llm.engine.free_all_check()
+    # the engine still works after the rejections
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_bad_request_in_a_list_strands_nothing(checkpoint_factory):
+    folder, _ = checkpoint_factory("llama")
+    llm = LLM(folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22, block_size=4)
+    with pytest.raises(RequestRejected):
+        llm.generate([{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [5] * 700}], SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.free_all_check()
+
+
+def test_seeded_sampling_is_independent_of_batch_companions(checkpoint_factory):
+    folder, _ = checkpoint_factory("llama")
+    llm = LLM(folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22, block_size=4)
+    p = {"prompt_token_ids": [5, 9, 11, 20]}
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(p, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [{"prompt_token_ids": q} for q in _prompts(4, seed=9)]
+    mixed = llm.generate(others[:2] + [p] + others[2:],
+                         [SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)] * 2 + [seeded]
+                         + [SamplingParams(temperature=0.7, max_tokens=15, ignore_eos=True)] * 2, use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    other_seed = llm.generate(p, SamplingParams(temperature=1.0, seed=99, max_tokens=12, ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0].token_ids
+    assert other_seed != alone
+
+
+def test_n_greater_than_one_gives_n_distinct_samples(checkpoint_factory):
+    folder, _ = checkpoint_factory("llama")
+    llm = LLM(folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22, block_size=4)
+    out = llm.generate({"prompt_token_ids": [5, 9, 11]},
+                       SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 10 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    again = llm.generate({"prompt_token_ids": [5, 9, 11]},
+                         SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    assert llm.engine.free_all_check()
+
+
+def test_stop_token_ids_min_tokens_and_logprobs(checkpoint_factory):
+    folder, hf_model = checkpoint_factory("llama")
+    llm = LLM(folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22, block_size=4)
+    p = [5, 9, 11, 40, 2]
+    free_run = llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)[0]
+    toks = free_run.outputs[0].token_ids
+    stop_at = toks[3]
+    first = toks.index(stop_at)
+    out = llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=8, stop_token_ids=[stop_at], **GREEDY),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == toks[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
+    lp = llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=3, logprobs=3, **GREEDY),
+                      use_tqdm=False)[0].outputs[0]
+    assert len(lp.logprobs) == 3
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([p])).logits[0, -1].float(), -1)
+    top = torch.topk(ref, 3)
+    got = lp.logprobs[0]
+    assert lp.token_ids[0] in got
+    for tid, val in zip(top.indices.tolist(), top.values.tolist()):
+        assert abs(got[tid].logprob - val) < 1e-3

