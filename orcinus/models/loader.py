@@ -2,6 +2,7 @@
 or from a GGUF file (dequantised with the `gguf` package)."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
@@ -85,12 +86,29 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         if tuple(p.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)}")
         with torch.no_grad():
-            p.copy_(tensor.to(p.dtype))
+            # Adopt the loaded tensor when it already has the right dtype and device (no copy).
+            converted = tensor.to(device=p.device, dtype=p.dtype).contiguous()
+            p.data = converted
         loaded.add(target)
     tied = {n for n, p in model.named_parameters() if n not in loaded and any(p is params[l] for l in loaded)}
     missing = set(params) - loaded - tied
     if missing:
         raise ValueError(f"checkpoint lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
+
+
+@contextlib.contextmanager
+def _no_weight_init():
+    """Skip random initialisation while building a model whose weights are loaded next (it is
+    most of the construction time)."""
+    names = ("uniform_", "normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -113,7 +131,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), _no_weight_init():
             module = arch.model_class(cfg)
     finally:
         torch.set_default_dtype(old)

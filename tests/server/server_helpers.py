@@ -13,6 +13,15 @@ from orcinus.bench.server_process import ServerProcess
 STARTUP_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 60.0
 
+# The small server: one sequence runs at a time and one may wait (a third is refused), an API
+# key, a small body limit, and a short context so that fuzzed requests stay cheap.
+API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SMALL_MAX_REQUEST_BYTES = 65536
+SMALL_SERVER_ARGS = ("--api-key", API_KEY, "--max-num-seqs", "1", "--max-waiting-requests", "1",
+                     "--max-model-len", "1024", "--default-max-tokens", "8",
+                     "--max-request-bytes", str(SMALL_MAX_REQUEST_BYTES), "--served-model-name", "tiny", "other-name")
+
 
 def start_server(log_path: Path, *args: str) -> ServerProcess:
     return ServerProcess(engine_args=list(args), log_path=str(log_path), startup_timeout_s=STARTUP_TIMEOUT_S).start()

@@ -1,0 +1,26 @@
+"""Schemathesis hooks for the fuzzing test: keep each generated request cheap to serve.
+
+The schema accepts n up to 128 and max_tokens up to the context length, and all of that is
+legitimate; but on a CPU, fuzzing hundreds of such requests would take hours. Values inside the
+accepted range are scaled down just before each request is sent; values outside it (which the
+server must refuse) are left alone.
+"""
+from __future__ import annotations
+
+import schemathesis
+
+MAX_N = 2
+MAX_NEW_TOKENS = 8
+_CLAMPED = {"n": MAX_N, "best_of": MAX_N, "max_tokens": MAX_NEW_TOKENS, "max_completion_tokens": MAX_NEW_TOKENS,
+            "min_tokens": MAX_NEW_TOKENS}
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs) -> None:
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    for key, cap in _CLAMPED.items():
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and cap < value <= 1024:
+            body[key] = cap
