@@ -54,9 +54,15 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = None
         if not config.skip_tokenizer_init:
-            from orcinus.tokenizer import Tokenizer
+            from orcinus.tokenizer import Tokenizer, TokenizerNotFound
 
-            self.tokenizer = Tokenizer.from_model_path(config.tokenizer or loaded.path)
+            try:
+                self.tokenizer = Tokenizer.from_model_path(config.tokenizer or loaded.path)
+            except TokenizerNotFound as exc:
+                if config.tokenizer is not None:
+                    raise  # the user named a tokenizer: not finding it is an error
+                # A weights-only checkpoint still serves token-id prompts (vLLM's skip_tokenizer_init).
+                logger.warning("%s; running without a tokenizer: prompts must be token ids", exc)
         self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(self.max_model_len, loaded.config.max_position_embeddings)
         self.runner = ModelRunner(loaded.model, loaded.config, config, self.device, self.dtype)

@@ -72,4 +72,4 @@ def test_offline_all_backends_end_to_end(tiny, tmp_path, capsys):
         if r["status"] == "ok":
             assert r["output_tokens"] == expected and r["elapsed_s"] > 0
     assert report["floor"]["seconds"] > 0 and report["floor"]["output_tokens"] == expected
-    assert report["machine"]["date"] and report["command"].startswith("orcinus bench offline")
+    assert report["machine"]["date"] and report["command"]

@@ -164,3 +164,35 @@ def test_stop_token_ids_min_tokens_and_logprobs(checkpoint_factory):
     assert lp.token_ids[0] in got
     for tid, val in zip(top.indices.tolist(), top.values.tolist()):
         assert abs(got[tid].logprob - val) < 1e-3
+
+
+def test_checkpoint_without_tokenizer_serves_token_ids(checkpoint_factory):
+    folder, _ = checkpoint_factory("qwen2")
+    llm = LLM(folder, kv_cache_memory=1 << 22, block_size=4)  # no skip flag: found no tokenizer, goes on
+    assert llm.get_tokenizer() is None
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2 and out[0].outputs[0].text == ""
+    with pytest.raises(RequestRejected, match="token ids|prompt_token_ids"):
+        llm.generate("some text", SamplingParams(max_tokens=2))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close_to_float32(dtype, checkpoint_factory):
+    folder, hf_model = checkpoint_factory("llama")
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22, block_size=4,
+                                   dtype=dtype)
+    assert engine.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
+    assert next(engine.runner.model.parameters()).dtype == getattr(torch, dtype)
+    captured = []
+    original = engine.runner.forward_logits
+    engine.runner.forward_logits = lambda inp: captured.append(original(inp)) or captured[-1]
+    prompt = _prompts(1, seed=11, lo=20, hi=21)[0]
+    engine.add_request("a", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, **GREEDY))
+    while engine.has_unfinished_requests():
+        engine.step()
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([prompt])).logits[0, -1]
+    got = captured[0][0]
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=0)
+    assert cos > 0.999, cos
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
