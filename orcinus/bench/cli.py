@@ -22,6 +22,11 @@ def add_bench_subparsers(sub: argparse._SubParsersAction, add_engine_args: AddEn
     _add_sweep(sub, add_engine_args)
 
 
+def _quiet_http_logs() -> None:
+    # httpx logs every request at INFO: thousands of lines that would bury the report.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def _rates(text: str) -> list[float]:
     return [parse_rate(t) for t in text.replace(",", " ").split()]
 
@@ -104,6 +109,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from orcinus.bench.serve_report import ServeReport
     from orcinus.bench.workloads import trace_summary
 
+    _quiet_http_logs()
     base_url = args.base_url or f"http://{args.host}:{args.port}"
     slos = parse_slos(args.goodput)
     spec = trace_spec_from_args(args)
@@ -152,6 +158,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from orcinus.bench.workloads import trace_summary
     from orcinus.cli import engine_config_from_args
 
+    _quiet_http_logs()
     base = engine_config_from_args(args)
     configs = [parse_config(c) for c in args.configs]
     slos = parse_slos(args.goodput)

@@ -322,8 +322,10 @@ class AsyncEngine:
                     return f"{failures} iterations failed in a row; last error: {exc!r}"
                 continue
             failures = 0
-            self._deliver(outputs)
+            # Publish before delivering: a client that has seen its request finish must find it
+            # gone from the counts (a sequential client would otherwise hit the queue bound).
             self._publish(adds=0)
+            self._deliver(outputs)
 
     def _drain(self) -> None:
         """At shutdown, after aborting everything: let batches still in flight come back so that

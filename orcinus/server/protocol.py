@@ -21,11 +21,16 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 
 TokenId = Annotated[int, Field(ge=0)]
+Text = Annotated[str, Field(min_length=1)]
 Seed = Annotated[int, Field(ge=_SEED_MIN, le=_SEED_MAX)]
 
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 class ResponseModel(BaseModel):
@@ -51,19 +56,22 @@ class StreamOptions(RequestModel):
 
 
 class SamplingRequest(RequestModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+    """Fields shared by /v1/completions and /v1/chat/completions.
+
+    OpenAI's own parameters are nullable, as in its API: null means the default.
+    """
 
     model: str | None = Field(None, description="a served model name; omit for the default")
-    n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=MAX_N, description="samples per prompt (default 1)")
+    temperature: float | None = Field(None, ge=0.0, le=100.0, description="default 1; 0 is greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default 1")
     stop: str | Annotated[list[str], Field(max_length=64)] | None = None
     seed: Seed | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="default 0")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="default 0")
     logit_bias: dict[str, float] | None = Field(None, description="not supported; must be empty")
     user: str | None = Field(None, description="accepted and ignored")
-    stream: bool = False
+    stream: bool | None = Field(None, description="default false")
     stream_options: StreamOptions | None = None
     # vLLM's extras
     top_k: int = Field(-1, ge=-1, description="-1 or 0: off")
@@ -75,15 +83,23 @@ class SamplingRequest(RequestModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
+    @property
+    def num_samples(self) -> int:
+        return _or(self.n, 1)
+
+    @property
+    def streaming(self) -> bool:
+        return _or(self.stream, False)
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's settings for this request; raises SamplingParamsError on combinations
         the field bounds cannot express (e.g. min_tokens above max_tokens)."""
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens,
-            min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos, logprobs=logprobs,
+            n=self.num_samples, temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
+            top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
+            seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
         )
@@ -96,11 +112,11 @@ class SamplingRequest(RequestModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] \
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] \
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1, description="None: up to the context length")
+    max_tokens: int | None = Field(16, ge=1, description="default 16; null: up to the context length")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool | None = Field(None, description="default false")
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = Field(None, description="not supported")
 
@@ -140,13 +156,13 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI; max_completion_tokens wins")
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = Field(None, description="default false")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = Field(None, description="not supported; must be empty")
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    add_generation_prompt: bool = Field(True, description="vLLM extra")
+    add_generation_prompt: bool = Field(True, description="vLLM extra: end the prompt with the assistant's turn")
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":

@@ -59,9 +59,9 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     max_tokens = body.max_new_tokens()
     params = body.sampling_params(max_tokens if max_tokens is not None else ctx.settings.default_max_tokens, top)
     stream = await ctx.submit([GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
-    tracker = FinishedTracker(ctx, stream, body.n)
+    tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _ChatView(ctx.model_name, request_id, created, body, top)
-    if body.stream:
+    if body.streaming:
         return streaming_response(guarded_events(view.events(tracker), tracker), request_id)
     finals = await until_disconnect(request, tracker.run_to_end())
     return json_response(view.response(finals[0].outputs, tracker), headers={"X-Request-Id": request_id})
@@ -93,7 +93,7 @@ class _ChatView:
                                        usage=usage))
 
     async def events(self, tracker: FinishedTracker) -> AsyncIterator[str]:
-        n = self.body.n
+        n = self.body.num_samples
         # OpenAI opens every choice with the role, before any content.
         for i in range(n):
             yield self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], tracker)

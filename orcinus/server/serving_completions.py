@@ -19,7 +19,7 @@ from orcinus.server.serving import (FinishedTracker, ServingContext, guarded_eve
 def _check_supported(body: CompletionRequest) -> None:
     if body.suffix:
         raise OpenAIError(400, "suffix is not supported", param="suffix")
-    if body.best_of is not None and body.best_of != body.n:
+    if body.best_of is not None and body.best_of != body.num_samples:
         raise OpenAIError(400, "best_of other than n is not supported", param="best_of")
     if body.echo and body.logprobs is not None:
         raise OpenAIError(400, "echo with logprobs would need prompt log-probs, which are not supported",
@@ -48,9 +48,9 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     params = body.sampling_params(body.max_tokens, body.logprobs)
     echo = await _echo_texts(ctx, prompts) if body.echo else None
     stream = await ctx.submit([GenerateRequest(f"{request_id}-{i}", p, params) for i, p in enumerate(prompts)])
-    tracker = FinishedTracker(ctx, stream, body.n)
+    tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _CompletionView(ctx.model_name, request_id, created, body, stream.request_ids, echo)
-    if body.stream:
+    if body.streaming:
         return streaming_response(guarded_events(view.events(tracker), tracker), request_id)
     finals = await until_disconnect(request, tracker.run_to_end())
     return json_response(view.response(finals, tracker), headers={"X-Request-Id": request_id})
@@ -69,7 +69,7 @@ class _CompletionView:
         self.echo = echo
 
     def _index(self, out: RequestOutput, c: CompletionOutput) -> int:
-        return self.prompt_index[out.request_id] * self.body.n + c.index
+        return self.prompt_index[out.request_id] * self.body.num_samples + c.index
 
     def _prefix(self, out: RequestOutput) -> str:
         return self.echo[self.prompt_index[out.request_id]] if self.echo is not None else ""

@@ -16,7 +16,7 @@ def _capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
 
     def wrapped(inp):
         out = original(inp)
-        captured.append(out.clone())
+        captured.append(out.detach().cpu())
         return out
 
     engine.runner.forward_logits = wrapped
@@ -32,7 +32,7 @@ def _reference_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_mixed_batch_logits_match_transformers(arch, backend, checkpoint_factory):
     folder, hf_model = checkpoint_factory(arch)
-    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22,
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22,
                                    block_size=8, attention_backend=backend)
     logits = _capture_logits(engine)
     g = torch.Generator().manual_seed(1)
@@ -76,11 +76,11 @@ def test_unsupported_architecture_is_a_clear_error(arch, tmp_path):
     from orcinus.models.registry import UnsupportedModel
 
     with pytest.raises(UnsupportedModel, match="llama"):
-        LLMEngine.from_kwargs(model=str(tmp_path), skip_tokenizer_init=True)
+        LLMEngine.from_kwargs(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32")
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
     from orcinus.models.loader import ModelNotFound
 
     with pytest.raises(ModelNotFound, match="does not exist"):
-        LLMEngine.from_kwargs(model=str(tmp_path / "nope"), skip_tokenizer_init=True)
+        LLMEngine.from_kwargs(model=str(tmp_path / "nope"), skip_tokenizer_init=True, dtype="float32")

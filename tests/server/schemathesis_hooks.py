@@ -10,7 +10,7 @@ from __future__ import annotations
 import schemathesis
 
 MAX_N = 2
-MAX_NEW_TOKENS = 8
+MAX_NEW_TOKENS = 1
 _CLAMPED = {"n": MAX_N, "best_of": MAX_N, "max_tokens": MAX_NEW_TOKENS, "max_completion_tokens": MAX_NEW_TOKENS,
             "min_tokens": MAX_NEW_TOKENS}
 
@@ -20,6 +20,9 @@ def before_call(context, case, kwargs) -> None:
     body = case.body
     if not isinstance(body, dict):
         return
+    # Without max_tokens a request would generate up to the server's default; be explicit.
+    if "max_tokens" not in body and "max_completion_tokens" not in body and ("prompt" in body or "messages" in body):
+        body["max_tokens"] = MAX_NEW_TOKENS
     for key, cap in _CLAMPED.items():
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and cap < value <= 1024:
