@@ -196,3 +196,25 @@ def test_half_precision_runs_close_to_float32(dtype, checkpoint_factory):
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=0)
     assert cos > 0.999, cos
     assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+
+
+def test_abort_mid_generation_frees_blocks_and_others_continue(checkpoint_factory):
+    folder, hf_model = checkpoint_factory("llama")
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22,
+                                   block_size=4)
+    p = _prompts(2, seed=12)
+    engine.add_request("keep", {"prompt_token_ids": p[0]}, SamplingParams(max_tokens=10, **GREEDY))
+    engine.add_request("drop", {"prompt_token_ids": p[1]}, SamplingParams(max_tokens=50, **GREEDY))
+    engine.step()
+    engine.step()
+    used = engine.kv_cache.num_used_blocks
+    engine.abort_request("drop")
+    assert engine.kv_cache.num_used_blocks < used  # freed at once: it was not in flight
+    result = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == "keep"
+            if out.finished:
+                result = out.outputs[0].token_ids
+    assert result == _hf_greedy(hf_model, p[0], 10)
+    assert engine.free_all_check()
