@@ -105,12 +105,12 @@ class ModelRunner:
             table[i, :len(t)] = t
         slots = table[req_of_token, positions // bs] * bs + positions % bs
 
-        dev = self.device
+        up = self._upload
         meta = AttentionMetadata(
-            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            query_start_loc=up(cu.astype(np.int32)),
+            seq_lens=up(seq_lens.astype(np.int32)),
+            block_tables=up(table),
+            slot_mapping=up(slots),
             query_lens_host=q_lens.tolist(),
             seq_lens_host=seq_lens.tolist(),
             max_query_len=int(q_lens.max()),
@@ -118,11 +118,18 @@ class ModelRunner:
             block_size=bs,
         )
         return ModelInput(
-            input_ids=torch.tensor(token_ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+            input_ids=up(np.asarray(token_ids, dtype=np.int64)),
+            positions=up(positions),
             meta=meta,
-            sample_indices=torch.from_numpy(cu[1:] - 1).to(dev, non_blocking=True),
+            sample_indices=up(cu[1:] - 1),
         )
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        """Host array to device; on CUDA through pinned memory so the copy is asynchronous."""
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
