@@ -1,7 +1,8 @@
 """Per-request sampling settings, in vLLM's shape and with its defaults."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 
 class SamplingParamsError(ValueError):
@@ -45,6 +46,11 @@ class SamplingParams:
         def bad(msg: str, param: str) -> None:
             raise SamplingParamsError(msg, param)
 
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(float(getattr(self, name))):
+                bad(f"{name} must be a finite number, got {getattr(self, name)}", name)
+        if self.seed is not None and not -(2 ** 63) <= self.seed <= 2 ** 64 - self.n:
+            bad(f"seed must be in [-2**63, 2**64 - n], got {self.seed}", "seed")
         if not isinstance(self.n, int) or self.n < 1:
             bad(f"n must be at least 1, got {self.n}", "n")
         if self.temperature < 0:

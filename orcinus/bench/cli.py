@@ -53,7 +53,7 @@ def _add_offline(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs
 
 def _cmd_offline(args: argparse.Namespace) -> int:
     from orcinus.bench.offline import OfflineReport, run_offline
-    from orcinus.bench.report import command_line, machine_info, write_json
+    from orcinus.bench.report import command_line, load_average, machine_info, write_json
     from orcinus.bench.workloads import trace_summary
     from orcinus.cli import engine_config_from_args
 
@@ -68,6 +68,7 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor)
+    report.machine["load_avg_1m_end"] = load_average()
     print(report.to_markdown())
     if args.output_json:
         write_json(args.output_json, report)

@@ -28,15 +28,20 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
-    try:
-        info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on a shared machine skews timings
-    except OSError:
-        pass
+    info["load_avg_1m"] = load_average()  # other work on a shared machine skews timings
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     if device is not None:
         info["device"] = device
     return info
+
+
+def load_average() -> float | None:
+    """The 1-minute load average; above the core count, someone else's work shared the CPUs."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _cpu_name() -> str:

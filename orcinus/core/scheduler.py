@@ -128,6 +128,16 @@ class Scheduler(ABC):
         self._release(req)
         return req
 
+    def fail_batch(self, batch: ScheduledBatch) -> list[Request]:
+        """A batch whose iteration failed: abort all of its requests and free their blocks."""
+        for req in batch.requests:
+            if not req.is_finished:
+                self._mark_finished(req, FinishReason.ABORT)
+            self._abort_after_return.discard(req.request_id)
+            self._release(req)
+        self._on_batch_returned(batch)
+        return list(batch.requests)
+
     @staticmethod
     def _mark_finished(req: Request, reason: FinishReason) -> None:
         import time

@@ -7,17 +7,21 @@ for it. The event loop only ever takes a short lock to queue a command, so it ne
 iteration, and each request's tokens leave the engine the moment the iteration that made them
 ends.
 
-Everything that touches the engine (tokenizer included: it is not thread-safe either) runs on
-that thread; callers reach it through `submit()` (prompts may be callables, run there) and
-`call()`.
+Prompt preparation (chat templates, tokenising) can take a long time for a long prompt (about a
+second per megabyte of text), so it runs on a third thread: neither the event loop nor the
+iterations of requests already running wait for it. The tokenizer's encode and decode only read
+its state, so that thread may encode while the engine thread detokenises.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -29,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # The loop wakes at least this often when idle, so its heartbeat shows it is alive.
 _IDLE_WAIT_S = 0.5
+# With work that makes no progress, look again this often rather than spin.
+_NO_PROGRESS_WAIT_S = 0.05
 # This many failed iterations in a row mean the engine is broken, not one bad batch.
 _MAX_CONSECUTIVE_STEP_FAILURES = 3
 
@@ -48,8 +54,8 @@ class EngineStepError(RuntimeError):
 @dataclass
 class GenerateRequest:
     request_id: str
-    # A callable is run on the engine thread (e.g. to render a chat template with the
-    # tokenizer, which must not be used from another thread) and must return the prompt.
+    # A callable is run on the prompt-preparation thread and must return the prompt (e.g. it
+    # renders a chat template and tokenises the result).
     prompt: PromptType | Callable[[], PromptType]
     params: SamplingParams
 
@@ -66,15 +72,15 @@ _END = object()  # queued to a stream once all of its requests have finished
 class RequestStream:
     """The outputs of one submission (one or more engine requests), in the order they arrive.
 
-    Outputs are cumulative, so when the consumer falls behind only the newest output per
-    request is worth handing over: older ones are dropped, never re-ordered across an end.
+    Outputs are cumulative, so when the consumer falls behind only the newest output of each
+    request is worth handing over: older ones are dropped.
     `close()` aborts whatever has not finished (call it when the client goes away).
     """
 
     def __init__(self, engine: "AsyncEngine", request_ids: list[str], loop: asyncio.AbstractEventLoop) -> None:
         self.request_ids = request_ids
         self._engine = engine
-        self._loop = loop
+        self.loop = loop  # the consumer's event loop: outputs are handed over on it
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._unfinished = set(request_ids)
         self._ready: deque[RequestOutput] = deque()
@@ -86,10 +92,6 @@ class RequestStream:
         self._queue.put_nowait(item)
 
     # -- consumer side --------------------------------------------------------------------------
-    @property
-    def finished(self) -> bool:
-        return not self._unfinished
-
     def __aiter__(self) -> "RequestStream":
         return self
 
@@ -148,7 +150,14 @@ class _Call:
 
 
 @dataclass
-class _Stop:
+class _AbortAll:
+    reason: str
+
+
+@dataclass
+class _Stop(_AbortAll):
+    """Abort everything, then end the loop."""
+
     reason: str = "the server is shutting down"
 
 
@@ -156,7 +165,7 @@ class _Stop:
 class _Counters:
     """What the event loop may read without touching the engine (written by the engine thread)."""
 
-    stats: EngineStats | None = None
+    stats: EngineStats
     heartbeat: float = field(default_factory=time.monotonic)
     busy: bool = False
 
@@ -170,11 +179,14 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self.stall_timeout_s = stall_timeout_s
         self._cond = threading.Condition()
-        self._inbox: deque[_Add | _Abort | _Call | _Stop] = deque()
+        self._inbox: deque[_Add | _Abort | _Call | _AbortAll] = deque()
         self._pending_seqs = 0  # sequences queued in the inbox, not yet in the engine's counts
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._counters = _Counters(stats=engine.stats())
         self._thread: threading.Thread | None = None
+        # One thread: prompts are prepared in arrival order, and tokenisation of one long prompt
+        # never competes with the engine for more than one core.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orcinus-prepare")
         self._stopping = False
         self._dead_reason: str | None = None
 
@@ -192,10 +204,16 @@ class AsyncEngine:
             self._stopping = True
             self._inbox.append(_Stop())
             self._cond.notify()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout_s)
             if self._thread.is_alive():
                 logger.error("the engine thread did not stop within %.0f s", timeout_s)
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (None without one), for the prompt-preparation thread."""
+        return self.engine.tokenizer
 
     @property
     def is_running(self) -> bool:
@@ -223,7 +241,10 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         """Sequences not yet running: waiting in the engine plus queued to it."""
         with self._cond:
-            return self._counters.stats.num_waiting + self._pending_seqs
+            return self._num_waiting_locked()
+
+    def _num_waiting_locked(self) -> int:
+        return self._counters.stats.num_waiting + self._pending_seqs
 
     # ------------------------------------------------------------------ requests
     async def submit(self, requests: Sequence[GenerateRequest]) -> RequestStream:
@@ -235,13 +256,14 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         reqs = list(requests)
+        with self._cond:
+            self._check_admission()  # refuse at once, before any tokenizer work
+        if any(callable(r.prompt) for r in reqs):
+            reqs = await self.prepare(lambda: _prepare(reqs))
         stream = RequestStream(self, [r.request_id for r in reqs], loop)
         cmd = _Add(reqs, stream, loop.create_future(), sum(r.params.n for r in reqs))
         with self._cond:
-            self._check_accepting()
-            bound = self.max_waiting_requests
-            if bound is not None and self._counters.stats.num_waiting + self._pending_seqs >= bound:
-                raise QueueFull(f"the server is at its bound of {bound} waiting requests; retry later")
+            self._check_admission()
             self._pending_seqs += cmd.num_seqs
             self._inbox.append(cmd)
             self._cond.notify()
@@ -262,6 +284,12 @@ class AsyncEngine:
         finally:
             stream.close()
 
+    def abort_all(self, reason: str) -> None:
+        """Abort every request; their consumers get EngineUnavailable(reason). The loop goes on."""
+        with self._cond:
+            self._inbox.append(_AbortAll(reason))
+            self._cond.notify()
+
     def abort(self, request_ids: Sequence[str]) -> None:
         """Abort requests (unknown or finished ids are ignored); takes effect before the next iteration."""
         with self._cond:
@@ -269,7 +297,7 @@ class AsyncEngine:
             self._cond.notify()
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """Run fn(engine) on the engine thread between iterations (e.g. tokenizer work)."""
+        """Run fn(engine) on the engine thread between iterations."""
         loop = asyncio.get_running_loop()
         cmd = _Call(fn, loop, loop.create_future())
         with self._cond:
@@ -278,11 +306,25 @@ class AsyncEngine:
             self._cond.notify()
         return await cmd.result
 
+    async def prepare(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the prompt-preparation thread (tokenizer work that must not hold up anyone)."""
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn)
+        except RuntimeError as exc:  # the pool was shut down: we are stopping
+            raise EngineUnavailable("the server is shutting down") from exc
+        return await future
+
     def _check_accepting(self) -> None:
         if self._dead_reason is not None or self._thread is None or not self._thread.is_alive():
             raise EngineUnavailable(f"the engine is not running ({self._dead_reason or 'not started'})")
         if self._stopping:
             raise EngineUnavailable("the server is shutting down")
+
+    def _check_admission(self) -> None:
+        self._check_accepting()
+        bound = self.max_waiting_requests
+        if bound is not None and self._num_waiting_locked() >= bound:
+            raise QueueFull(f"the server is at its bound of {bound} waiting requests; retry later")
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
@@ -293,11 +335,13 @@ class AsyncEngine:
             logger.critical("the engine loop died", exc_info=True)
             reason = f"the engine loop died: {exc!r}"
         finally:
-            self._dead_reason = reason
+            with self._cond:
+                self._dead_reason = reason
             error = EngineUnavailable(reason)
             self._fail_all(error)
             self._fail_inbox(error)
-            self._publish(adds=0)
+            with contextlib.suppress(Exception):  # the engine may be beyond reading
+                self._publish(adds=0)
 
     def _loop_until_stopped(self) -> str:
         """The iteration loop; returns why it stopped."""
@@ -324,8 +368,12 @@ class AsyncEngine:
             failures = 0
             # Publish before delivering: a client that has seen its request finish must find it
             # gone from the counts (a sequential client would otherwise hit the queue bound).
-            self._publish(adds=0)
+            self._publish(adds=0, progressed=bool(outputs))
             self._deliver(outputs)
+            if not outputs:
+                # Work the engine will not run: do not spin on it; /health reports the stall.
+                with self._cond:
+                    self._cond.wait(_NO_PROGRESS_WAIT_S)
 
     def _drain(self) -> None:
         """At shutdown, after aborting everything: let batches still in flight come back so that
@@ -364,29 +412,28 @@ class AsyncEngine:
                     _resolve(cmd.loop, cmd.result, value=cmd.fn(self.engine))
                 except Exception as exc:
                     _resolve(cmd.loop, cmd.result, error=exc)
-            elif isinstance(cmd, _Stop):
-                stop = cmd
+            elif isinstance(cmd, _AbortAll):
+                self._fail_all(EngineUnavailable(cmd.reason))
+                if isinstance(cmd, _Stop):
+                    stop = cmd
         if commands:
             self._publish(adds=added)
-        if stop is not None:
-            self._fail_all(EngineUnavailable(stop.reason))
         return stop
 
     def _add(self, cmd: _Add) -> None:
         added: list[str] = []
         try:
             for req in cmd.requests:
-                prompt = req.prompt() if callable(req.prompt) else req.prompt
-                self.engine.add_request(req.request_id, prompt, req.params)
+                self.engine.add_request(req.request_id, req.prompt, req.params)
                 added.append(req.request_id)
         except Exception as exc:
             for rid in added:  # all or nothing: a rejected batch leaves nothing behind
                 self.engine.abort_request(rid)
-            _resolve(cmd.stream._loop, cmd.accepted, error=exc)
+            _resolve(cmd.stream.loop, cmd.accepted, error=exc)
             return
         for rid in added:
             self._streams[rid] = cmd.stream
-        if not _resolve(cmd.stream._loop, cmd.accepted, value=None):
+        if not _resolve(cmd.stream.loop, cmd.accepted, value=None):
             self._abort_now(added)  # the caller's loop is gone; nobody will read these
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -396,11 +443,11 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            if not _call_soon(stream._loop, stream._push, out):
+            if not _call_soon(stream.loop, stream._push, out):
                 self._abort_now([rid for rid, s in self._streams.items() if s is stream])
                 continue
             if out.finished and not any(s is stream for s in self._streams.values()):
-                _call_soon(stream._loop, stream._push, _END)
+                _call_soon(stream.loop, stream._push, _END)
 
     def _abort_now(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -408,11 +455,16 @@ class AsyncEngine:
             self.engine.abort_request(rid)
 
     def _fail_all(self, error: BaseException) -> None:
-        """Abort every request that has a stream and hand the error to its consumer."""
+        """Hand the error to every consumer, then abort their requests (if the engine lets us:
+        consumers must be released even when it is broken)."""
         streams = {id(s): s for s in self._streams.values()}
-        self._abort_now(list(self._streams))
         for stream in streams.values():
-            _call_soon(stream._loop, stream._push, error)
+            _call_soon(stream.loop, stream._push, error)
+        try:
+            self._abort_now(list(self._streams))
+        except Exception:
+            logger.exception("aborting requests after a failure failed too")
+            self._streams.clear()
 
     def _fail_inbox(self, error: BaseException) -> None:
         with self._cond:
@@ -421,18 +473,25 @@ class AsyncEngine:
             self._pending_seqs = 0
         for cmd in commands:
             if isinstance(cmd, _Add):
-                _resolve(cmd.stream._loop, cmd.accepted, error=error)
+                _resolve(cmd.stream.loop, cmd.accepted, error=error)
             elif isinstance(cmd, _Call):
                 _resolve(cmd.loop, cmd.result, error=error)
 
-    def _publish(self, adds: int) -> None:
+    def _publish(self, adds: int, progressed: bool = False) -> None:
         """Refresh what other threads read; inbox adds leave the pending count only now, so that
-        waiting requests are never under-counted in between."""
+        waiting requests are never under-counted in between. The heartbeat moves only when an
+        iteration produced something (or in idle waits): a loop that turns without progress is
+        as stuck as one that does not turn."""
         stats = self.engine.stats()
         with self._cond:
             self._counters.stats = stats
-            self._counters.heartbeat = time.monotonic()
+            if progressed:
+                self._counters.heartbeat = time.monotonic()
             self._pending_seqs = max(0, self._pending_seqs - adds)
+
+
+def _prepare(requests: list[GenerateRequest]) -> list[GenerateRequest]:
+    return [dataclasses.replace(r, prompt=r.prompt()) if callable(r.prompt) else r for r in requests]
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> bool:

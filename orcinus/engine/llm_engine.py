@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int] | dict
 
 
+class EngineStepError(RuntimeError):
+    """An iteration failed; its requests were aborted and their KV blocks freed."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"iteration failed ({type(cause).__name__}: {cause}); aborted requests {request_ids}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -183,13 +192,15 @@ class LLMEngine:
         batch, fut = self._in_flight.popleft()
         try:
             result = fut.result()
-        except BaseException:
-            # A failed iteration must not leak blocks: abort its requests, then re-raise.
-            for req in batch.requests:
-                self.scheduler._abort_after_return.add(req.request_id)
-            for req in self.scheduler.finish_batch(batch):
-                self.outputs.on_finished(req)
-            raise
+        except Exception as exc:
+            # A failed iteration must not leak blocks or request ids: abort its requests (and their
+            # sibling samples), then tell the caller which user requests died.
+            failed = {self.outputs.group_id_of(r.request_id) for r in self.scheduler.fail_batch(batch)}
+            failed.discard(None)
+            for rid in failed:
+                self.abort_request(rid)
+                self.outputs.drop(rid)
+            raise EngineStepError(sorted(failed), exc) from exc
         self.iterations_total += 1
         now = time.monotonic()
         for req, n, tok, lp, top in zip(batch.requests, batch.num_new_tokens, result.token_ids,

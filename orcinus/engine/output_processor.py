@@ -159,6 +159,15 @@ class OutputProcessor:
         if group is not None and group.finished():
             self._drop(group)
 
+    def group_id_of(self, child_request_id: str) -> str | None:
+        group = self._group_of.get(child_request_id)
+        return None if group is None else group.request_id
+
+    def drop(self, request_id: str) -> None:
+        group = self._groups.get(request_id)
+        if group is not None:
+            self._drop(group)
+
     def _drop(self, group: RequestGroup) -> None:
         self._groups.pop(group.request_id, None)
         for c in group.children:

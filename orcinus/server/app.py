@@ -26,7 +26,7 @@ from orcinus.server.middleware import AccessLog, ApiKeyAuth, BodySizeLimit
 from orcinus.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                      CompletionResponse, ErrorResponse, HealthResponse, ModelCard, ModelList,
                                      VersionResponse)
-from orcinus.server.serving import ClientDisconnected, ServingContext, json_response
+from orcinus.server.serving import ServingContext, json_response
 from orcinus.server.serving_chat import create_chat_completion
 from orcinus.server.serving_completions import create_completion
 from orcinus.server.settings import ServerSettings, add_serve_args, settings_from_args
@@ -36,6 +36,7 @@ __all__ = ["add_serve_args", "create_app", "run_server"]
 
 logger = logging.getLogger("orcinus.server")
 
+_BACKSTOP_S = 5
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
 
 
@@ -76,23 +77,18 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         app.add_middleware(AccessLog)
 
     def model_card(name: str) -> ModelCard:
-        return ModelCard(id=name, created=started_at, root=engine.engine.model_path, max_model_len=engine.engine.max_model_len)
+        return ModelCard(id=name, created=started_at, root=engine.engine.model_path,
+                         max_model_len=engine.engine.max_model_len)
 
     @app.post("/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse),
               tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        try:
-            return await create_completion(ctx, body, request)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await create_completion(ctx, body, request)
 
     @app.post("/v1/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse),
               tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        try:
-            return await create_chat_completion(ctx, body, request)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await create_chat_completion(ctx, body, request)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
     async def list_models() -> ModelList:
@@ -126,8 +122,32 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process dies of the
-    signal; a graceful stop is a success, so handle the signals and let run() return."""
+    """uvicorn with two changes to its shutdown.
+
+    - Requests still running when the grace period ends are aborted through the engine, so that
+      each ends properly (an error event and [DONE] on a stream, a 503 otherwise) before uvicorn
+      would cancel their tasks mid-response.
+    - uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process dies of the
+      signal; a graceful stop is a success, so handle the signals and let run() return.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace_s = grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timer = asyncio.create_task(self._abort_after_grace())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    async def _abort_after_grace(self) -> None:
+        await asyncio.sleep(self.grace_s)
+        if self.server_state.tasks:
+            logger.warning("shutdown: aborting the requests still running after %.0f s", self.grace_s)
+            self.engine.abort_all("the server is shutting down")
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -177,10 +197,11 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> int:
     engine = LLMEngine(engine_config)
     async_engine = AsyncEngine(engine, settings.max_waiting_requests, settings.health_stall_timeout_s)
     app = create_app(async_engine, settings)
+    # uvicorn's own deadline is only the backstop for requests that do not end once aborted.
     config = uvicorn.Config(app, log_config=None, access_log=False, log_level=settings.uvicorn_log_level,
-                            timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
+                            timeout_graceful_shutdown=round(settings.shutdown_timeout_s) + _BACKSTOP_S,
                             timeout_keep_alive=settings.timeout_keep_alive_s, server_header=False)
-    server = _Server(config)
+    server = _Server(config, async_engine, settings.shutdown_timeout_s)
     url_host = f"[{host}]" if ":" in host else host
     logger.info("serving %s at http://%s:%d (API key %s, waiting bound %s, body limit %d bytes)",
                 ", ".join(settings.served_model_names), url_host, port,

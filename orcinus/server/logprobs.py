@@ -19,7 +19,8 @@ def _ranked(entry: dict[int, Logprob], chosen: int, k: int) -> list[Logprob]:
     return ranked[:k]
 
 
-def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], text_offset: int) -> CompletionLogprobs:
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]],
+                        text_offset: int) -> CompletionLogprobs:
     """Legacy shape: parallel lists; top_logprobs holds the chosen token too (as vLLM and the
     old OpenAI API did), so there can be logprobs + 1 alternatives per position."""
     out = CompletionLogprobs()

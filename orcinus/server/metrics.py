@@ -28,8 +28,8 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.engine.stats()
-        yield GaugeMetricFamily("orcinus:num_requests_running", "Sequences admitted to the engine (they hold KV space).",
-                                value=s.num_running)
+        yield GaugeMetricFamily("orcinus:num_requests_running",
+                                "Sequences admitted to the engine (they hold KV space).", value=s.num_running)
         yield GaugeMetricFamily("orcinus:num_requests_waiting", "Sequences waiting to be admitted.",
                                 value=self.engine.num_waiting())
         yield GaugeMetricFamily("orcinus:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = all).",
@@ -48,12 +48,17 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
         labels = {"model_name": model_name}
-        self.ttft = Histogram("orcinus:time_to_first_token_seconds", "Time from arrival to the first token.",
-                              labelnames=list(labels), buckets=_LATENCY_BUCKETS, registry=self.registry).labels(**labels)
-        self.tpot = Histogram("orcinus:time_per_output_token_seconds", "Mean time between output tokens of a request.",
-                              labelnames=list(labels), buckets=_TPOT_BUCKETS, registry=self.registry).labels(**labels)
-        self.e2e = Histogram("orcinus:e2e_request_latency_seconds", "Time from arrival to the last token.",
-                             labelnames=list(labels), buckets=_LATENCY_BUCKETS, registry=self.registry).labels(**labels)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]):
+            return Histogram(name, doc, labelnames=list(labels), buckets=buckets,
+                             registry=self.registry).labels(**labels)
+
+        self.ttft = histogram("orcinus:time_to_first_token_seconds", "Time from arrival to the first token.",
+                              _LATENCY_BUCKETS)
+        self.tpot = histogram("orcinus:time_per_output_token_seconds",
+                              "Mean time between output tokens of a request.", _TPOT_BUCKETS)
+        self.e2e = histogram("orcinus:e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             _LATENCY_BUCKETS)
         self._finished = Counter("orcinus:request_success", "Requests (sequences) ended, by why they ended.",
                                  labelnames=["model_name", "finished_reason"], registry=self.registry)
         self._model = model_name

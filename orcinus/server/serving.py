@@ -6,11 +6,12 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator, Awaitable, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from orcinus.engine.async_engine import AsyncEngine, GenerateRequest, RequestStream
 from orcinus.request import RequestOutput
@@ -24,6 +25,7 @@ T = TypeVar("T")
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_MAX_WARNED_FIELDS = 100
 
 
 def sse(payload: BaseModel) -> str:
@@ -33,10 +35,6 @@ def sse(payload: BaseModel) -> str:
 
 def json_response(payload: BaseModel, headers: dict[str, str] | None = None) -> Response:
     return Response(payload.model_dump_json(), media_type="application/json", headers=headers)
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its non-streaming response was ready."""
 
 
 @dataclass
@@ -59,15 +57,15 @@ class ServingContext:
         if body.logit_bias:
             raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
         extra = set(body.model_extra or {}) - self._warned_fields
-        if extra:
+        if extra and len(self._warned_fields) < _MAX_WARNED_FIELDS:  # bounded: clients choose these names
             self._warned_fields |= extra
-            logger.warning("ignoring request fields this server does not know: %s", ", ".join(sorted(extra)))
+            logger.warning("ignoring request fields this server does not know: %s",
+                           ", ".join(repr(name[:40]) for name in sorted(extra)[:10]))
 
     async def submit(self, requests: list[GenerateRequest]) -> RequestStream:
+        """Submit to the engine; whatever it refuses becomes the error the client should see."""
         try:
             return await self.engine.submit(requests)
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            raise
         except Exception as exc:
             raise from_exception(exc) from exc
 
@@ -90,6 +88,7 @@ class FinishedTracker:
         self.n = num_seqs_per_request
         self.final: dict[str, RequestOutput] = {}
         self.latest: dict[str, RequestOutput] = {}
+        self._closed = False
 
     def see(self, out: RequestOutput) -> None:
         self.latest[out.request_id] = out
@@ -98,6 +97,10 @@ class FinishedTracker:
             self.ctx.metrics.observe_finished(out)
 
     def close(self) -> None:
+        """Abort what has not finished; idempotent, as several ways out may call it."""
+        if self._closed:
+            return
+        self._closed = True
         unfinished = [rid for rid in self.stream.request_ids if rid not in self.final]
         if unfinished:
             self.stream.close()
@@ -111,17 +114,44 @@ class FinishedTracker:
 
     async def run_to_end(self) -> list[RequestOutput]:
         """All final outputs, in submission order."""
-        try:
-            async for out in self.stream:
-                self.see(out)
-        finally:
-            self.close()
+        async for out in self.stream:
+            self.see(out)
         return [self.final[rid] for rid in self.stream.request_ids]
 
 
+class ResponseView(Protocol):
+    """How one endpoint renders engine outputs: whole, or as SSE events."""
+
+    id: str
+
+    def response(self, finals: list[RequestOutput], tracker: FinishedTracker) -> BaseModel: ...
+
+    def events(self, tracker: FinishedTracker) -> AsyncIterator[str]: ...
+
+
+async def respond(request: Request, tracker: FinishedTracker, view: ResponseView, streaming: bool) -> Response:
+    """The response to an accepted submission. However it ends, requests that did not finish are
+    aborted: here for a whole response, by the streaming response for a stream (even one that
+    never starts because its client left first)."""
+    headers = {"X-Request-Id": view.id}
+    if streaming:
+        return _EventStreamResponse(_guarded(view.events(tracker), tracker), tracker, headers)
+    try:
+        finals = await until_disconnect(request, tracker.run_to_end())
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the access log does
+    finally:
+        tracker.close()
+    return json_response(view.response(finals, tracker), headers=headers)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its whole response was ready."""
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await work, but cancel it (its finally blocks abort the engine requests) as soon as the
-    client disconnects: a non-streaming request otherwise runs to the end for nobody."""
+    """Await work, but cancel it as soon as the client disconnects: a whole (non-streaming)
+    response is otherwise generated to the end for nobody."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
@@ -145,21 +175,25 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-def streaming_response(events: AsyncIterator[str], request_id: str) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, "X-Request-Id": request_id})
+class _EventStreamResponse(StreamingResponse):
+    def __init__(self, events: AsyncIterator[str], tracker: FinishedTracker, headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        self._tracker = tracker
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # a client that disconnects cancels the stream: abort its requests now
+            self._tracker.close()
 
 
-async def guarded_events(events: AsyncIterator[str], tracker: FinishedTracker) -> AsyncIterator[str]:
-    """SSE events of a stream; an engine error mid-stream becomes an error event (the status is
-    already sent), and the stream always ends with [DONE]. Disconnect cancels us: abort."""
+async def _guarded(events: AsyncIterator[str], tracker: FinishedTracker) -> AsyncIterator[str]:
+    """An engine error mid-stream becomes an error event (the 200 is already sent), and a stream
+    that was not cut off always ends with [DONE]."""
     try:
         async for event in events:
             yield event
-    except (asyncio.CancelledError, GeneratorExit):
-        raise
     except Exception as exc:
         yield sse(from_exception(exc).body())
-    finally:
-        tracker.close()
+    tracker.close()
     yield SSE_DONE
-

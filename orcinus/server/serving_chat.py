@@ -9,13 +9,12 @@ from fastapi.responses import Response
 
 from orcinus.engine.async_engine import AsyncEngine, GenerateRequest
 from orcinus.engine.llm_engine import PromptType
-from orcinus.request import CompletionOutput
+from orcinus.request import CompletionOutput, RequestOutput
 from orcinus.server.errors import OpenAIError
 from orcinus.server.logprobs import chat_logprobs
 from orcinus.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                      ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, DeltaMessage)
-from orcinus.server.serving import (FinishedTracker, ServingContext, guarded_events, json_response,
-                                    new_request_id, sse, streaming_response, until_disconnect)
+from orcinus.server.serving import FinishedTracker, ServingContext, new_request_id, respond, sse
 
 
 def _check_supported(body: ChatCompletionRequest) -> None:
@@ -29,13 +28,14 @@ def _check_supported(body: ChatCompletionRequest) -> None:
 
 
 def chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> Callable[[], PromptType]:
-    """A prompt builder that runs on the engine thread, where the tokenizer may be used."""
+    """A prompt builder, run on the engine's prompt-preparation thread (tokenizer work is slow
+    for long conversations and must not hold up the event loop or the iterations)."""
     # The OpenAI 'developer' role is the newer name of 'system'; templates know only the latter.
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     add_generation_prompt = body.add_generation_prompt
 
     def build() -> PromptType:
-        tok = engine.engine.tokenizer
+        tok = engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer, and this server runs without one (skip_tokenizer_init)")
         try:
@@ -61,10 +61,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     stream = await ctx.submit([GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _ChatView(ctx.model_name, request_id, created, body, top)
-    if body.streaming:
-        return streaming_response(guarded_events(view.events(tracker), tracker), request_id)
-    finals = await until_disconnect(request, tracker.run_to_end())
-    return json_response(view.response(finals[0].outputs, tracker), headers={"X-Request-Id": request_id})
+    return await respond(request, tracker, view, body.streaming)
 
 
 class _ChatView:
@@ -81,9 +78,9 @@ class _ChatView:
             return None
         return chat_logprobs(c.token_ids[start:], c.logprobs[start:], self.top)
 
-    def response(self, outputs: list[CompletionOutput], tracker: FinishedTracker) -> ChatCompletionResponse:
+    def response(self, finals: list[RequestOutput], tracker: FinishedTracker) -> ChatCompletionResponse:
         choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=self._logprobs(c),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in outputs]
+                              finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in finals[0].outputs]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=tracker.usage())
 

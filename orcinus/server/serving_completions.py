@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from orcinus.engine.async_engine import GenerateRequest
+from orcinus.engine.llm_engine import PromptType
 from orcinus.request import CompletionOutput, RequestOutput
 from orcinus.server.errors import OpenAIError
 from orcinus.server.logprobs import completion_logprobs
 from orcinus.server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
-from orcinus.server.serving import (FinishedTracker, ServingContext, guarded_events, json_response,
-                                    new_request_id, sse, streaming_response, until_disconnect)
+from orcinus.server.serving import FinishedTracker, ServingContext, new_request_id, respond, sse
+
+if TYPE_CHECKING:
+    from orcinus.tokenizer import Tokenizer
 
 
 def _check_supported(body: CompletionRequest) -> None:
@@ -26,17 +29,22 @@ def _check_supported(body: CompletionRequest) -> None:
                           param="echo")
 
 
+def _prompt(tokenizer: Tokenizer | None, prompt: str | list[int]) -> PromptType | Callable[[], PromptType]:
+    """Text is tokenised on the engine's prompt-preparation thread, not in its iteration loop.
+    Without a tokenizer the engine itself refuses text, with its own message."""
+    if isinstance(prompt, list) or tokenizer is None:
+        return prompt
+    return lambda: {"prompt": prompt, "prompt_token_ids": tokenizer.encode(prompt)}
+
+
 async def _echo_texts(ctx: ServingContext, prompts: list[str | list[int]]) -> list[str]:
     """The prompt text to put in front of each completion for echo (token prompts decoded)."""
     if all(isinstance(p, str) for p in prompts):
         return list(prompts)
-
-    def decode(engine) -> list[str]:
-        if engine.tokenizer is None:
-            raise OpenAIError(400, "echo of token-id prompts needs a tokenizer", param="echo")
-        return [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
-
-    return await ctx.engine.call(decode)
+    tokenizer = ctx.engine.tokenizer
+    if tokenizer is None:
+        raise OpenAIError(400, "echo of token-id prompts needs a tokenizer", param="echo")
+    return await ctx.engine.prepare(lambda: [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts])
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request) -> Response:
@@ -47,13 +55,12 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     prompts = body.prompts()
     params = body.sampling_params(body.max_tokens, body.logprobs)
     echo = await _echo_texts(ctx, prompts) if body.echo else None
-    stream = await ctx.submit([GenerateRequest(f"{request_id}-{i}", p, params) for i, p in enumerate(prompts)])
+    tokenizer = ctx.engine.tokenizer
+    stream = await ctx.submit([GenerateRequest(f"{request_id}-{i}", _prompt(tokenizer, p), params)
+                               for i, p in enumerate(prompts)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _CompletionView(ctx.model_name, request_id, created, body, stream.request_ids, echo)
-    if body.streaming:
-        return streaming_response(guarded_events(view.events(tracker), tracker), request_id)
-    finals = await until_disconnect(request, tracker.run_to_end())
-    return json_response(view.response(finals, tracker), headers={"X-Request-Id": request_id})
+    return await respond(request, tracker, view, body.streaming)
 
 
 class _CompletionView:

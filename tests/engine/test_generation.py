@@ -218,3 +218,29 @@ def test_abort_mid_generation_frees_blocks_and_others_continue(checkpoint_factor
                 result = out.outputs[0].token_ids
     assert result == _hf_greedy(hf_model, p[0], 10)
     assert engine.free_all_check()
+
+
+def test_failed_iteration_aborts_its_requests_frees_blocks_and_engine_goes_on(checkpoint_factory):
+    from orcinus.engine.llm_engine import EngineStepError
+
+    folder, _ = checkpoint_factory("llama")
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22,
+                                   block_size=4)
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(n=2, max_tokens=4, **GREEDY))
+    original = engine.runner.execute
+    engine.runner.execute = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(EngineStepError) as info:
+        engine.step()
+    assert info.value.request_ids == ["a"]
+    assert engine.free_all_check() and not engine.has_unfinished_requests()
+    engine.runner.execute = original
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2, **GREEDY))  # id reusable
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.free_all_check()
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=float("nan")), dict(top_p=float("inf")), dict(seed=2 ** 70)])
+def test_non_finite_and_out_of_range_sampling_values_are_refused(kwargs):
+    with pytest.raises(SamplingParamsError):
+        SamplingParams(**kwargs)

@@ -20,7 +20,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SMALL_MAX_REQUEST_BYTES = 65536
 SMALL_SERVER_ARGS = ("--api-key", API_KEY, "--max-num-seqs", "1", "--max-waiting-requests", "1",
                      "--max-model-len", "1024", "--default-max-tokens", "8",
-                     "--max-request-bytes", str(SMALL_MAX_REQUEST_BYTES), "--served-model-name", "tiny", "other-name")
+                     "--max-request-bytes", str(SMALL_MAX_REQUEST_BYTES), "--served-model-name", "tiny", "other-name",
+                     "--log-stats-interval", "1")
 
 
 def start_server(log_path: Path, *args: str) -> ServerProcess:
@@ -35,16 +36,6 @@ def stop_server(server: ServerProcess) -> int:
 
 def log_tail(log_path: Path, lines: int = 40) -> str:
     return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} (labels as written)."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def metric(text: str, name: str) -> float:

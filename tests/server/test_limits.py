@@ -1,7 +1,10 @@
-"""Security and limits, on the small server: API key, waiting-queue bound, body size."""
+"""Security and limits, on the small server: API key, waiting-queue bound, body size; and the
+log an operator reads."""
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -82,3 +85,16 @@ def test_queue_bound_returns_503(http: httpx.Client, small_server: ServerProcess
         thread.join(timeout=60)
     assert waiting_result["resp"].status_code == 200, waiting_result["resp"].text
     assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=AUTH).status_code == 200
+
+
+def test_operator_log(small_server: ServerProcess) -> None:
+    """Start-up line (model, dtype, device, KV capacity, policy), throughput lines while busy
+    (the queue test above kept it busy), one access line per request."""
+    log = Path(small_server.log_path)
+    assert wait_until(lambda: "throughput:" in log.read_text(), 15)
+    text = log.read_text()
+    startup = next(line for line in text.splitlines() if "kv_capacity=" in line)
+    for field in ("model=", "dtype=float32", "device=cpu", "tokens", "policy=orca"):
+        assert field in startup, startup
+    assert "serving tiny, other-name at http://127.0.0.1:" in text
+    assert re.search(r'orcinus.access: 127\.0\.0\.1:\d+ "POST /v1/completions HTTP/1.1" 503 \d+B [\d.]+ms', text)

@@ -46,7 +46,8 @@ def test_completion(client: openai.OpenAI, model_name: str) -> None:
     (choice,) = resp.choices
     assert choice.index == 0 and choice.text and choice.finish_reason in ("stop", "length")
     u = resp.usage
-    assert u.prompt_tokens > 0 and 0 < u.completion_tokens <= 8 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.prompt_tokens > 0 and 0 < u.completion_tokens <= 8
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
     assert (choice.finish_reason == "length") == (u.completion_tokens == 8)
     # Without `model`, the served model is used.
     assert httpx.post(str(client.base_url).rstrip("/") + "/completions",

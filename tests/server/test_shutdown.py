@@ -1,4 +1,5 @@
-"""SIGTERM / Ctrl-C: stop accepting, let the request in flight finish, exit 0.
+"""SIGTERM / Ctrl-C: stop accepting, let requests in flight finish (or, past the grace period,
+abort them cleanly), exit 0.
 
 A server of its own (stopping is the point), on a tiny random-weight checkpoint without a
 tokenizer so that it starts in seconds; prompts are token ids.
@@ -20,7 +21,8 @@ def test_signal_stops_gracefully(checkpoint_factory, tmp_path, sig: signal.Signa
     log = tmp_path / "server.log"
     srv = start_server(log, "--model", folder, "--skip-tokenizer-init", "--served-model-name", "tiny")
     try:
-        body = {"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True}
+        # No tokenizer means no text; log-probs make every token an event all the same.
+        body = {"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True, "logprobs": 0}
         with httpx.Client(base_url=srv.base_url, timeout=60) as client:
             with client.stream("POST", "/v1/completions", json=body) as resp:
                 lines = resp.iter_lines()
@@ -29,8 +31,32 @@ def test_signal_stops_gracefully(checkpoint_factory, tmp_path, sig: signal.Signa
                 rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert len(rest) > 2  # the request was cut short by nothing
         assert srv.proc.wait(timeout=60) == 0, log_tail(log)
+        assert "Waiting for connections to close" in log.read_text()  # it was in flight at the signal
         with pytest.raises(httpx.ConnectError):
             httpx.get(srv.base_url + "/health", timeout=5)
+    finally:
+        srv.stop()
+
+
+def test_requests_past_the_grace_period_are_aborted_cleanly(checkpoint_factory, tmp_path) -> None:
+    """With no grace period, the request in flight ends at once, but properly: an error event
+    and [DONE], not a cut connection; the process still exits 0."""
+    folder, _ = checkpoint_factory("llama")
+    log = tmp_path / "server.log"
+    srv = start_server(log, "--model", folder, "--skip-tokenizer-init", "--shutdown-timeout", "0")
+    try:
+        body = {"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True, "logprobs": 0}
+        with httpx.Client(base_url=srv.base_url, timeout=60) as client:
+            with client.stream("POST", "/v1/completions", json=body) as resp:
+                lines = resp.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                srv.proc.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["error"]["code"] == "engine_unavailable"
+        assert srv.proc.wait(timeout=60) == 0, log_tail(log)
+        assert "Traceback" not in log.read_text()
     finally:
         srv.stop()
