@@ -6,6 +6,7 @@ tokens each brings, and where their KV blocks are.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,16 @@ from orcinus.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+def default_cpu_kv_bytes() -> int:
+    """4 GiB, or a quarter of the machine's memory if that is less. Pages are only touched as
+    blocks fill, so an idle pool costs little; a big pool lets Orca reserve worst cases."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return int(min(4 << 30, total // 4))
 
 
 @dataclass
@@ -74,7 +84,7 @@ class ModelRunner:
             free, _total = torch.cuda.mem_get_info(self.device)
             budget = int(free * ec.gpu_memory_utilization)
         else:
-            budget = DEFAULT_CPU_KV_BYTES
+            budget = default_cpu_kv_bytes()
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(
