@@ -102,6 +102,13 @@ def ideal_schedule(prompt_lens: Sequence[int], output_lens: Sequence[int], max_n
         running = [r for r in running if r[1] > 0] + [[p, o - 1] for p, o in joined if o > 1]
 
 
+def static_batch_iterations(output_lens: Sequence[int], max_num_seqs: int) -> int:
+    """Iterations request-level batching needs: each batch of max_num_seqs runs for its longest
+    output. Over `ideal_schedule`'s count, it bounds what iteration-level scheduling can gain when
+    an iteration costs the same however few requests it holds."""
+    return sum(max(output_lens[i:i + max_num_seqs]) for i in range(0, len(output_lens), max_num_seqs))
+
+
 @dataclass(frozen=True)
 class DeviceRates:
     """What the device was measured to do; `label` says which device, for the report."""

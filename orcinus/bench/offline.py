@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from orcinus.bench.floor import DeviceRates, Floor, ModelDims, measure_device, trace_floor
+from orcinus.bench.floor import DeviceRates, Floor, ModelDims, measure_device, static_batch_iterations, trace_floor
 from orcinus.bench.report import fmt, markdown_table
 from orcinus.bench.workloads import BenchRequest
 from orcinus.config import EngineConfig
@@ -99,6 +99,11 @@ class OfflineReport:
                      f"part {fmt(self.floor['compute_seconds'], 3)} s; copy bandwidth "
                      f"{fmt(self.floor['rates']['copy_bandwidth'] / 1e9, 1)} GB/s, matmul "
                      f"{fmt(self.floor['rates']['matmul_flops'] / 1e9, 1)} GFLOP/s)")
+            its, static_its = self.floor["num_iterations"], self.floor.get("static_batch_iterations")
+            if static_its:
+                text += (f"\n\nIterations: {its} iteration-level, {static_its} request-level (batches of "
+                         f"max_num_seqs): at a fixed cost per iteration, orca can beat a static policy that "
+                         f"does not pad by at most {fmt(static_its / its)}×")
         return text
 
 
@@ -199,5 +204,7 @@ def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: S
         report.results.append(res)
     if with_floor:
         floor = compute_floor(config, trace)
-        report.floor = dataclasses.asdict(floor) | {"output_tokens_per_s": floor.output_tokens_per_s}
+        static_its = static_batch_iterations([r.output_len for r in trace], config.max_num_seqs)
+        report.floor = dataclasses.asdict(floor) | {"output_tokens_per_s": floor.output_tokens_per_s,
+                                                    "static_batch_iterations": static_its}
     return report

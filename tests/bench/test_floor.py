@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from orcinus.bench.floor import DeviceRates, Iteration, ModelDims, ideal_schedule, iteration_cost, measure_device, trace_floor
+from orcinus.bench.floor import (DeviceRates, Iteration, ModelDims, ideal_schedule, iteration_cost, measure_device,
+                                 static_batch_iterations, trace_floor)
 
 DIMS = ModelDims(num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16,
                  vocab_size=32, weight_bytes_per_param=4, kv_bytes_per_elem=4)
@@ -28,6 +29,13 @@ def test_ideal_schedule_is_iteration_level():
         Iteration((2,), (6,)),      # request 2 takes the freed seat at once
     ]
     assert sum(it.num_sampled for it in its) == 2 + 3 + 1  # one sampled token per output token
+
+
+def test_request_level_iterations():
+    # batches [5, 1] and [2, 2] run 5 and 2 iterations; iteration-level needs only 5 + ... = 5
+    assert static_batch_iterations([5, 1, 2, 2], 2) == 7
+    assert sum(1 for _ in ideal_schedule([4] * 4, [5, 1, 2, 2], 2)) == 5
+    assert static_batch_iterations([5, 1, 2, 2], 4) == 5
 
 
 def test_iteration_cost_and_floor():
