@@ -69,8 +69,10 @@ class BatchedAttention(AttentionBackend):
             qd = q.index_select(0, plan.token_index)[:, :, None, :]  # [Bd, Hq, 1, D]
             kf = k_cache.view(-1, num_kv_heads, head_dim)
             vf = v_cache.view(-1, num_kv_heads, head_dim)
-            kd = kf[plan.slot_index].transpose(1, 2).to(q.dtype)  # [Bd, Hkv, maxL, D]
-            vd = vf[plan.slot_index].transpose(1, 2).to(q.dtype)
+            flat = plan.slot_index.view(-1)  # index_select is several times faster than fancy indexing
+            shape = (*plan.slot_index.shape, num_kv_heads, head_dim)
+            kd = kf.index_select(0, flat).view(shape).transpose(1, 2).to(q.dtype)  # [Bd, Hkv, maxL, D]
+            vd = vf.index_select(0, flat).view(shape).transpose(1, 2).to(q.dtype)
             mask = plan.key_mask
             if sliding_window is not None:
                 pos = torch.arange(mask.shape[-1], device=q.device)
