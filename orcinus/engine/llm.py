@@ -68,11 +68,9 @@ class LLM:
         wanted = set(ids)
         show = use_tqdm if use_tqdm is not None else len(ids) > 1
         bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not show, dynamic_ncols=True)
-        tokens = 0
         try:
             while len(results) < len(ids):
                 for out in self.engine.step():
-                    tokens += sum(1 for _ in out.outputs)
                     if out.finished and out.request_id in wanted:
                         results[out.request_id] = out
                         bar.update(1)
