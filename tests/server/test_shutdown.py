@@ -15,20 +15,25 @@ import pytest
 from server_helpers import log_tail, start_server
 
 
+def _signal_mid_stream(srv, sig: signal.Signals) -> list[str]:
+    """Start a long streamed request, send `sig` once its first event arrives, return the
+    `data:` lines that followed. (No tokenizer means no text; log-probs make every token an event.)"""
+    body = {"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True, "logprobs": 0}
+    with httpx.Client(base_url=srv.base_url, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            srv.proc.send_signal(sig)
+            return [line for line in lines if line.startswith("data: ")]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_gracefully(checkpoint_factory, tmp_path, sig: signal.Signals) -> None:
     folder, _ = checkpoint_factory("llama")
     log = tmp_path / "server.log"
     srv = start_server(log, "--model", folder, "--skip-tokenizer-init", "--served-model-name", "tiny")
     try:
-        # No tokenizer means no text; log-probs make every token an event all the same.
-        body = {"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True, "logprobs": 0}
-        with httpx.Client(base_url=srv.base_url, timeout=60) as client:
-            with client.stream("POST", "/v1/completions", json=body) as resp:
-                lines = resp.iter_lines()
-                assert next(line for line in lines if line.startswith("data: "))
-                srv.proc.send_signal(sig)
-                rest = [line for line in lines if line.startswith("data: ")]
+        rest = _signal_mid_stream(srv, sig)
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         assert len(rest) > 2  # the request was cut short by nothing
@@ -47,13 +52,7 @@ def test_requests_past_the_grace_period_are_aborted_cleanly(checkpoint_factory, 
     log = tmp_path / "server.log"
     srv = start_server(log, "--model", folder, "--skip-tokenizer-init", "--shutdown-timeout", "0")
     try:
-        body = {"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True, "logprobs": 0}
-        with httpx.Client(base_url=srv.base_url, timeout=60) as client:
-            with client.stream("POST", "/v1/completions", json=body) as resp:
-                lines = resp.iter_lines()
-                assert next(line for line in lines if line.startswith("data: "))
-                srv.proc.send_signal(signal.SIGTERM)
-                rest = [line for line in lines if line.startswith("data: ")]
+        rest = _signal_mid_stream(srv, signal.SIGTERM)
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["error"]["code"] == "engine_unavailable"
         assert srv.proc.wait(timeout=60) == 0, log_tail(log)
