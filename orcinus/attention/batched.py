@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from orcinus.attention.backend import AttentionBackend
 from orcinus.attention.metadata import AttentionMetadata
-from orcinus.attention.reference import causal_mask, gather_context
+from orcinus.attention.reference import attend_one
 
 
 @dataclass
@@ -83,10 +83,6 @@ class BatchedAttention(AttentionBackend):
                 return od
             out.index_copy_(0, plan.token_index, od)
         for i, start, qlen, slen in plan.prefill:
-            qi = q[start:start + qlen].transpose(0, 1)[None]
-            ki = gather_context(k_cache, meta.block_tables[i], slen).transpose(0, 1)[None].to(q.dtype)
-            vi = gather_context(v_cache, meta.block_tables[i], slen).transpose(0, 1)[None].to(q.dtype)
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal_mask(qlen, slen, sliding_window, q.device),
-                                                scale=scale, enable_gqa=num_heads != num_kv_heads)
-            out[start:start + qlen] = oi[0].transpose(0, 1)
+            out[start:start + qlen] = attend_one(q[start:start + qlen], k_cache, v_cache, meta.block_tables[i],
+                                                 slen, scale, sliding_window)
         return out

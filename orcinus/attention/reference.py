@@ -30,23 +30,27 @@ def gather_context(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: 
     return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:seq_len]
 
 
+def attend_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table_row: torch.Tensor,
+               seq_len: int, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """One request's queries [qlen, Hq, D] (its last qlen positions) over its own context."""
+    qlen, num_heads = q.shape[0], q.shape[1]
+    k = gather_context(k_cache, block_table_row, seq_len).transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
+    v = gather_context(v_cache, block_table_row, seq_len).transpose(0, 1).to(q.dtype)
+    mask = causal_mask(qlen, seq_len, sliding_window, q.device)
+    # enable_gqa: each kv head serves its group of q heads without materialising copies
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale,
+                                         enable_gqa=k.shape[0] != num_heads)
+    return out[0].transpose(0, 1)
+
+
 class ReferenceAttention(AttentionBackend):
     name = "reference"
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, sliding_window=None):
         outputs = []
         start = 0
-        num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         for i, (qlen, slen) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
-            qi = q[start:start + qlen].transpose(0, 1)  # [Hq, qlen, D]
+            outputs.append(attend_one(q[start:start + qlen], k_cache, v_cache, meta.block_tables[i], slen,
+                                      scale, sliding_window))
             start += qlen
-            ki = gather_context(k_cache, meta.block_tables[i], slen).transpose(0, 1)  # [Hkv, L, D]
-            vi = gather_context(v_cache, meta.block_tables[i], slen).transpose(0, 1)
-            if num_kv_heads != num_heads:
-                ki = ki.repeat_interleave(num_heads // num_kv_heads, dim=0)
-                vi = vi.repeat_interleave(num_heads // num_kv_heads, dim=0)
-            mask = causal_mask(qlen, slen, sliding_window, q.device)
-            out = F.scaled_dot_product_attention(qi.unsqueeze(0), ki.unsqueeze(0).to(qi.dtype),
-                                                 vi.unsqueeze(0).to(qi.dtype), attn_mask=mask, scale=scale)
-            outputs.append(out[0].transpose(0, 1))
         return torch.cat(outputs, dim=0)
