@@ -184,21 +184,17 @@ class StaticScheduler(Scheduler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._members: set[str] = set()
+        self._members: set[str] = set()  # the current batch; empty when a new one may form
 
     def _candidates(self) -> list[Request]:
-        self._members = {rid for rid in self._members if rid in self.pool}
+        self._members &= self.pool.keys()  # members that finished have left the pool
         if self._members:
-            return [self.pool[rid] for rid in self._members_in_order() if self.pool[rid].state != RequestState.RUNNING]
+            return [r for rid, r in self.pool.items() if rid in self._members and r.state != RequestState.RUNNING]
         return [r for r in self.pool.values() if r.state == RequestState.INITIATION]
 
-    def _members_in_order(self) -> list[str]:
-        return [rid for rid in self.pool if rid in self._members]
-
     def schedule(self) -> ScheduledBatch | None:
-        forming = not {rid for rid in self._members if rid in self.pool}
-        batch = super().schedule()
-        if batch is not None and forming:
+        batch = super().schedule()  # calls _candidates, which prunes _members first
+        if batch is not None and not self._members:
             self._members = {r.request_id for r in batch.requests}
         return batch
 
