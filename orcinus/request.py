@@ -71,8 +71,10 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def max_tokens(self) -> int:
-        """Orca's max_tokens: prompt plus the most tokens it may generate (its worst-case KV need)."""
+    def max_total_tokens(self) -> int:
+        """Orca's `max_tokens`: prompt plus the most tokens it may generate (its worst-case KV need).
+
+        Named apart from `SamplingParams.max_tokens`, which (as in OpenAI's API) counts new tokens only."""
         return len(self.prompt_token_ids) + self.max_new_tokens
 
     @property

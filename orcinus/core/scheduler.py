@@ -49,16 +49,16 @@ class Scheduler(ABC):
         """Reject at submission a request that could never run, instead of letting it wait forever."""
         if request.num_prompt_tokens == 0:
             raise RequestRejected("the prompt is empty; give at least one token", "prompt")
-        if request.max_tokens > self.max_model_len:
+        if request.max_total_tokens > self.max_model_len:
             raise RequestRejected(
-                f"this request needs {request.max_tokens} tokens ({request.num_prompt_tokens} in the "
+                f"this request needs {request.max_total_tokens} tokens ({request.num_prompt_tokens} in the "
                 f"prompt + max_tokens {request.max_new_tokens}), but the model's context length is "
                 f"{self.max_model_len}; shorten the prompt or lower max_tokens",
                 "max_tokens",
             )
-        if self.kv_cache.blocks_needed(request.max_tokens) > self.kv_cache.num_blocks:
+        if self.kv_cache.blocks_needed(request.max_total_tokens) > self.kv_cache.num_blocks:
             raise RequestRejected(
-                f"this request needs {request.max_tokens} KV slots ({request.num_prompt_tokens} in the "
+                f"this request needs {request.max_total_tokens} KV slots ({request.num_prompt_tokens} in the "
                 f"prompt + max_tokens {request.max_new_tokens}), but the whole KV cache holds "
                 f"{self.kv_cache.n_slots}; lower max_tokens or raise kv_cache_memory",
                 "max_tokens",
@@ -87,9 +87,9 @@ class Scheduler(ABC):
                 break
             if req.state == RequestState.INITIATION:
                 # Reserve the worst case up front; *break*, not continue, so FCFS holds.
-                if not self.kv_cache.can_allocate(req.request_id, req.max_tokens):
+                if not self.kv_cache.can_allocate(req.request_id, req.max_total_tokens):
                     break
-                self.kv_cache.allocate(req.request_id, req.max_tokens)
+                self.kv_cache.allocate(req.request_id, req.max_total_tokens)
             batch.append(req)
             num_new.append(n)
             tokens += n
