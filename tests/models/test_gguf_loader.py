@@ -21,6 +21,7 @@ from orcinus.models.gguf_loader import (
     read_gguf_metadata,
 )
 from orcinus.models.registry import UnsupportedModel, parse_llama_like
+from gguf_files import llamacpp_permute, tiny_model, write_gguf
 
 
 @pytest.fixture(scope="module")
@@ -108,98 +109,20 @@ def test_metadata_reader(smollm2: str) -> None:
 # -- llama.cpp's Q/K row order ----------------------------------------------------------------
 
 
-def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """The row order llama.cpp's converter writes for Q and K (pairs of rotary dims adjacent)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 @pytest.mark.parametrize("n_head,head_dim", [(9, 64), (3, 64), (4, 16), (1, 8)])
 def test_unpermute_inverts_llamacpp(n_head: int, head_dim: int) -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((n_head * head_dim, 24)).astype(np.float32)
-    np.testing.assert_array_equal(_unpermute_qk(_llamacpp_permute(w, n_head), n_head), w)
+    np.testing.assert_array_equal(_unpermute_qk(llamacpp_permute(w, n_head), n_head), w)
     b = rng.standard_normal(n_head * head_dim).astype(np.float32)  # biases are permuted too
-    np.testing.assert_array_equal(_unpermute_qk(_llamacpp_permute(b, n_head), n_head), b)
+    np.testing.assert_array_equal(_unpermute_qk(llamacpp_permute(b, n_head), n_head), b)
     # rotary pair (i, i + head_dim/2) of head 0 sits at rows (2i, 2i+1) in llama.cpp's order
-    p = _llamacpp_permute(w, n_head)
+    p = llamacpp_permute(w, n_head)
     np.testing.assert_array_equal(p[2], w[1])
     np.testing.assert_array_equal(p[3], w[1 + head_dim // 2])
 
 
 # -- small GGUF files written here ------------------------------------------------------------
-
-_GGUF_LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-
-
-def _gguf_name(hf_name: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    if hf_name in fixed:
-        return fixed[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_GGUF_LAYER_NAMES[module]}.{kind}"
-
-
-def _write_gguf(path: str, arch: str, hf_config, state: dict[str, torch.Tensor], permute: bool,
-                extra: dict[str, np.ndarray] | None = None) -> None:
-    """Write a checkpoint the way llama.cpp's converter lays it out (F32 tensors)."""
-    import gguf
-
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_name("tiny-test")
-    writer.add_block_count(hf_config.num_hidden_layers)
-    writer.add_context_length(hf_config.max_position_embeddings)
-    writer.add_embedding_length(hf_config.hidden_size)
-    writer.add_feed_forward_length(hf_config.intermediate_size)
-    writer.add_head_count(hf_config.num_attention_heads)
-    writer.add_head_count_kv(hf_config.num_key_value_heads)
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(hf_config.rms_norm_eps)
-    writer.add_rope_freq_base(500000.0)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_uint32("tokenizer.ggml.eot_token_id", 3)
-    for name, tensor in state.items():
-        w = tensor.detach().float().numpy().copy()
-        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _llamacpp_permute(w, hf_config.num_attention_heads)
-        if permute and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _llamacpp_permute(w, hf_config.num_key_value_heads)
-        writer.add_tensor(_gguf_name(name), w)
-    for name, w in (extra or {}).items():
-        writer.add_tensor(name, w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _tiny(model_type: str, **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False)
-    kwargs.update(overrides)
-    config = AutoConfig.for_model(model_type, **kwargs)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float()
-    state = {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}
-    # transformers starts norms at exactly one; random values catch a norm loaded in the wrong place
-    for k in state:
-        if "norm" in k:
-            state[k] = torch.rand_like(state[k]) + 0.5
-    return config, state
-
 
 @pytest.mark.parametrize(
     "arch,overrides,permute",
@@ -210,9 +133,9 @@ def _tiny(model_type: str, **overrides):
     ],
 )
 def test_tiny_gguf_round_trip(tmp_path, arch: str, overrides: dict, permute: bool) -> None:
-    config, state = _tiny(arch, **overrides)
+    config, state = tiny_model(arch, **overrides)
     path = str(tmp_path / f"tiny-{arch}.gguf")
-    _write_gguf(path, arch, config, state, permute)
+    write_gguf(path, arch, config, state, permute)
     cfg, weights = read_gguf(path)
     weights = dict(weights)
     assert set(weights) == set(state)
@@ -245,9 +168,9 @@ def test_unsupported_architecture(tmp_path) -> None:
 
 
 def test_unknown_tensor_is_refused(tmp_path) -> None:
-    config, state = _tiny("llama")
+    config, state = tiny_model("llama")
     path = str(tmp_path / "odd.gguf")
-    _write_gguf(path, "llama", config, state, True, extra={"blk.0.mystery.weight": np.ones(4, dtype=np.float32)})
+    write_gguf(path, "llama", config, state, True, extra={"blk.0.mystery.weight": np.ones(4, dtype=np.float32)})
     with pytest.raises(UnsupportedModel, match="mystery"):
         read_gguf(path)
 
@@ -286,10 +209,10 @@ def test_llama3_rope_scaling_recovered(factor: float, low: float, high: float) -
 
 
 def test_rope_freqs_tensor_becomes_config(tmp_path) -> None:
-    config, state = _tiny("llama")
+    config, state = tiny_model("llama")
     factors = _llamacpp_rope_factors(8, 500000.0, 8.0, 1.0, 4.0, 8192)
     path = str(tmp_path / "llama3.gguf")
-    _write_gguf(path, "llama", config, state, True, extra={"rope_freqs.weight": factors})
+    write_gguf(path, "llama", config, state, True, extra={"rope_freqs.weight": factors})
     cfg, weights = read_gguf(path)
     assert "rope_freqs.weight" not in dict(weights)
     assert cfg["rope_scaling"]["rope_type"] == "llama3"
