@@ -49,13 +49,19 @@ def encode(w: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
     assert cols % block == 0, f"k-quants need rows of a multiple of {block}, got {cols}"
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
 
-    def f16(lo: float, hi: float) -> np.ndarray:
-        return rng.uniform(lo, hi, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    def f16(x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
-    if qtype in (T.Q4_K, T.Q5_K):  # d, dmin (f16) lead the block
-        raw[:, 0:2], raw[:, 2:4] = f16(2e-3, 6e-3), f16(0.0, 4e-3)
-    elif qtype == T.Q6_K:  # d (f16) ends the block
-        raw[:, size - 2:] = f16(2e-4, 6e-4)
+    d = rng.uniform(0.5, 1.5, raw.shape[0])
+    if qtype in (T.Q4_K, T.Q5_K):
+        # d and dmin (f16) lead the block: w = d * scale * q - dmin * min with q in [0, 2^bits).
+        # dmin = d * mean(q) centres the weights on zero, as real weights are; otherwise every
+        # weight shares one sign and the tiny model's output collapses to a single token.
+        mean_q = 7.5 if qtype == T.Q4_K else 15.5
+        d = d * (2e-3 if qtype == T.Q4_K else 1e-3)
+        raw[:, 0:2], raw[:, 2:4] = f16(d), f16(d * mean_q)
+    elif qtype == T.Q6_K:  # d (f16) ends the block; scales and quants are signed already
+        raw[:, size - 2:] = f16(d * 4e-4)
     else:
         raise ValueError(f"no encoder for {gguf.GGMLQuantizationType(qtype).name}")
     return raw.reshape(rows, -1)
