@@ -39,10 +39,14 @@ def hf_config(arch: str):
 
 def build_checkpoint(arch: str, folder: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Save a random-weight model to `folder`; returns the transformers model (eval, float32)."""
+    return build_from_config(hf_config(arch), folder, seed, dtype)
+
+
+def build_from_config(cfg, folder: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Save a random-weight model of a transformers config to `folder`; returns it (eval, float32)."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = hf_config(arch)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     os.makedirs(folder, exist_ok=True)
     model.to(dtype).save_pretrained(folder)

@@ -31,7 +31,9 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.rotary = [rotary]  # shared, kept out of the module tree
-        self.attn = PagedAttention(layer_idx, cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5, cfg.sliding_window)
+        # Qwen2/3 slide only in some layers (registry's `full_attention_layers`); Mistral in all.
+        window = None if layer_idx in cfg.extra.get("full_attention_layers", ()) else cfg.sliding_window
+        self.attn = PagedAttention(layer_idx, cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5, window)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]

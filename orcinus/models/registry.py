@@ -10,6 +10,7 @@ from typing import Callable
 from torch import nn
 
 from orcinus.config import ModelConfig
+from orcinus.layers.rotary import UnsupportedRopeScaling, check_rope_scaling
 
 
 class UnsupportedModel(ValueError):
@@ -29,18 +30,48 @@ def _eos_ids(hf: dict) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
+def _sliding_window(hf: dict, model_type: str) -> tuple[int | None, frozenset[int]]:
+    """(window size, layers that attend to the whole context anyway).
+
+    Mistral slides in every layer. Qwen2/Qwen3 slide only with `use_sliding_window`, and then only
+    in layers from `max_window_layers` on (transformers' rule); a config that lists `layer_types`
+    says per layer. Every layer of a model with no window attends to everything.
+    """
+    num_layers = hf["num_hidden_layers"]
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    elif model_type not in ("mistral", "qwen2", "qwen3"):
+        window = None
+    if window is None:
+        return None, frozenset(range(num_layers))
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        first = hf.get("max_window_layers", 0) if model_type in ("qwen2", "qwen3") else 0
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown or len(layer_types) != num_layers:
+        raise UnsupportedModel(
+            f"layer_types {sorted(unknown) or layer_types} are not supported; orcinus runs "
+            "'full_attention' and 'sliding_attention' layers, one entry per layer"
+        )
+    return int(window), frozenset(i for i, t in enumerate(layer_types) if t == "full_attention")
+
+
 def parse_llama_like(hf: dict) -> ModelConfig:
     model_type = hf.get("model_type", "llama")
     num_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-    sliding = hf.get("sliding_window") if model_type == "mistral" else None
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-        sliding = None
+    sliding, full_layers = _sliding_window(hf, model_type)
     rope_theta = hf.get("rope_theta")
     rope_params = hf.get("rope_parameters") or {}
     if rope_theta is None:
         rope_theta = rope_params.get("rope_theta", 10000.0)
     scaling = hf.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
+    try:
+        check_rope_scaling(scaling)
+    except UnsupportedRopeScaling as e:
+        raise UnsupportedModel(str(e)) from e
     return ModelConfig(
         architecture=model_type,
         vocab_size=hf["vocab_size"],
@@ -61,6 +92,7 @@ def parse_llama_like(hf: dict) -> ModelConfig:
         sliding_window=sliding,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_ids(hf),
+        extra={"full_attention_layers": full_layers},
     )
 
 

@@ -69,7 +69,7 @@ def encode(w: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
 
 def write_gguf(path: str, arch: str, hf_config, state: dict[str, torch.Tensor], permute: bool,
                extra: dict[str, np.ndarray] | None = None, qtypes: dict[str, object] | None = None,
-               seed: int = 0) -> dict[str, np.ndarray]:
+               seed: int = 0, metadata: dict[str, str | float | int] | None = None) -> dict[str, np.ndarray]:
     """Write a checkpoint as llama.cpp's converter lays it out. `qtypes` maps an HF name to its
     storage type (default F32; 1-D tensors always F32, as llama.cpp keeps them). Returns what each
     GGUF tensor decodes to by `gguf.quants.dequantize`, in the file's own row order."""
@@ -96,6 +96,14 @@ def write_gguf(path: str, arch: str, hf_config, state: dict[str, torch.Tensor], 
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_uint32("tokenizer.ggml.eot_token_id", 3)
+    for key, value in (metadata or {}).items():  # "{arch}" in a key names the architecture
+        key = key.format(arch=arch)
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
     decoded: dict[str, np.ndarray] = {}
     for name, tensor in state.items():
         w = tensor.detach().float().numpy().copy()

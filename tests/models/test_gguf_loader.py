@@ -217,3 +217,22 @@ def test_rope_freqs_tensor_becomes_config(tmp_path) -> None:
     assert "rope_freqs.weight" not in dict(weights)
     assert cfg["rope_scaling"]["rope_type"] == "llama3"
     assert cfg["rope_scaling"]["factor"] == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("kind,accepted", [("yarn", True), ("linear", True), ("longrope", False)])
+def test_gguf_rope_scaling_is_accepted_only_if_the_forward_pass_runs_it(tmp_path, kind: str, accepted: bool) -> None:
+    """The GGUF reader and the rotary layer agree: what the reader lets through, the model builds."""
+    from orcinus.layers.rotary import RotaryEmbedding
+
+    config, state = tiny_model("llama")
+    path = str(tmp_path / f"{kind}.gguf")
+    write_gguf(path, "llama", config, state, True, metadata={"{arch}.rope.scaling.type": kind,
+               "{arch}.rope.scaling.factor": 4.0, "{arch}.rope.scaling.original_context_length": 32})
+    if not accepted:
+        with pytest.raises(UnsupportedModel, match=kind):
+            read_gguf(path)
+        return
+    cfg, _ = read_gguf(path)
+    assert cfg["rope_scaling"] == {"rope_type": kind, "factor": 4.0, "original_max_position_embeddings": 32}
+    model_cfg = parse_llama_like(cfg)
+    RotaryEmbedding(model_cfg.head_dim, model_cfg.max_position_embeddings, model_cfg.rope_theta, model_cfg.rope_scaling)
