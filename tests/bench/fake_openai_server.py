@@ -1,7 +1,9 @@
 """A tiny OpenAI-style streaming completions server (standard library only) for client tests.
 
 It streams one SSE chunk per token, `TOKEN_DELAY_S` apart, then a usage chunk and `[DONE]`, and
-records every request body and the most requests it saw in flight at once.
+records every request body, the most requests it saw in flight at once, and (on the same
+`time.perf_counter` clock as the client, in this process) when each request arrived and when each
+chunk was about to be written: tests assert causality against these, never durations.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ class FakeState:
         self.bodies: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.received_at: dict[str, float] = {}  # str(prompt) -> when the body was read
+        self.chunk_times: dict[str, list[float]] = {}  # str(prompt) -> before each token chunk was written
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -39,9 +43,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        received = time.perf_counter()
         st = self.state
+        key = str(body.get("prompt"))
         with st.lock:
             st.bodies.append(body)
+            st.received_at[key] = received
+            st.chunk_times[key] = []
             st.in_flight += 1
             st.max_in_flight = max(st.max_in_flight, st.in_flight)
         try:
@@ -55,6 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
             prompt_len = len(body["prompt"]) if isinstance(body["prompt"], list) else len(body["prompt"].split())
             for i in range(n):
                 time.sleep(TOKEN_DELAY_S)
+                st.chunk_times[key].append(time.perf_counter())
                 self._event({"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": f"t{i} "}]})
             self._event({"id": "c", "choices": [], "usage": {"prompt_tokens": prompt_len, "completion_tokens": n,
                                                              "total_tokens": prompt_len + n}})

@@ -22,8 +22,9 @@ def engine(checkpoint_factory) -> LLMEngine:
     return LLMEngine(EngineConfig(model=folder, skip_tokenizer_init=True, max_num_seqs=4))
 
 
-def _client(engine: LLMEngine, **settings) -> Iterator[TestClient]:
-    app = create_app(AsyncEngine(engine, stall_timeout_s=0.5), ServerSettings(served_model_names=["tiny"], **settings))
+def _client(engine: LLMEngine, stall_timeout_s: float = 60.0, **settings) -> Iterator[TestClient]:
+    app = create_app(AsyncEngine(engine, stall_timeout_s=stall_timeout_s),
+                     ServerSettings(served_model_names=["tiny"], **settings))
     with TestClient(app) as client:
         yield client
 
@@ -72,14 +73,15 @@ def test_health_turns_503_while_the_loop_is_stuck(engine: LLMEngine) -> None:
         return step()
 
     engine.step = stuck
-    for client in _client(engine):
+    # Stall timeout well above the idle loop's 0.5 s wake-up, so an idle loop never looks stuck.
+    for client in _client(engine, stall_timeout_s=3.0):
         results = []
         worker = threading.Thread(target=lambda: results.append(
             client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})))
         worker.start()
-        assert wait_until(lambda: client.get("/health").status_code == 503, 10)
+        assert wait_until(lambda: client.get("/health").status_code == 503, 60)
         assert "no iteration" in client.get("/health").json()["reason"]
         gate.set()
         worker.join(30)
         assert results[0].status_code == 200
-        assert wait_until(lambda: client.get("/health").status_code == 200, 10)
+        assert wait_until(lambda: client.get("/health").status_code == 200, 60)

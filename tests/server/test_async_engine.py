@@ -52,18 +52,33 @@ def run(coro):
 
 
 def test_generate_streams_every_iteration(engine: LLMEngine) -> None:
+    # Each iteration waits until the consumer has taken the previous output, so none can coalesce
+    # however the threads are scheduled: exactly one output per iteration must arrive.
+    turn = threading.Semaphore(1)
+    step = engine.step
+
+    def paced():
+        assert turn.acquire(timeout=30)
+        return step()
+
+    engine.step = paced
+
     async def main():
         ae = AsyncEngine(engine)
         ae.start()
-        outs = [o async for o in ae.generate("a", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))]
+        outs = []
+        async for o in ae.generate("a", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY)):
+            outs.append(o)
+            turn.release()
         free = await ae.call(lambda e: e.free_all_check())
         thread = await ae.call(lambda e: threading.current_thread().name)
         await ae.shutdown()
         return outs, free, thread
 
     outs, free, thread = run(main())
+    engine.step = step
     lengths = [len(o.outputs[0].token_ids) for o in outs]
-    assert lengths == sorted(lengths) and lengths[-1] == 6 and len(outs) >= 2
+    assert lengths == [1, 2, 3, 4, 5, 6]
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
     assert not any(o.finished for o in outs[:-1])
     assert free and thread == "orcinus-engine"

@@ -88,13 +88,27 @@ def test_queue_bound_returns_503(http: httpx.Client, small_server: ServerProcess
 
 
 def test_operator_log(small_server: ServerProcess) -> None:
-    """Start-up line (model, dtype, device, KV capacity, policy), throughput lines while busy
-    (the queue test above kept it busy), one access line per request."""
+    """Start-up line (model, dtype, device, KV capacity, policy), throughput lines while busy, one
+    access line per request. The test makes its own traffic: it must pass alone and in any order."""
+    import torch
+
     log = Path(small_server.log_path)
-    assert wait_until(lambda: "throughput:" in log.read_text(), 15)
+    denied = httpx.post(small_server.base_url + "/v1/completions", json={"prompt": "hi"}, timeout=60)
+    assert denied.status_code == 401
+    long_body = {"prompt": "Count to a thousand:", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=small_server.base_url, timeout=120, headers=AUTH) as c:
+        with c.stream("POST", "/v1/completions", json=long_body) as running:
+            events = running.iter_lines()
+            assert next(e for e in events if e.startswith("data: "))  # busy from here on
+            # Keep it busy (reading the stream) until a stats tick has logged; leaving aborts it.
+            seen = wait_until(lambda: next(events, None) is not None and "throughput:" in log.read_text(), 300,
+                              interval_s=0)
+            assert seen, "no throughput line while the server was busy"
     text = log.read_text()
     startup = next(line for line in text.splitlines() if "kv_capacity=" in line)
-    for field in ("model=", "dtype=float32", "device=cpu", "tokens", "policy=orca"):
+    on_gpu = torch.cuda.is_available()  # the server's default device and dtype follow the host
+    for field in ("model=", f"dtype={'bfloat16' if on_gpu else 'float32'}", f"device={'cuda' if on_gpu else 'cpu'}",
+                  "tokens", "policy=orca"):
         assert field in startup, startup
     assert "serving tiny, other-name at http://127.0.0.1:" in text
-    assert re.search(r'orcinus.access: 127\.0\.0\.1:\d+ "POST /v1/completions HTTP/1.1" 503 \d+B [\d.]+ms', text)
+    assert re.search(r'orcinus.access: 127\.0\.0\.1:\d+ "POST /v1/completions HTTP/1.1" 401 \d+B [\d.]+ms', text)
