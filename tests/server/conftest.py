@@ -13,27 +13,15 @@ import openai
 import pytest
 
 from orcinus.bench.server_process import ServerProcess
-from server_helpers import SMALL_SERVER_ARGS, log_tail, start_server, stop_server
+from session_servers import serve
+from server_helpers import SMALL_SERVER_ARGS
 
 
-def _serve(tmp_path_factory, name: str, *args: str) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("server") / f"{name}.log"
-    srv = start_server(log, *args)
-    yield srv
-    rc = stop_server(srv)
-    assert rc == 0, f"the server did not stop gracefully (rc={rc}):\n{log_tail(log)}"
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    """Default settings, as a user gets them."""
-    yield from _serve(tmp_path_factory, "main")
-
-
+# `server` (default settings, shared with other test folders) lives in tests/conftest.py.
 @pytest.fixture(scope="session")
 def small_server(tmp_path_factory) -> Iterator[ServerProcess]:
     """Tight limits and an API key (see SMALL_SERVER_ARGS)."""
-    yield from _serve(tmp_path_factory, "small", *SMALL_SERVER_ARGS)
+    yield from serve(tmp_path_factory, "small", *SMALL_SERVER_ARGS)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,66 @@
+"""Independent references computed from transformers' own model: log-probs at every generated
+position, and greedy decoding with OpenAI/vLLM-style logit adjustments written out plainly."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+@torch.no_grad()
+def reference_logprobs(hf_model, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """[len(generated), V]: transformers' log-softmax for each generated position, from one
+    forward pass over prompt + generated (the last generated token needs no logits)."""
+    seq = torch.tensor([prompt + generated[:-1]])
+    logits = hf_model(seq).logits[0, len(prompt) - 1:].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+Adjust = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
+
+
+@torch.no_grad()
+def reference_greedy(hf_model, prompt: list[int], max_new: int, adjust: Adjust | None = None,
+                     stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding one token at a time over transformers' logits; `adjust(logits, prompt,
+    output)` edits the logits of each step first. Stops after emitting a token in stop_ids."""
+    out: list[int] = []
+    while len(out) < max_new:
+        logits = hf_model(torch.tensor([prompt + out])).logits[0, -1].float().clone()
+        if adjust is not None:
+            logits = adjust(logits, prompt, out)
+        tok = int(logits.argmax())
+        out.append(tok)
+        if tok in stop_ids:
+            break
+    return out
+
+
+def repetition_penalty(p: float) -> Adjust:
+    """CTRL / transformers / vLLM: every token seen in prompt or output has its logit divided by p
+    when positive, multiplied by p when negative."""
+    def adjust(logits, prompt, out):
+        seen = torch.tensor(sorted(set(prompt + out)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p, vals * p)
+        return logits
+    return adjust
+
+
+def frequency_presence_penalty(frequency: float, presence: float) -> Adjust:
+    """OpenAI: minus frequency * count and minus presence once, per token generated so far
+    (the prompt does not count)."""
+    def adjust(logits, prompt, out):
+        for tok in set(out):
+            logits[tok] -= frequency * out.count(tok) + presence
+        return logits
+    return adjust
+
+
+def ban_until(ids: tuple[int, ...], n: int) -> Adjust:
+    """min_tokens: the given ids cannot be chosen before n tokens exist."""
+    def adjust(logits, prompt, out):
+        if len(out) < n:
+            logits[list(ids)] = float("-inf")
+        return logits
+    return adjust
