@@ -1,27 +1,14 @@
 """A short `orcinus bench serve` run against a live `orcinus serve` (default model, CPU)."""
-import importlib.util
 import json
 
 import httpx
-import pytest
 
-from orcinus.bench.server_process import ServerProcess
 from orcinus.bench.trace_builder import TraceSpec, build_trace
 from orcinus.bench.workloads import LengthRange
 from orcinus.cli import main
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("orcinus.server.app") is None,
-                                reason="orcinus.server.app is not there yet")
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    proc = ServerProcess(["--max-num-seqs", "4"], log_path=str(log), startup_timeout_s=240)
-    with proc:
-        yield proc
-
-
+# `server` is the session's shared `orcinus serve` with default settings (tests/conftest.py).
 def test_bench_serve_report_matches_the_server(server, tmp_path, capsys):
     out = tmp_path / "serve.json"
     argv = ["bench", "serve", "--base-url", server.base_url, "--dataset", "random", "--num-requests", "3",

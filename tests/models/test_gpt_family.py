@@ -22,6 +22,8 @@ def _save(model, folder: str) -> None:
 
 
 def _engine(folder: str, **kwargs) -> LLMEngine:
+    # The reference is transformers in float32 on the CPU: pin both, whatever the host has.
+    kwargs = {"dtype": "float32", "device": "cpu", **kwargs}
     return LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22,
                                  block_size=8, **kwargs)
 

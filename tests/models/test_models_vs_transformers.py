@@ -32,7 +32,7 @@ def _reference_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_mixed_batch_logits_match_transformers(arch, backend, checkpoint_factory):
     folder, hf_model = checkpoint_factory(arch)
-    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22,
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22,
                                    block_size=8, attention_backend=backend)
     logits = _capture_logits(engine)
     g = torch.Generator().manual_seed(1)
@@ -68,8 +68,7 @@ def test_mixed_batch_logits_match_transformers(arch, backend, checkpoint_factory
             torch.testing.assert_close(lg[row], ref, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_unsupported_architecture_is_a_clear_error(arch, tmp_path):
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
     import json
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))

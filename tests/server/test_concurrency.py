@@ -23,12 +23,11 @@ def _prompts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def offline_greedy() -> dict[str, str]:
+def offline_greedy(default_llm) -> dict[str, str]:
     """The same prompts through the offline API in this process: the reference outputs."""
-    from orcinus import LLM, SamplingParams
+    from orcinus import SamplingParams
 
-    llm = LLM()
-    outs = llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    outs = default_llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     return {o.prompt: o.outputs[0].text for o in outs}
 
 
