@@ -2,10 +2,14 @@
 import json
 
 import httpx
+import pytest
 
 from orcinus.bench.trace_builder import TraceSpec, build_trace
 from orcinus.bench.workloads import LengthRange
 from orcinus.cli import main
+
+
+pytestmark = pytest.mark.slow  # a live server of the default model
 
 
 # `server` is the session's shared `orcinus serve` with default settings (tests/conftest.py).

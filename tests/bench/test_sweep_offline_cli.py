@@ -56,6 +56,7 @@ def test_sweep_engine_target_end_to_end(tiny, tmp_path):
     assert "figure10.png" in (out / "sweep.md").read_text()
 
 
+@pytest.mark.slow
 def test_offline_all_backends_end_to_end(tiny, tmp_path, capsys):
     out = tmp_path / "offline.json"
     argv = ["bench", "offline", "--model", tiny, "--num-requests", "4", "--prompt-len", "4:8", "--output-len", "2:6",

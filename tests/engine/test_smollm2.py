@@ -8,6 +8,8 @@ from orcinus.engine.llm import LLM
 from orcinus.models.loader import default_model_path
 from orcinus.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.slow  # the real 135M model, against transformers
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

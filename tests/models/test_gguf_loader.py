@@ -86,6 +86,7 @@ def test_smollm2_weights_layout(ours: tuple[dict, dict]) -> None:
     assert all(w.dtype == torch.float32 and w.is_contiguous() for w in weights.values())
 
 
+@pytest.mark.slow  # transformers' own GGUF path takes tens of seconds
 def test_smollm2_matches_transformers(ours: tuple[dict, dict], reference_state_dict: dict) -> None:
     _, weights = ours
     reference = {k: v for k, v in reference_state_dict.items() if k != "lm_head.weight"}
