@@ -70,7 +70,7 @@ def test_weights_equal_gguf_dequantize(tmp_path, mix: str) -> None:
         q for n, q in qtypes.items() if weights[n].ndim == 2)
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_M", "BF16"])
+@pytest.mark.parametrize("mix", sorted(_MIXES))
 def test_greedy_run_matches_transformers_gguf(tmp_path, mix: str) -> None:
     from orcinus import LLM, SamplingParams
 

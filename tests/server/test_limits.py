@@ -102,7 +102,7 @@ def test_operator_log(small_server: ServerProcess) -> None:
             assert next(e for e in events if e.startswith("data: "))  # busy from here on
             # Keep it busy (reading the stream) until a stats tick has logged; leaving aborts it.
             seen = wait_until(lambda: next(events, None) is not None and "throughput:" in log.read_text(), 300,
-                              interval_s=0)
+                              interval_s=0.01)
             assert seen, "no throughput line while the server was busy"
     text = log.read_text()
     startup = next(line for line in text.splitlines() if "kv_capacity=" in line)
