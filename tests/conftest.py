@@ -50,9 +50,42 @@ def default_llm():
 
 
 @pytest.fixture(scope="session")
+def smollm2_transformers():
+    """transformers' Llama with the very weights our GGUF loader dequantised from the default
+    model (float32, CPU): the reference for the default model's outputs."""
+    import transformers as tf
+
+    from orcinus.models.gguf_loader import read_gguf
+    from orcinus.models.loader import default_model_path
+
+    hf_cfg, weights = read_gguf(default_model_path())
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
+    cfg = tf.LlamaConfig(**{k: hf_cfg[k] for k in keys if k in hf_cfg})
+    model = tf.LlamaForCausalLM(cfg).eval()
+    missing, unexpected = model.load_state_dict(dict(weights), strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Iterator:
     """`orcinus serve` with default settings, as a user gets them (the default model)."""
     yield from serve(tmp_path_factory, "main")
+
+
+@pytest.fixture(scope="session")
+def float32_cpu_server(tmp_path_factory, request) -> Iterator:
+    """The default model served in float32 on the CPU (what a CPU host's default server is; on a
+    CUDA host a separate pinned one), for comparisons with a float32 CPU reference."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield request.getfixturevalue("server")  # one default server for the whole session
+        return
+    yield from serve(tmp_path_factory, "float32-cpu", "--device", "cpu", "--dtype", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from orcinus.engine.llm import LLM
-from orcinus.models.loader import default_model_path
 from orcinus.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow  # the real 135M model, against transformers
@@ -24,23 +23,8 @@ def llm(default_llm) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def hf_reference():
-    """transformers' Llama with the very weights our GGUF loader dequantised."""
-    import transformers as tf
-
-    from orcinus.models.gguf_loader import read_gguf
-
-    hf_cfg, weights = read_gguf(default_model_path())
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
-    cfg = tf.LlamaConfig(**{k: hf_cfg[k] for k in keys if k in hf_cfg})
-    model = tf.LlamaForCausalLM(cfg).eval()
-    state = dict(weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in m for m in missing)
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    return model
+def hf_reference(smollm2_transformers):
+    return smollm2_transformers
 
 
 def test_default_model_answers_a_simple_question(llm):

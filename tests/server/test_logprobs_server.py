@@ -60,3 +60,35 @@ def test_streamed_logprobs_match_transformers(tiny_server, checkpoint_factory) -
                     tops += choice["logprobs"]["top_logprobs"]
     assert len(tokens) == 8
     _check(hf_model, PROMPT, tokens, token_lps, tops)
+
+
+def test_chat_logprobs_of_the_default_model_match_transformers(float32_cpu_server, default_llm,
+                                                              smollm2_transformers) -> None:
+    """The chat shape (its own code: a ranked list of the most likely tokens) on the
+    real default model: transformers' greedy path gives the tokens, their log-probs and the top 3."""
+    messages = [{"role": "user", "content": "Name three colours."}]
+    body = {"messages": messages, "max_tokens": 8, "temperature": 0.0, "logprobs": True, "top_logprobs": 3,
+            "ignore_eos": True}
+    resp = httpx.post(float32_cpu_server.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    content = resp.json()["choices"][0]["logprobs"]["content"]
+    tok = default_llm.get_tokenizer()
+    prompt = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+    with torch.no_grad():
+        out = smollm2_transformers.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                            dtype=torch.long), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                            pad_token_id=2)
+    ids = out[0, len(prompt):].tolist()
+    ref = reference_logprobs(smollm2_transformers, prompt, ids)
+    assert len(content) == len(ids) == 8
+    for pos, (entry, tid) in enumerate(zip(content, ids)):
+        assert entry["token"] == tok.decode([tid]), pos
+        assert entry["bytes"] == list(entry["token"].encode("utf-8"))
+        assert entry["logprob"] == pytest.approx(float(ref[pos, tid]), abs=2e-3), pos
+        best = torch.topk(ref[pos], 3)
+        # OpenAI's shape: the 3 most likely tokens at this position, best first (greedy: the chosen one leads)
+        others = list(zip(best.indices.tolist(), best.values.tolist()))
+        assert others[0][0] == tid
+        assert [a["token"] for a in entry["top_logprobs"]] == [tok.decode([t]) for t, _ in others], pos
+        for alt, (_, v) in zip(entry["top_logprobs"], others):
+            assert alt["logprob"] == pytest.approx(v, abs=2e-3), pos
