@@ -22,7 +22,8 @@ from orcinus.core.scheduler import Scheduler, make_scheduler
 from orcinus.request import FinishReason, Request, RequestRejected, RequestState
 from orcinus.sampling_params import SamplingParams
 
-HYPOTHESIS = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+HYPOTHESIS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=[HealthCheck.too_slow])
 
 
 def make_request(i: int, prompt_len: int, max_new: int) -> Request:

@@ -123,3 +123,12 @@ def test_qwen2_window_from_an_old_config_without_layer_types(tmp_path) -> None:
 def test_qwen2_window_off_attends_to_everything(tmp_path) -> None:
     hf_model = build_from_config(_qwen2_window(use_sliding_window=False, sliding_window=16), str(tmp_path))
     _logits_every_position_match(str(tmp_path), hf_model, prompt_len=40)
+
+
+def test_unknown_layer_types_are_refused_at_load(tmp_path) -> None:
+    build_from_config(_qwen2_window(use_sliding_window=True, sliding_window=16, max_window_layers=1), str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["layer_types"] = ["full_attention", "chunked_attention", "sliding_attention"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModel, match="chunked_attention"):
+        LLMEngine.from_kwargs(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32", device="cpu")
