@@ -191,12 +191,12 @@ class LLMEngine:
             return []
         batch, fut = self._in_flight.popleft()
         try:
-            result = fut.result()
+            return self._complete_batch(batch, fut.result())
         except BaseException as exc:
             # A failed iteration must not leak blocks or request ids: abort its requests (and their
             # sibling samples), then tell the caller which user requests died. The same for Ctrl-C
-            # (KeyboardInterrupt) landing while we wait: re-raised as it is, but only once no
-            # request of the batch is left RUNNING with nobody to return it.
+            # (KeyboardInterrupt) landing while we wait or append tokens: re-raised as it is, but
+            # only once no request of the batch is left RUNNING with nobody to return it.
             failed = {self.outputs.group_id_of(r.request_id) for r in self.scheduler.fail_batch(batch)}
             failed.discard(None)
             for rid in failed:
@@ -205,6 +205,9 @@ class LLMEngine:
             if not isinstance(exc, Exception):
                 raise
             raise EngineStepError(sorted(failed), exc) from exc
+
+    def _complete_batch(self, batch: ScheduledBatch, result: SamplerOutput) -> list[RequestOutput]:
+        """A batch came back: append each request's token, let finished requests leave."""
         self.iterations_total += 1
         now = time.monotonic()
         for req, n, tok, lp, top in zip(batch.requests, batch.num_new_tokens, result.token_ids,
