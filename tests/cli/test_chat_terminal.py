@@ -1,5 +1,6 @@
 """`orcinus chat` in a real terminal (a pseudo-terminal): Ctrl-C typed during a reply stops it and
-the prompt comes back, the up arrow recalls the previous line, /exit quits with status 0."""
+the prompt comes back (at the prompt it only says how to quit), the up arrow recalls the previous
+line, /exit quits with status 0."""
 from __future__ import annotations
 
 import fcntl
@@ -67,6 +68,9 @@ def terminal():
 
 def test_ctrl_c_stops_the_reply_and_the_prompt_comes_back(terminal: Terminal) -> None:
     at = terminal.read_until("> ")
+    terminal.type("\x03")  # Ctrl-C at the prompt only says how to quit
+    at = terminal.read_until("to quit type /exit or press Ctrl-D", at)
+    at = terminal.read_until("> ", at)
     terminal.type("Write a long essay about the history of France.\r")
     at = terminal.read_until("The history", at)  # the reply (600 tokens if left alone) is under way
     terminal.type("\x03")  # Ctrl-C, as typed
