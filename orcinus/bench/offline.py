@@ -69,6 +69,10 @@ class OfflineReport:
     command: str
     results: list[BackendResult] = field(default_factory=list)
     floor: dict | None = None
+    # filled at the end of a run, for the JSON report: "orca/static" -> measured ratio, and why
+    # the numbers may not compare
+    ratios: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def result(self, backend: str) -> BackendResult | None:
         return next((r for r in self.results if r.backend == backend), None)
@@ -246,4 +250,8 @@ def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: S
         static_its = static_batch_iterations([r.output_len for r in trace], config.max_num_seqs)
         report.floor = dataclasses.asdict(floor) | {"output_tokens_per_s": floor.output_tokens_per_s,
                                                     "static_batch_iterations": static_its}
+    report.ratios = {f"{a}/{b}": report.ratio(a, b) for a, b in RATIOS if report.result(a) and report.result(b)}
+    report.notes = report.warnings()
+    for note in report.notes:
+        logger.warning("bench offline: %s", note)
     return report
