@@ -71,9 +71,11 @@ class EngineConfig:
             raise ConfigError("attention_backend must be auto, reference or batched")
         if not self.generation_config:
             raise ConfigError("generation_config must be 'auto', 'vllm' or a folder holding generation_config.json")
-        from orcinus.generation_config import parse_override
+        from orcinus.generation_config import check_mode, parse_override
 
-        parse_override(self.override_generation_config)  # a typo fails here, not at the first request
+        # Mistakes fail here, before a model loads, not after.
+        check_mode(self.generation_config)
+        parse_override(self.override_generation_config)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

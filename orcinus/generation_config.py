@@ -157,6 +157,18 @@ def parse_override(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
     return {OVERRIDABLE[k]: v for k, v in value.items()}
 
 
+def check_mode(mode: str) -> str:
+    """Refuse a generation_config setting that names nothing; returns the file a folder names."""
+    if mode in ("auto", "vllm"):
+        return ""
+    cfg = os.path.join(os.path.expanduser(mode), GENERATION_CONFIG_FILE)
+    if not os.path.isfile(cfg):
+        raise GenerationConfigError(
+            f"generation_config={mode!r}: no {GENERATION_CONFIG_FILE} there; give 'auto', 'vllm' or a "
+            "folder that holds one")
+    return cfg
+
+
 def load_generation_defaults(mode: str, model_path: str, override: str | Mapping[str, Any] | None = None,
                              gguf_metadata: Mapping[str, Any] | None = None) -> GenerationDefaults:
     """mode: 'auto' (the model's own), 'vllm' (none), or a folder holding generation_config.json."""
@@ -165,11 +177,7 @@ def load_generation_defaults(mode: str, model_path: str, override: str | Mapping
     elif mode == "auto":
         found = _auto(model_path, gguf_metadata)
     else:
-        cfg = os.path.join(os.path.expanduser(mode), GENERATION_CONFIG_FILE)
-        if not os.path.isfile(cfg):
-            raise GenerationConfigError(
-                f"generation_config={mode!r}: no {GENERATION_CONFIG_FILE} there; give 'auto', 'vllm' or a "
-                "folder that holds one")
+        cfg = check_mode(mode)
         found = GenerationDefaults(_from_hf(_read_json(cfg)), cfg)
     extra = parse_override(override)
     values = _plain({**found.values, **extra})
