@@ -37,6 +37,11 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
     max_num_batched_tokens: int | None = None  # optional cap on tokens per iteration
+    # Sampling defaults for fields a request leaves unset: "auto" (the model's own, see
+    # orcinus/generation_config.py), "vllm" (none: temperature 1, ...) or a folder with a
+    # generation_config.json; the override (a JSON object, or a dict) changes single fields on top.
+    generation_config: str = "auto"
+    override_generation_config: str | dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +69,13 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens must be at least 1")
         if self.attention_backend not in ("auto", "reference", "batched"):
             raise ConfigError("attention_backend must be auto, reference or batched")
+        if not self.generation_config:
+            raise ConfigError("generation_config must be 'auto', 'vllm' or a folder holding generation_config.json")
+        from orcinus.generation_config import check_mode, parse_override
+
+        # Mistakes fail here, before a model loads, not after.
+        check_mode(self.generation_config)
+        parse_override(self.override_generation_config)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

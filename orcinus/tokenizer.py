@@ -47,7 +47,7 @@ class Tokenizer:
         """From a Hugging Face checkpoint folder or a `.gguf` file."""
         path = os.path.expanduser(path)
         if os.path.isfile(path) and path.endswith(".gguf"):
-            return cls._from_gguf(path)
+            return cls._from_gguf(path)  # built from the file's metadata: no code to trust
         if not os.path.isdir(path):
             raise TokenizerNotFound(f"tokenizer path {path!r} is neither a folder nor a .gguf file")
         if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
@@ -114,14 +114,27 @@ class Tokenizer:
                 "this tokenizer has no chat template, so chat messages cannot be turned into a prompt; "
                 "use the completions API with plain text, or a model/tokenizer that ships a template"
             )
-        return self._hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-        )
+        try:
+            return self._hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        except ValueError:
+            raise
+        except Exception as exc:  # a template may refuse a conversation (e.g. roles out of order)
+            raise ValueError(f"the model's chat template cannot render these messages: {exc}") from exc
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> dict:
+        """A conversation as an engine prompt: {"prompt": text, "prompt_token_ids": ids}.
+
+        The template writes any BOS itself, so none is added when encoding (adding one would
+        double it for e.g. Llama 3). Every chat front end (LLM.chat, `orcinus chat`, the chat
+        endpoint) goes through here, so they all build the same tokens for the same messages."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        return {"prompt": text, "prompt_token_ids": self.encode(text, add_special_tokens=False)}
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
-        """Token ids of a rendered conversation. The template writes any BOS itself, so none is
-        added here (adding one would double it for e.g. Llama 3)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+        """Token ids of a rendered conversation (see chat_prompt)."""
+        return self.chat_prompt(messages, add_generation_prompt, **kwargs)["prompt_token_ids"]
 
     # -- properties ---------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Tokenizer from the SmolLM2 GGUF (and from an HF folder), chat template, incremental detokenizer."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -78,6 +79,39 @@ def test_chat_template_is_chatml(tok: Tokenizer) -> None:
     ids = tok.encode_chat(messages)
     assert ids[0] == 1 and ids.count(1) == 3  # <|im_start|> x3, and no BOS added in front
     assert tok.decode(ids, skip_special_tokens=False) == prompt
+
+
+def test_chat_prompt_is_the_rendered_template_and_its_ids(tok: Tokenizer) -> None:
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    prompt = tok.chat_prompt(messages)
+    assert prompt["prompt"] == tok.apply_chat_template(messages)
+    assert prompt["prompt_token_ids"] == tok.encode(prompt["prompt"], add_special_tokens=False) == \
+        tok.encode_chat(messages)
+    raising = Tokenizer(copy.deepcopy(tok.hf))  # a copy: the module's tokenizer stays as it is
+    raising.hf.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match="cannot render these messages: roles must alternate"):
+        raising.chat_prompt(messages)
+
+
+def test_trust_remote_code_reaches_the_tokenizer(checkpoint_factory, tok: Tokenizer, tmp_path, monkeypatch) -> None:
+    from orcinus.engine.llm_engine import LLMEngine
+
+    seen = []
+    original = Tokenizer.from_model_path.__func__
+
+    def recording(cls, path, trust_remote_code=False):
+        seen.append(trust_remote_code)
+        return original(cls, path, trust_remote_code=trust_remote_code)
+
+    monkeypatch.setattr(Tokenizer, "from_model_path", classmethod(recording))
+    folder, _ = checkpoint_factory("llama")
+    tok_folder = tmp_path / "tok"
+    tok.hf.save_pretrained(tok_folder)
+    for trust in (True, False):
+        engine = LLMEngine.from_kwargs(model=folder, tokenizer=str(tok_folder), trust_remote_code=trust,
+                                       kv_cache_memory=1 << 20)
+        assert engine.tokenizer is not None
+    assert seen == [True, False]
 
 
 def test_no_chat_template_is_a_clear_error() -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from orcinus.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from orcinus.errors import EngineStepError
 from orcinus.request import RequestOutput
 from orcinus.sampling_params import SamplingParams
 
@@ -45,10 +46,6 @@ class EngineUnavailable(RuntimeError):
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound: answer 503 at once rather than let requests pile up."""
-
-
-class EngineStepError(RuntimeError):
-    """An iteration failed; the requests it held were aborted (a server error, not the caller's)."""
 
 
 @dataclass
@@ -361,7 +358,7 @@ class AsyncEngine:
                 # iteration must not take the server down. Repeated failures do.
                 failures += 1
                 logger.exception("an engine iteration failed (%d in a row)", failures)
-                self._fail_all(EngineStepError(f"the engine failed while running this request: {exc}"))
+                self._fail_all(EngineStepError(f"the engine failed while running this request: {exc}", exc))
                 if failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
                     return f"{failures} iterations failed in a row; last error: {exc!r}"
                 continue

@@ -21,6 +21,12 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's recommended settings (its generation config, see `generation_config` and
+        `override_generation_config`); what `generate` and `chat` use when given none. Adjust a
+        copy with dataclasses.replace(llm.get_default_sampling_params(), max_tokens=64)."""
+        return self.engine.default_sampling_params()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -32,7 +38,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            params = [SamplingParams()] * len(prompts)
+            params = [self.get_default_sampling_params()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:
@@ -58,10 +64,7 @@ class LLM:
         if tok is None:
             raise ValueError("chat needs a tokenizer; this engine was built with skip_tokenizer_init")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [tok.apply_chat_template(conv, add_generation_prompt=True) for conv in conversations]
-        # The template already holds BOS where the model wants one; do not add it twice.
-        token_prompts = [{"prompt": p, "prompt_token_ids": tok.encode(p, add_special_tokens=False)} for p in prompts]
-        return self.generate(token_prompts, sampling_params, use_tqdm)
+        return self.generate([tok.chat_prompt(conv) for conv in conversations], sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
@@ -87,5 +90,8 @@ class LLM:
         return [results[rid] for rid in ids]
 
     def _drain(self) -> None:
+        """Step until the batches still in flight have come back (their requests were aborted)."""
         while self.engine.has_unfinished_requests():
-            self.engine.step()
+            if not self.engine.step() and self.engine.has_unfinished_requests():
+                # Nothing came back and nothing can run: stepping again would spin forever.
+                raise RuntimeError("the engine holds requests it can neither run nor return")

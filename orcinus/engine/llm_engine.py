@@ -22,6 +22,8 @@ from orcinus.executor.executor import SingleProcessExecutor
 from orcinus.executor.model_runner import ModelRunner
 from orcinus.models.loader import load_model
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup
+from orcinus.errors import EngineStepError
+from orcinus.generation_config import GenerationDefaults, load_generation_defaults
 from orcinus.request import Request, RequestOutput, RequestRejected
 from orcinus.sampler import SamplerOutput
 from orcinus.sampling_params import SamplingParams
@@ -29,15 +31,7 @@ from orcinus.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
-
-
-class EngineStepError(RuntimeError):
-    """An iteration failed; its requests were aborted and their KV blocks freed."""
-
-    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
-        super().__init__(f"iteration failed ({type(cause).__name__}: {cause}); aborted requests {request_ids}")
-        self.request_ids = request_ids
-        self.cause = cause
+__all__ = ["EngineStats", "EngineStepError", "LLMEngine", "PromptType"]
 
 
 @dataclass
@@ -66,7 +60,8 @@ class LLMEngine:
             from orcinus.tokenizer import Tokenizer, TokenizerNotFound
 
             try:
-                self.tokenizer = Tokenizer.from_model_path(config.tokenizer or loaded.path)
+                self.tokenizer = Tokenizer.from_model_path(config.tokenizer or loaded.path,
+                                                           trust_remote_code=config.trust_remote_code)
             except TokenizerNotFound as exc:
                 if config.tokenizer is not None:
                     raise  # the user named a tokenizer: not finding it is an error
@@ -83,6 +78,9 @@ class LLMEngine:
         if self.tokenizer is not None:
             eos = sorted(set(eos) | set(self.tokenizer.eos_token_ids))
         self.eos_token_ids = tuple(eos)
+        self.generation_defaults: GenerationDefaults = load_generation_defaults(
+            config.generation_config, loaded.path, config.override_generation_config,
+            _gguf_metadata(loaded.path) if loaded.is_gguf else None)
         self.outputs = OutputProcessor(self.tokenizer)
         self._in_flight: deque[tuple[ScheduledBatch, Future[SamplerOutput]]] = deque()
         self._ids = itertools.count()
@@ -97,6 +95,8 @@ class LLMEngine:
             self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
             config.max_num_seqs, self.max_model_len,
         )
+        logger.info("orcinus engine: sampling defaults for fields a request leaves unset: %s",
+                    self.generation_defaults.describe())
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "LLMEngine":
@@ -191,16 +191,23 @@ class LLMEngine:
             return []
         batch, fut = self._in_flight.popleft()
         try:
-            result = fut.result()
-        except Exception as exc:
+            return self._complete_batch(batch, fut.result())
+        except BaseException as exc:
             # A failed iteration must not leak blocks or request ids: abort its requests (and their
-            # sibling samples), then tell the caller which user requests died.
+            # sibling samples), then tell the caller which user requests died. The same for Ctrl-C
+            # (KeyboardInterrupt) landing while we wait or append tokens: re-raised as it is, but
+            # only once no request of the batch is left RUNNING with nobody to return it.
             failed = {self.outputs.group_id_of(r.request_id) for r in self.scheduler.fail_batch(batch)}
             failed.discard(None)
             for rid in failed:
                 self.abort_request(rid)
                 self.outputs.drop(rid)
+            if not isinstance(exc, Exception):
+                raise
             raise EngineStepError(sorted(failed), exc) from exc
+
+    def _complete_batch(self, batch: ScheduledBatch, result: SamplerOutput) -> list[RequestOutput]:
+        """A batch came back: append each request's token, let finished requests leave."""
         self.iterations_total += 1
         now = time.monotonic()
         for req, n, tok, lp, top in zip(batch.requests, batch.num_new_tokens, result.token_ids,
@@ -232,6 +239,16 @@ class LLMEngine:
             last_step_time=self.last_step_time,
         )
 
+    def default_sampling_params(self, **explicit) -> SamplingParams:
+        """SamplingParams with the given fields over the model's defaults (None means unset)."""
+        return self.generation_defaults.sampling_params(**explicit)
+
     def free_all_check(self) -> bool:
         """True when no request holds a KV block (used by tests and shutdown)."""
         return self.kv_cache.all_free()
+
+
+def _gguf_metadata(path: str) -> dict:
+    from orcinus.models.gguf_loader import read_gguf_metadata
+
+    return read_gguf_metadata(path)

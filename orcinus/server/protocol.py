@@ -8,7 +8,7 @@ Beside OpenAI's parameters, vLLM's sampling extras are accepted in the body.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator,
                       model_serializer, model_validator)
@@ -63,8 +63,9 @@ class SamplingRequest(RequestModel):
 
     model: str | None = Field(None, description="a served model name; omit for the default")
     n: int | None = Field(None, ge=1, le=MAX_N, description="samples per prompt (default 1)")
-    temperature: float | None = Field(None, ge=0.0, le=100.0, description="default 1; 0 is greedy")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default 1")
+    temperature: float | None = Field(None, ge=0.0, le=100.0,
+                                      description="default: the model's (its generation config), else 1; 0 is greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the model's, else 1")
     stop: str | Annotated[list[str], Field(max_length=64)] | None = None
     seed: Seed | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="default 0")
@@ -91,12 +92,21 @@ class SamplingRequest(RequestModel):
     def streaming(self) -> bool:
         return _or(self.stream, False)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         """The engine's settings for this request; raises SamplingParamsError on combinations
-        the field bounds cannot express (e.g. min_tokens above max_tokens)."""
+        the field bounds cannot express (e.g. min_tokens above max_tokens). A field the client
+        left out (or sent as null) takes the model's default from `defaults` (its generation
+        config), else OpenAI's/vLLM's."""
+        model = defaults or {}
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name) if name in self.model_fields_set else None
+            return model.get(name, fallback) if value is None else value
+
         return SamplingParams(
-            n=self.num_samples, temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
-            top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            n=self.num_samples, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", -1), min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,

@@ -38,14 +38,7 @@ def chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> Callable[[]
         tok = engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer, and this server runs without one (skip_tokenizer_init)")
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        except ValueError:
-            raise
-        except Exception as exc:  # a template may refuse a conversation (e.g. roles out of order)
-            raise ValueError(f"the model's chat template cannot render these messages: {exc}") from exc
-        # The rendered template already holds the special tokens the model expects.
-        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        return tok.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
 
     return build
 
@@ -56,8 +49,12 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     created = int(time.time())
     request_id = new_request_id("chatcmpl", request)
     top = (body.top_logprobs or 0) if body.logprobs else None
+    defaults = ctx.engine.engine.generation_defaults
     max_tokens = body.max_new_tokens()
-    params = body.sampling_params(max_tokens if max_tokens is not None else ctx.settings.default_max_tokens, top)
+    if max_tokens is None:  # the model's default, capped by the server's (None: no bound)
+        bounds = [b for b in (defaults.get("max_tokens"), ctx.settings.default_max_tokens) if b is not None]
+        max_tokens = min(bounds) if bounds else None
+    params = body.sampling_params(max_tokens, top, defaults.values)
     stream = await ctx.submit([GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _ChatView(ctx.model_name, request_id, created, body, top)

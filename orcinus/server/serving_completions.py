@@ -53,7 +53,11 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     created = int(time.time())
     request_id = new_request_id("cmpl", request)
     prompts = body.prompts()
-    params = body.sampling_params(body.max_tokens, body.logprobs)
+    defaults = ctx.engine.engine.generation_defaults
+    # Left out, max_tokens is the model's default, else OpenAI's 16; an explicit null means no bound.
+    max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set \
+        else defaults.get("max_tokens", body.max_tokens)
+    params = body.sampling_params(max_tokens, body.logprobs, defaults.values)
     echo = await _echo_texts(ctx, prompts) if body.echo else None
     tokenizer = ctx.engine.tokenizer
     stream = await ctx.submit([GenerateRequest(f"{request_id}-{i}", _prompt(tokenizer, p), params)

@@ -17,8 +17,9 @@ class ServerSettings:
     # Sequences allowed to wait for admission; beyond it new requests get 503 at once.
     max_waiting_requests: int | None = 512
     max_request_bytes: int = 8 * 1024 * 1024
-    # max_tokens of a chat request that gives none (None: whatever the context leaves).
-    default_max_tokens: int | None = None
+    # max_tokens of a chat request that gives none (None: whatever the context leaves). A bound,
+    # so that a chat that never samples its end token cannot run the whole context on a CPU.
+    default_max_tokens: int | None = 512
     # After SIGTERM/Ctrl-C: how long in-flight requests may take to finish before being aborted.
     shutdown_timeout_s: float = 30.0
     # /health turns 503 when the engine loop has not come round for this long.
@@ -72,8 +73,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="sequences that may wait for admission; beyond it, 503 at once (0: no bound)")
     g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="largest request body accepted; larger bodies get 413")
-    g.add_argument("--default-max-tokens", type=int, default=None,
-                   help="max_tokens for chat requests that give none (default: up to the context length)")
+    g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                   help="max_tokens for chat requests that give none, when the model's generation config sets "
+                        "none or more (default: %(default)s; 0: up to the context length)")
     g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
                    help="seconds in-flight requests get to finish after SIGTERM/Ctrl-C before they are aborted")
     g.add_argument("--health-stall-timeout", type=float, default=d.health_stall_timeout_s,
@@ -96,7 +98,7 @@ def settings_from_args(args: argparse.Namespace, model: str | None) -> ServerSet
         api_key=args.api_key,
         max_waiting_requests=args.max_waiting_requests or None,
         max_request_bytes=args.max_request_bytes,
-        default_max_tokens=args.default_max_tokens,
+        default_max_tokens=args.default_max_tokens or None,
         shutdown_timeout_s=args.shutdown_timeout,
         health_stall_timeout_s=args.health_stall_timeout,
         log_stats_interval_s=args.log_stats_interval,

@@ -73,4 +73,7 @@ def test_offline_all_backends_end_to_end(tiny, tmp_path, capsys):
         if r["status"] == "ok":
             assert r["output_tokens"] == expected and r["elapsed_s"] > 0
     assert report["floor"]["seconds"] > 0 and report["floor"]["output_tokens"] == expected
+    assert set(report["ratios"]) == {"orca/hf", "orca/static"} and "target" not in printed
+    assert report["notes"] and "too short to compare" in report["notes"][0]  # a 4-request run is
+    assert "warning: timed runs shorter than" in printed
     assert report["machine"]["date"] and report["command"]
