@@ -22,9 +22,6 @@ def _check_supported(body: ChatCompletionRequest) -> None:
         raise OpenAIError(400, "tool calling is not supported by this server", param="tools")
     if isinstance(body.tool_choice, dict) or body.tool_choice not in (None, "none", "auto"):
         raise OpenAIError(400, "tool_choice is not supported by this server", param="tool_choice")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise OpenAIError(400, f"response_format {body.response_format.type!r} is not supported; only 'text'",
-                          param="response_format")
 
 
 def chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> Callable[[], PromptType]:
