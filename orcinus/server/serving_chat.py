@@ -55,7 +55,8 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     top = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_new_tokens()
     params = body.sampling_params(max_tokens if max_tokens is not None else ctx.settings.default_max_tokens, top)
-    stream = await ctx.submit([GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
+    ctx.check_text_length(sum(len(m.text()) for m in body.messages), "messages")
+    stream = await ctx.submit(request, [GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _ChatView(ctx.model_name, request_id, created, body, top)
     return await respond(request, tracker, view, body.streaming)

@@ -53,10 +53,16 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     created = int(time.time())
     request_id = new_request_id("cmpl", request)
     prompts = body.prompts()
+    if len(prompts) > ctx.settings.max_prompts_per_request:
+        raise OpenAIError(400, f"at most {ctx.settings.max_prompts_per_request} prompts are allowed per request on "
+                               f"this server, got {len(prompts)}", param="prompt")
+    for p in prompts:
+        if isinstance(p, str):
+            ctx.check_text_length(len(p), "prompt")
     params = body.sampling_params(body.max_tokens, body.logprobs)
     echo = await _echo_texts(ctx, prompts) if body.echo else None
     tokenizer = ctx.engine.tokenizer
-    stream = await ctx.submit([GenerateRequest(f"{request_id}-{i}", _prompt(tokenizer, p), params)
+    stream = await ctx.submit(request, [GenerateRequest(f"{request_id}-{i}", _prompt(tokenizer, p), params)
                                for i, p in enumerate(prompts)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _CompletionView(ctx.model_name, request_id, created, body, stream.request_ids, echo)
