@@ -95,6 +95,7 @@ class RequestStream:
         self._wakeup = asyncio.Event()
         self._unfinished = set(request_ids)
         self._done = False
+        self._closed = False
         self._error: BaseException | None = None
 
     @property
@@ -104,6 +105,8 @@ class RequestStream:
 
     # -- engine thread side (through call_soon_threadsafe) --------------------------------------
     def _push(self, item: Any) -> None:
+        if self._closed:
+            return  # nobody will read it
         if item is _END:
             self._done = True
         elif isinstance(item, BaseException):
@@ -122,15 +125,21 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         while not self._ready:
             if self._error is not None:
+                self._engine._live_streams.discard(self)
                 raise self._error
             if self._done:
+                self._engine._live_streams.discard(self)
                 raise StopAsyncIteration
             self._wakeup.clear()
             await self._wakeup.wait()
         return self._ready.pop(next(iter(self._ready)))
 
     def close(self) -> None:
-        """Abort every request of this stream that has not finished; safe to call twice."""
+        """Abort every request of this stream that has not finished, and drop what its consumer
+        has not taken; safe to call twice."""
+        self._closed = True
+        self._ready.clear()
+        self._engine._live_streams.discard(self)
         if self._unfinished:
             self._engine.abort(list(self._unfinished))
             self._unfinished.clear()

@@ -131,8 +131,8 @@ class FinishedTracker:
             return
         self._closed = True
         unfinished = [rid for rid in self.stream.request_ids if rid not in self.final]
+        self.stream.close()
         if unfinished:
-            self.stream.close()
             self.ctx.metrics.observe_aborted(len(unfinished) * self.n)
 
     def usage(self) -> UsageInfo:
