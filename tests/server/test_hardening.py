@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from orcinus.bench.server_process import ServerProcess
+from orcinus.server.protocol import ChatCompletionChunk, CompletionChunk, ErrorResponse
 from server_helpers import assert_openai_error, metric, start_server, stop_server, wait_until
 
 MAX_WAITING = 4
@@ -307,3 +308,36 @@ def test_soak_with_cancellations_leaks_no_blocks(guarded: ServerProcess) -> None
     assert wait_until(lambda: _kv_all_free(guarded), 30)
     assert metric(_metrics(guarded), "orcinus:stream_buffered_outputs") == 0
     assert httpx.get(guarded.base_url + "/health", timeout=10).status_code == 200
+
+
+# ---------------------------------------------------------------------- the published schema
+def _model_schema(model: type) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
+
+
+def test_the_openapi_schema_says_what_the_server_accepts_and_streams(http: httpx.Client) -> None:
+    doc = http.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert "best_of" not in schemas["CompletionRequest"]["properties"]  # accepted only equal to n
+    assert schemas["ResponseFormat"]["properties"]["type"].get("const", None) == "text" or \
+        schemas["ResponseFormat"]["properties"]["type"].get("enum") == ["text"]
+    # Every event of a real stream is one of what the schema says a stream holds.
+    for path, body, chunk in (
+            (COMPLETIONS, {"prompt": "Hi", "max_tokens": 3, "logprobs": 2, "n": 2,
+                           "stream_options": {"include_usage": True}}, "CompletionChunk"),
+            (CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True,
+                    "top_logprobs": 2}, "ChatCompletionChunk")):
+        stream_schema = doc["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+        refs = [alt.get("$ref", "") for alt in stream_schema["x-sse-data"]["oneOf"]]
+        assert f"#/components/schemas/{chunk}" in refs
+        with http.stream("POST", path, json={**body, "stream": True}) as resp:
+            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        # The published component is the model the events are checked against (extra keys refused).
+        model = {"CompletionChunk": CompletionChunk, "ChatCompletionChunk": ChatCompletionChunk}[chunk]
+        assert schemas[chunk] == _model_schema(model)
+        for event in events[:-1]:
+            model.model_validate_json(event)
+    ErrorResponse.model_validate_json(_post_raw(http, COMPLETIONS, {"prompt": "x", "top_k": -5}).text)
