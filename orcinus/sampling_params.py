@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -62,7 +63,7 @@ class SamplingParams:
 
         for name in ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 bad(f"{name} must be an integer, got {value!r}", name)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(float(getattr(self, name))):
@@ -96,7 +97,7 @@ class SamplingParams:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= INT32_MAX
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT32_MAX
                for t in self.stop_token_ids or []):
             bad(f"stop_token_ids must be token ids in [0, {INT32_MAX}]", "stop_token_ids")
         if any(not isinstance(s, str) for s in self.stop or []):
