@@ -272,10 +272,12 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> int:
     server = _Server(config, async_engine, settings.shutdown_timeout_s, drain)
     async_engine.on_dead = server.on_engine_dead
     url_host = f"[{host}]" if ":" in host else host
-    logger.info("serving %s at http://%s:%d (API key %s, waiting bound %s, body limit %d bytes)",
+    logger.info("serving %s at http://%s:%d (API key %s, waiting bound %s, body limit %d bytes, "
+                "at most %d tokens per iteration, connection limit %s)",
                 ", ".join(settings.served_model_names), url_host, port,
                 "required" if settings.api_key else "not required",
-                settings.max_waiting_requests or "none", settings.max_request_bytes)
+                settings.max_waiting_requests or "none", settings.max_request_bytes,
+                engine_config.max_num_batched_tokens, settings.limit_concurrency or "none")
     try:
         server.run(sockets=[sock])
     finally:

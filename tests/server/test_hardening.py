@@ -131,6 +131,13 @@ def test_clear_messages_for_bad_ids_and_long_stop_lists(http: httpx.Client) -> N
     assert "1000" in err["message"] and "valid string" not in err["message"]
 
 
+def test_iterations_are_bounded_by_default(guarded: ServerProcess) -> None:
+    """Without --max-num-batched-tokens the server still bounds the tokens of one iteration, so
+    that a burst of long prompts is spread over iterations instead of one that looks stalled."""
+    startup = next(line for line in Path(guarded.log_path).read_text().splitlines() if "serving guarded" in line)
+    assert "at most 2048 tokens per iteration" in startup and f"connection limit {LIMIT_CONCURRENCY}" in startup
+
+
 def test_models_do_not_reveal_the_model_path(http: httpx.Client) -> None:
     for card in http.get("/v1/models").json()["data"] + [http.get("/v1/models/guarded").json()]:
         assert card["root"] and "/" not in card["root"] and "\\" not in card["root"]
