@@ -13,9 +13,9 @@ the iterations of requests already running wait for it, and one long prompt does
 short ones behind it. The tokenizer's encode and decode only read its state, so those threads
 may encode while the engine thread detokenises.
 
-A stream keeps only the newest output of each of its requests until its consumer takes it
-(outputs are cumulative), so a consumer that stops reading costs one output per request, not
-one per iteration.
+A stream (request_stream.py) keeps only the newest output of each of its requests until its
+consumer takes it, so a consumer that stops reading costs one output per request, not one per
+iteration.
 """
 from __future__ import annotations
 
@@ -32,8 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from orcinus.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from orcinus.engine.request_stream import END, RequestStream
 from orcinus.request import RequestOutput, RequestRejected
 from orcinus.sampling_params import SamplingParams
+
+__all__ = ["AsyncEngine", "EngineStepError", "EngineUnavailable", "GenerateRequest", "Health", "QueueFull",
+           "RequestStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,76 +77,6 @@ class GenerateRequest:
 class Health:
     ok: bool
     reason: str = ""
-
-
-_END = object()  # queued to a stream once all of its requests have finished
-
-
-class RequestStream:
-    """The outputs of one submission (one or more engine requests), in the order they arrive.
-
-    Outputs are cumulative, so when the consumer falls behind only the newest output of each
-    request is worth handing over: an older one still waiting is replaced, never queued behind.
-    What waits is thus at most one output per request, however long the consumer stalls.
-    `close()` aborts whatever has not finished (call it when the client goes away).
-    """
-
-    def __init__(self, engine: "AsyncEngine", request_ids: list[str], loop: asyncio.AbstractEventLoop) -> None:
-        self.request_ids = request_ids
-        self._engine = engine
-        self.loop = loop  # the consumer's event loop: outputs are handed over on it
-        self._ready: dict[str, RequestOutput] = {}  # newest output per request, oldest request first
-        self._wakeup = asyncio.Event()
-        self._unfinished = set(request_ids)
-        self._done = False
-        self._closed = False
-        self._error: BaseException | None = None
-
-    @property
-    def num_buffered(self) -> int:
-        """Outputs waiting for the consumer (at most one per request)."""
-        return len(self._ready)
-
-    # -- engine thread side (through call_soon_threadsafe) --------------------------------------
-    def _push(self, item: Any) -> None:
-        if self._closed:
-            return  # nobody will read it
-        if item is _END:
-            self._done = True
-        elif isinstance(item, BaseException):
-            self._error = item
-            self._done = True
-        else:
-            if item.finished:
-                self._unfinished.discard(item.request_id)
-            self._ready[item.request_id] = item  # replaces an older output of the same request
-        self._wakeup.set()
-
-    # -- consumer side --------------------------------------------------------------------------
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        while not self._ready:
-            if self._error is not None:
-                self._engine._live_streams.discard(self)
-                raise self._error
-            if self._done:
-                self._engine._live_streams.discard(self)
-                raise StopAsyncIteration
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        return self._ready.pop(next(iter(self._ready)))
-
-    def close(self) -> None:
-        """Abort every request of this stream that has not finished, and drop what its consumer
-        has not taken; safe to call twice."""
-        self._closed = True
-        self._ready.clear()
-        self._engine._live_streams.discard(self)
-        if self._unfinished:
-            self._engine.abort(list(self._unfinished))
-            self._unfinished.clear()
 
 
 @dataclass
@@ -289,7 +223,7 @@ class AsyncEngine:
             self._check_admission(num_seqs)  # refuse at once, before any tokenizer work
         if any(callable(r.prompt) for r in reqs):
             reqs = await self.prepare(lambda: _prepare(reqs))
-        stream = RequestStream(self, [r.request_id for r in reqs], loop)
+        stream = RequestStream([r.request_id for r in reqs], loop, abort=self.abort, forget=self._live_streams.discard)
         cmd = _Add(reqs, stream, loop.create_future(), num_seqs)
         with self._cond:
             self._check_admission(num_seqs)
@@ -491,7 +425,7 @@ class AsyncEngine:
                 self._abort_now([rid for rid, s in self._streams.items() if s is stream])
                 continue
             if out.finished and not any(s is stream for s in self._streams.values()):
-                _call_soon(stream.loop, stream._push, _END)
+                _call_soon(stream.loop, stream._push, END)
 
     def _abort_now(self, request_ids: list[str]) -> None:
         for rid in request_ids:
