@@ -27,8 +27,8 @@ from orcinus.server.metrics import ServerMetrics
 from orcinus.server.connection_guard import guarded_protocol
 from orcinus.server.middleware import AccessLog, ApiKeyAuth, BodySizeLimit, BodyTimeout, Draining, DrainState
 from orcinus.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                     CompletionChunk, CompletionRequest, CompletionResponse, ErrorResponse, HealthResponse, ModelCard, ModelList,
-                                     VersionResponse)
+                                     CompletionChunk, CompletionRequest, CompletionResponse, ErrorResponse,
+                                     HealthResponse, ModelCard, ModelList, VersionResponse)
 from orcinus.server.serving import ClientDisconnected, ServingContext, json_response
 from orcinus.server.serving_chat import create_chat_completion
 from orcinus.server.serving_completions import create_completion

@@ -18,6 +18,7 @@ import logging
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
 
 from starlette.datastructures import Headers
@@ -117,12 +118,18 @@ class BodyTimeout:
             await _send_error(send, OpenAIError(408, str(exc.detail), code="request_timeout"))
 
 
+@dataclass
+class DrainState:
+    draining: bool = False  # set once the server is shutting down
+    in_flight: int = 0  # requests being served
+
+
 class Draining:
     """Once `draining` is set, new requests get 503 (and the connection is closed) instead of
     the connection refused they would get after the listener closes; /health and /metrics still
     answer. `in_flight` counts the requests being served."""
 
-    def __init__(self, app: ASGIApp, state: "DrainState") -> None:
+    def __init__(self, app: ASGIApp, state: DrainState) -> None:
         self.app = app
         self.state = state
 
@@ -130,20 +137,14 @@ class Draining:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.state.draining and scope.get("path") not in ("/health", "/metrics"):
-            error = OpenAIError(503, "the server is shutting down; retry on another instance", "service_unavailable_error",
-                                code="shutting_down", headers={"Retry-After": "1"})
+            error = OpenAIError(503, "the server is shutting down; retry on another instance",
+                                "service_unavailable_error", code="shutting_down", headers={"Retry-After": "1"})
             return await _send_error(send, error)
         self.state.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.state.in_flight -= 1
-
-
-class DrainState:
-    def __init__(self) -> None:
-        self.draining = False
-        self.in_flight = 0
 
 
 class ApiKeyAuth:
