@@ -2,7 +2,20 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+
+# Integers the engine turns into tensors must fit int32 (top_k) or the generator's 64 bits (seed).
+INT32_MAX = 2**31 - 1
+# A top_p below this keeps only the most likely token, exactly as any smaller positive value
+# would (that token alone holds at least 1/vocabulary >> 1e-6 of the mass); raising it here
+# keeps it from rounding to 0 in float32/bfloat16, where p = 0 would mask every token.
+MIN_TOP_P = 1e-6
+# Penalties divide or multiply logits; beyond 100x either way float16/bfloat16 logits overflow
+# and the penalty's sign flips or the row turns to NaN.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_LOGPROBS = 20
 
 
 class SamplingParamsError(ValueError):
@@ -41,42 +54,54 @@ class SamplingParams:
         if self.top_k == 0:
             self.top_k = -1
         self.validate()
+        if 0.0 < self.top_p < MIN_TOP_P:
+            self.top_p = MIN_TOP_P
 
     def validate(self) -> None:
         def bad(msg: str, param: str) -> None:
             raise SamplingParamsError(msg, param)
 
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                bad(f"{name} must be an integer, got {value!r}", name)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(float(getattr(self, name))):
                 bad(f"{name} must be a finite number, got {getattr(self, name)}", name)
+        if self.n < 1:
+            bad(f"n must be at least 1, got {self.n}", "n")
         if self.seed is not None and not -(2 ** 63) <= self.seed <= 2 ** 64 - self.n:
             bad(f"seed must be in [-2**63, 2**64 - n], got {self.seed}", "seed")
-        if not isinstance(self.n, int) or self.n < 1:
-            bad(f"n must be at least 1, got {self.n}", "n")
         if self.temperature < 0:
             bad(f"temperature must be non-negative, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
             bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k < -1:
-            bad(f"top_k must be -1 (off) or positive, got {self.top_k}", "top_k")
+        # Above the vocabulary top_k cuts nothing (the sampler treats it as off); the int32
+        # bound only keeps the value representable in the sampler's tensors.
+        if not (self.top_k == -1 or 1 <= self.top_k <= INT32_MAX):
+            bad(f"top_k must be -1 or 0 (off) or in [1, {INT32_MAX}], got {self.top_k}", "top_k")
         if not 0.0 <= self.min_p <= 1.0:
             bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be positive, got {self.repetition_penalty}", "repetition_penalty")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            bad(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}], "
+                f"got {self.repetition_penalty}", "repetition_penalty")
         if not -2.0 <= self.presence_penalty <= 2.0:
             bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}", "presence_penalty")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}", "frequency_penalty")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
-        if self.min_tokens < 0:
-            bad(f"min_tokens must be non-negative, got {self.min_tokens}", "min_tokens")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= INT32_MAX:
+            bad(f"max_tokens must be in [1, {INT32_MAX}], got {self.max_tokens}", "max_tokens")
+        if not 0 <= self.min_tokens <= INT32_MAX:
+            bad(f"min_tokens must be in [0, {INT32_MAX}], got {self.min_tokens}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
-        if any(t < 0 for t in self.stop_token_ids or []):
-            bad("stop_token_ids must be non-negative token ids", "stop_token_ids")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT32_MAX
+               for t in self.stop_token_ids or []):
+            bad(f"stop_token_ids must be token ids in [0, {INT32_MAX}]", "stop_token_ids")
+        if any(not isinstance(s, str) for s in self.stop or []):
+            bad("stop must be a string or a list of strings", "stop")
 
     @property
     def greedy(self) -> bool:

@@ -8,9 +8,14 @@ iteration, and each request's tokens leave the engine the moment the iteration t
 ends.
 
 Prompt preparation (chat templates, tokenising) can take a long time for a long prompt (about a
-second per megabyte of text), so it runs on a third thread: neither the event loop nor the
-iterations of requests already running wait for it. The tokenizer's encode and decode only read
-its state, so that thread may encode while the engine thread detokenises.
+second per megabyte of text), so it runs on a small pool of threads: neither the event loop nor
+the iterations of requests already running wait for it, and one long prompt does not hold up the
+short ones behind it. The tokenizer's encode and decode only read its state, so those threads
+may encode while the engine thread detokenises.
+
+A stream (request_stream.py) keeps only the newest output of each of its requests until its
+consumer takes it, so a consumer that stops reading costs one output per request, not one per
+iteration.
 """
 from __future__ import annotations
 
@@ -20,15 +25,20 @@ import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from orcinus.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from orcinus.engine.request_stream import END, RequestStream
 from orcinus.errors import EngineStepError
-from orcinus.request import RequestOutput
+from orcinus.request import RequestOutput, RequestRejected
 from orcinus.sampling_params import SamplingParams
+
+__all__ = ["AsyncEngine", "EngineStepError", "EngineUnavailable", "GenerateRequest", "Health", "QueueFull",
+           "RequestStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +48,9 @@ _IDLE_WAIT_S = 0.5
 _NO_PROGRESS_WAIT_S = 0.05
 # This many failed iterations in a row mean the engine is broken, not one bad batch.
 _MAX_CONSECUTIVE_STEP_FAILURES = 3
+# Threads that prepare prompts: more than one, so that a short prompt never waits for a long
+# one; few, so that tokenising never takes the cores the iterations need.
+PREPARE_WORKERS = 2
 
 
 class EngineUnavailable(RuntimeError):
@@ -61,69 +74,6 @@ class GenerateRequest:
 class Health:
     ok: bool
     reason: str = ""
-
-
-_END = object()  # queued to a stream once all of its requests have finished
-
-
-class RequestStream:
-    """The outputs of one submission (one or more engine requests), in the order they arrive.
-
-    Outputs are cumulative, so when the consumer falls behind only the newest output of each
-    request is worth handing over: older ones are dropped.
-    `close()` aborts whatever has not finished (call it when the client goes away).
-    """
-
-    def __init__(self, engine: "AsyncEngine", request_ids: list[str], loop: asyncio.AbstractEventLoop) -> None:
-        self.request_ids = request_ids
-        self._engine = engine
-        self.loop = loop  # the consumer's event loop: outputs are handed over on it
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._unfinished = set(request_ids)
-        self._ready: deque[RequestOutput] = deque()
-        self._done = False
-        self._error: BaseException | None = None
-
-    # -- engine thread side (through call_soon_threadsafe) --------------------------------------
-    def _push(self, item: Any) -> None:
-        self._queue.put_nowait(item)
-
-    # -- consumer side --------------------------------------------------------------------------
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        while not self._ready:
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                raise StopAsyncIteration
-            self._take(await self._queue.get())
-            while not self._queue.empty():
-                self._take(self._queue.get_nowait())
-        return self._ready.popleft()
-
-    def _take(self, item: Any) -> None:
-        if item is _END:
-            self._done = True
-        elif isinstance(item, BaseException):
-            self._error = item
-            self._done = True
-        else:
-            if item.finished:
-                self._unfinished.discard(item.request_id)
-            # Keep only the newest output per request: they are cumulative.
-            for i, older in enumerate(self._ready):
-                if older.request_id == item.request_id:
-                    del self._ready[i]
-                    break
-            self._ready.append(item)
-
-    def close(self) -> None:
-        """Abort every request of this stream that has not finished; safe to call twice."""
-        if self._unfinished:
-            self._engine.abort(list(self._unfinished))
-            self._unfinished.clear()
 
 
 @dataclass
@@ -171,19 +121,22 @@ class AsyncEngine:
     """Drives an LLMEngine from one background thread; all public methods are thread-safe."""
 
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
-                 stall_timeout_s: float = 60.0) -> None:
+                 stall_timeout_s: float = 60.0, on_dead: Callable[[str], None] | None = None,
+                 prepare_workers: int = PREPARE_WORKERS) -> None:
+        """on_dead(reason) is called from the engine thread when the loop ends other than by
+        shutdown(): the engine is broken and the process should exit (a supervisor restarts it)."""
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.stall_timeout_s = stall_timeout_s
+        self.on_dead = on_dead
         self._cond = threading.Condition()
         self._inbox: deque[_Add | _Abort | _Call | _AbortAll] = deque()
         self._pending_seqs = 0  # sequences queued in the inbox, not yet in the engine's counts
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._counters = _Counters(stats=engine.stats())
         self._thread: threading.Thread | None = None
-        # One thread: prompts are prepared in arrival order, and tokenisation of one long prompt
-        # never competes with the engine for more than one core.
-        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orcinus-prepare")
+        self._prepare_pool = ThreadPoolExecutor(max_workers=prepare_workers, thread_name_prefix="orcinus-prepare")
+        self._live_streams: weakref.WeakSet[RequestStream] = weakref.WeakSet()  # event-loop side only
         self._stopping = False
         self._dead_reason: str | None = None
 
@@ -221,7 +174,8 @@ class AsyncEngine:
         if self._thread is None:
             return Health(False, "the engine loop has not started")
         if self._dead_reason is not None or not self._thread.is_alive():
-            return Health(False, f"the engine loop is not running: {self._dead_reason or 'thread exited'}")
+            # The reason never names requests: /health is unauthenticated.
+            return Health(False, f"engine dead: {self._dead_reason or 'the engine thread exited'}")
         if self._stopping:
             return Health(False, "the server is shutting down")
         c = self._counters
@@ -243,24 +197,33 @@ class AsyncEngine:
     def _num_waiting_locked(self) -> int:
         return self._counters.stats.num_waiting + self._pending_seqs
 
+    def num_buffered_outputs(self) -> int:
+        """Outputs produced but not yet taken by their consumers, over all live streams (call on
+        the event loop). Bounded by the requests in flight, whatever the consumers do."""
+        return sum(s.num_buffered for s in list(self._live_streams))
+
     # ------------------------------------------------------------------ requests
     async def submit(self, requests: Sequence[GenerateRequest]) -> RequestStream:
         """Queue requests as one unit and wait until the engine accepted all of them.
 
         Raises the engine's own validation errors (RequestRejected, SamplingParamsError, or a
-        ValueError from a prompt callable) before any output, QueueFull at the waiting bound,
-        EngineUnavailable when the loop is not running. On rejection nothing stays queued.
+        ValueError from a prompt callable) before any output, QueueFull when the sequences
+        (prompts x n) would take the waiting queue past its bound, RequestRejected when they
+        could never fit in it, EngineUnavailable when the loop is not running. On rejection
+        nothing stays queued. Cancelling the caller while prompts are still being prepared
+        drops its preparation if it has not started.
         """
         loop = asyncio.get_running_loop()
         reqs = list(requests)
+        num_seqs = sum(r.params.n for r in reqs)
         with self._cond:
-            self._check_admission()  # refuse at once, before any tokenizer work
+            self._check_admission(num_seqs)  # refuse at once, before any tokenizer work
         if any(callable(r.prompt) for r in reqs):
             reqs = await self.prepare(lambda: _prepare(reqs))
-        stream = RequestStream(self, [r.request_id for r in reqs], loop)
-        cmd = _Add(reqs, stream, loop.create_future(), sum(r.params.n for r in reqs))
+        stream = RequestStream([r.request_id for r in reqs], loop, abort=self.abort, forget=self._live_streams.discard)
+        cmd = _Add(reqs, stream, loop.create_future(), num_seqs)
         with self._cond:
-            self._check_admission()
+            self._check_admission(num_seqs)
             self._pending_seqs += cmd.num_seqs
             self._inbox.append(cmd)
             self._cond.notify()
@@ -269,6 +232,7 @@ class AsyncEngine:
         except asyncio.CancelledError:
             stream.close()  # the caller went away before the engine answered
             raise
+        self._live_streams.add(stream)
         return stream
 
     async def generate(self, request_id: str, prompt: PromptType | Callable[[], PromptType],
@@ -317,11 +281,16 @@ class AsyncEngine:
         if self._stopping:
             raise EngineUnavailable("the server is shutting down")
 
-    def _check_admission(self) -> None:
+    def _check_admission(self, num_seqs: int = 1) -> None:
         self._check_accepting()
         bound = self.max_waiting_requests
-        if bound is not None and self._num_waiting_locked() >= bound:
-            raise QueueFull(f"the server is at its bound of {bound} waiting requests; retry later")
+        if bound is None:
+            return
+        if num_seqs > bound:  # could never be queued: the client's to change, not to retry
+            raise RequestRejected(f"this request holds {num_seqs} sequences (prompts x n) but at most {bound} "
+                                  "may wait in this server; send fewer prompts or a smaller n", "n")
+        if self._num_waiting_locked() + num_seqs > bound:
+            raise QueueFull(f"the server is at its bound of {bound} waiting sequences; retry later")
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
@@ -330,15 +299,20 @@ class AsyncEngine:
             reason = self._loop_until_stopped()
         except BaseException as exc:  # a bug here must still release every waiting caller
             logger.critical("the engine loop died", exc_info=True)
-            reason = f"the engine loop died: {exc!r}"
+            reason = f"the engine loop died ({type(exc).__name__})"
         finally:
             with self._cond:
                 self._dead_reason = reason
+                stopped_on_request = self._stopping
             error = EngineUnavailable(reason)
             self._fail_all(error)
             self._fail_inbox(error)
             with contextlib.suppress(Exception):  # the engine may be beyond reading
                 self._publish(adds=0)
+            if not stopped_on_request:
+                logger.critical("the engine is dead: %s", reason)
+                if self.on_dead is not None:
+                    self.on_dead(reason)
 
     def _loop_until_stopped(self) -> str:
         """The iteration loop; returns why it stopped."""
@@ -358,9 +332,13 @@ class AsyncEngine:
                 # iteration must not take the server down. Repeated failures do.
                 failures += 1
                 logger.exception("an engine iteration failed (%d in a row)", failures)
-                self._fail_all(EngineStepError(f"the engine failed while running this request: {exc}", exc))
+                # The engine's message names every request of the batch (and a cause's message
+                # may too): clients get the kind of failure only, the log has the rest.
+                cause = getattr(exc, "cause", exc)
+                self._fail_all(EngineStepError(
+                    f"the engine failed while running this request ({type(cause).__name__}); see the server log"))
                 if failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
-                    return f"{failures} iterations failed in a row; last error: {exc!r}"
+                    return f"{failures} iterations failed in a row ({type(cause).__name__})"
                 continue
             failures = 0
             # Publish before delivering: a client that has seen its request finish must find it
@@ -444,7 +422,7 @@ class AsyncEngine:
                 self._abort_now([rid for rid, s in self._streams.items() if s is stream])
                 continue
             if out.finished and not any(s is stream for s in self._streams.values()):
-                _call_soon(stream.loop, stream._push, _END)
+                _call_soon(stream.loop, stream._push, END)
 
     def _abort_now(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 import socket
 import sys
@@ -19,14 +21,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from orcinus import __version__
 from orcinus.config import EngineConfig
-from orcinus.engine.async_engine import AsyncEngine
+from orcinus.engine.async_engine import AsyncEngine, Health
 from orcinus.server.errors import OpenAIError, install_error_handlers
 from orcinus.server.metrics import ServerMetrics
-from orcinus.server.middleware import AccessLog, ApiKeyAuth, BodySizeLimit
-from orcinus.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                     CompletionResponse, ErrorResponse, HealthResponse, ModelCard, ModelList,
-                                     VersionResponse)
-from orcinus.server.serving import ServingContext, json_response
+from orcinus.server.connection_guard import guarded_protocol
+from orcinus.server.middleware import AccessLog, ApiKeyAuth, BodySizeLimit, BodyTimeout, Draining, DrainState
+from orcinus.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                                     CompletionChunk, CompletionRequest, CompletionResponse, ErrorResponse,
+                                     HealthResponse, ModelCard, ModelList, VersionResponse)
+from orcinus.server.serving import ClientDisconnected, ServingContext, json_response
 from orcinus.server.serving_chat import create_chat_completion
 from orcinus.server.serving_completions import create_completion
 from orcinus.server.settings import ServerSettings, add_serve_args, settings_from_args
@@ -37,18 +40,44 @@ __all__ = ["add_serve_args", "create_app", "run_server"]
 logger = logging.getLogger("orcinus.server")
 
 _BACKSTOP_S = 5
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 500, 503)}
 
 
-def _generation_responses(model: type) -> dict:
-    """OpenAPI: a JSON object, or with stream=true an SSE stream of chunks."""
-    return {200: {"model": model, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-            **_ERRORS}
+def _generation_responses(model: type, chunk: type) -> dict:
+    """OpenAPI: a JSON object, or with stream=true an SSE stream: `data: <chunk JSON>` events
+    (an error event has ErrorResponse's shape), ending with `data: [DONE]`."""
+    stream = {"schema": {"type": "string", "description": f"Server-sent events: `data: {{{chunk.__name__}}}` "
+                                                          "lines, `data: {ErrorResponse}` on a failure mid-stream, "
+                                                          "then `data: [DONE]`",
+                         "x-sse-data": {"oneOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                                                  {"$ref": "#/components/schemas/ErrorResponse"},
+                                                  {"const": "[DONE]"}]}}}
+    return {200: {"model": model, "content": {"text/event-stream": stream}}, **_ERRORS}
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+def _with_chunk_schemas(app: FastAPI, *models: type) -> None:
+    """Put the stream chunk models into the OpenAPI components, where x-sse-data refers to them."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                defs = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, sub in defs.pop("$defs", {}).items():
+                    components.setdefault(name, sub)
+                components.setdefault(model.__name__, defs)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(engine: AsyncEngine, settings: ServerSettings, drain: DrainState | None = None) -> FastAPI:
     """The app over an AsyncEngine; starting it (lifespan) starts the engine loop, stopping it
-    aborts what is left and stops the loop."""
+    aborts what is left and stops the loop. Setting drain.draining turns new requests away."""
+    drain = drain or DrainState()
     metrics = ServerMetrics(engine, settings.served_model_names[0])
     ctx = ServingContext(engine, metrics, settings)
     started_at = int(time.time())
@@ -69,26 +98,37 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="orcinus", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible server over an iteration-level (Orca) scheduling engine.")
     install_error_handlers(app)
-    # add_middleware wraps: the last added runs first. Order: log, authenticate, limit the body.
+    _with_chunk_schemas(app, CompletionChunk, ChatCompletionChunk)
+    # add_middleware wraps: the last added runs first. Order: log, turn away while draining,
+    # authenticate, bound the body's time and size.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     if settings.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    app.add_middleware(Draining, state=drain)
     if settings.access_log:
         app.add_middleware(AccessLog)
+    # The model's file name only: its absolute path would tell clients about the host.
+    model_root = os.path.basename(os.path.normpath(engine.engine.model_path)) if engine.engine.model_path else None
 
     def model_card(name: str) -> ModelCard:
-        return ModelCard(id=name, created=started_at, root=engine.engine.model_path,
-                         max_model_len=engine.engine.max_model_len)
+        return ModelCard(id=name, created=started_at, root=model_root, max_model_len=engine.engine.max_model_len)
 
-    @app.post("/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse),
-              tags=["openai"])
+    @app.post("/v1/completions", response_model=None,
+              responses=_generation_responses(CompletionResponse, CompletionChunk), tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await create_completion(ctx, body, request)
+        try:
+            return await create_completion(ctx, body, request)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; the access log does
 
-    @app.post("/v1/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse),
-              tags=["openai"])
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk), tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await create_chat_completion(ctx, body, request)
+        try:
+            return await create_chat_completion(ctx, body, request)
+        except ClientDisconnected:
+            return Response(status_code=499)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
     async def list_models() -> ModelList:
@@ -104,6 +144,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["ops"])
     async def health() -> Response:
         h = engine.health()
+        if drain.draining and h.ok:
+            h = Health(False, "the server is shutting down")
         body = HealthResponse(status="ok" if h.ok else "unhealthy", reason=h.reason or None)
         response = json_response(body)
         response.status_code = 200 if h.ok else 503
@@ -131,17 +173,37 @@ class _Server(uvicorn.Server):
       signal; a graceful stop is a success, so handle the signals and let run() return.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace_s: float, drain: DrainState) -> None:
         super().__init__(config)
         self.engine = engine
         self.grace_s = grace_s
+        self.drain = drain
+        self.engine_dead = False
+
+    def on_engine_dead(self, reason: str) -> None:
+        """From the engine thread: the engine is broken for good; stop serving and exit non-zero
+        so that a supervisor restarts the process (rather than answer 503 for ever)."""
+        self.engine_dead = True
+        self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Keep listening while requests in flight finish: a new request gets a 503 it can act
+        # on (retry elsewhere) instead of a refused connection.
+        self.drain.draining = True
         timer = asyncio.create_task(self._abort_after_grace())
         try:
+            await self._drain_in_flight()
             await super().shutdown(sockets)
         finally:
             timer.cancel()
+
+    async def _drain_in_flight(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s + _BACKSTOP_S
+        if self.drain.in_flight:
+            logger.info("shutdown: new requests get 503; waiting for %d request(s) in flight", self.drain.in_flight)
+        while self.drain.in_flight and loop.time() < deadline and not self.force_exit:
+            await asyncio.sleep(0.05)
 
     async def _abort_after_grace(self) -> None:
         await asyncio.sleep(self.grace_s)
@@ -194,24 +256,36 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> int:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
+    if engine_config.max_num_batched_tokens is None:
+        engine_config = dataclasses.replace(engine_config,
+                                            max_num_batched_tokens=settings.default_max_num_batched_tokens)
     engine = LLMEngine(engine_config)
+    drain = DrainState()
     async_engine = AsyncEngine(engine, settings.max_waiting_requests, settings.health_stall_timeout_s)
-    app = create_app(async_engine, settings)
+    app = create_app(async_engine, settings, drain)
     # uvicorn's own deadline is only the backstop for requests that do not end once aborted.
     config = uvicorn.Config(app, log_config=None, access_log=False, log_level=settings.uvicorn_log_level,
                             timeout_graceful_shutdown=round(settings.shutdown_timeout_s) + _BACKSTOP_S,
-                            timeout_keep_alive=settings.timeout_keep_alive_s, server_header=False)
-    server = _Server(config, async_engine, settings.shutdown_timeout_s)
+                            timeout_keep_alive=settings.timeout_keep_alive_s, server_header=False,
+                            limit_concurrency=settings.limit_concurrency,
+                            http=guarded_protocol(settings.header_timeout_s))
+    server = _Server(config, async_engine, settings.shutdown_timeout_s, drain)
+    async_engine.on_dead = server.on_engine_dead
     url_host = f"[{host}]" if ":" in host else host
-    logger.info("serving %s at http://%s:%d (API key %s, waiting bound %s, body limit %d bytes)",
+    logger.info("serving %s at http://%s:%d (API key %s, waiting bound %s, body limit %d bytes, "
+                "at most %d tokens per iteration, connection limit %s)",
                 ", ".join(settings.served_model_names), url_host, port,
                 "required" if settings.api_key else "not required",
-                settings.max_waiting_requests or "none", settings.max_request_bytes)
+                settings.max_waiting_requests or "none", settings.max_request_bytes,
+                engine_config.max_num_batched_tokens, settings.limit_concurrency or "none")
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
     if not server.started:
+        return 1
+    if server.engine_dead:
+        logger.critical("server stopped because the engine is dead; exiting with status 1")
         return 1
     logger.info("server stopped")
     return 0

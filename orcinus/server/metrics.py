@@ -38,6 +38,10 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("orcinus:kv_cache_total_blocks", "KV cache blocks in all.", value=s.num_blocks)
         yield GaugeMetricFamily("orcinus:engine_healthy", "1 while the engine loop is alive and making progress.",
                                 value=1.0 if self.engine.health().ok else 0.0)
+        yield GaugeMetricFamily("orcinus:stream_buffered_outputs",
+                                "Outputs produced but not yet taken by their (HTTP) consumers; at most one per "
+                                "request in flight, however slowly clients read.",
+                                value=self.engine.num_buffered_outputs())
         yield CounterMetricFamily("orcinus:prompt_tokens", "Prompt tokens processed.", value=s.prompt_tokens_total)
         yield CounterMetricFamily("orcinus:generation_tokens", "Tokens generated.", value=s.generation_tokens_total)
         yield CounterMetricFamily("orcinus:iterations", "Engine iterations run.", value=s.iterations_total)
@@ -62,6 +66,9 @@ class ServerMetrics:
         self._finished = Counter("orcinus:request_success", "Requests (sequences) ended, by why they ended.",
                                  labelnames=["model_name", "finished_reason"], registry=self.registry)
         self._model = model_name
+        self.stalled_streams = Counter("orcinus:stalled_streams_aborted",
+                                       "Streams aborted because their client accepted no data for too long.",
+                                       registry=self.registry)
 
     def observe_finished(self, out: RequestOutput) -> None:
         """A request group finished in the engine: record its latencies and how each sequence ended."""

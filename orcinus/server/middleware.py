@@ -2,16 +2,24 @@
 
 - BodySizeLimit refuses request bodies above a size with 413: a declared Content-Length at once,
   before the body is read, and a chunked body as soon as the bytes received pass the limit.
+- BodyTimeout answers 408 to a client that does not deliver its whole body within a deadline.
 - ApiKeyAuth demands `Authorization: Bearer <key>` on /v1/* before the body is even read, so an
   unauthenticated client cannot make the server parse anything.
+- Draining answers 503 to new requests once the server is shutting down, while those in flight
+  finish, and counts those in flight.
 - AccessLog writes one line per request when its response ends (streams included): client,
-  method, path, status, bytes sent and duration.
+  method, path, status, bytes sent and duration. Control characters in the path are escaped (a
+  client must not be able to forge log lines) and credentials in the query string redacted.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import secrets
 import time
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -66,17 +74,92 @@ class BodySizeLimit:
             await _send_error(send, _as_openai(exc))
 
 
+class _BodyTooSlow(HTTPException):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {timeout_s:g} s")
+
+
+class BodyTimeout:
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        body_done = False
+        started = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:  # afterwards receive() only waits for a disconnect, for as long as it takes
+                return await receive()
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(left, 0.0))
+            except asyncio.TimeoutError:
+                raise _BodyTooSlow(self.timeout_s) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, tracking_send)
+        except _BodyTooSlow as exc:
+            if started:
+                raise
+            await _send_error(send, OpenAIError(408, str(exc.detail), code="request_timeout"))
+
+
+@dataclass
+class DrainState:
+    draining: bool = False  # set once the server is shutting down
+    in_flight: int = 0  # requests being served
+
+
+class Draining:
+    """Once `draining` is set, new requests get 503 (and the connection is closed) instead of
+    the connection refused they would get after the listener closes; /health and /metrics still
+    answer. `in_flight` counts the requests being served."""
+
+    def __init__(self, app: ASGIApp, state: DrainState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.state.draining and scope.get("path") not in ("/health", "/metrics"):
+            error = OpenAIError(503, "the server is shutting down; retry on another instance",
+                                "service_unavailable_error", code="shutting_down", headers={"Retry-After": "1"})
+            return await _send_error(send, error)
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+
+
 class ApiKeyAuth:
     def __init__(self, app: ASGIApp, api_key: str, prefix: str = "/v1") -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
         self.prefix = prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS" and _under(scope["path"], self.prefix):
-            given = Headers(scope=scope).get("authorization", "").encode()
-            # Constant-time comparison: response timing must not reveal how much of a key matched.
-            if not secrets.compare_digest(given, self._expected):
+            scheme, _, token = Headers(scope=scope).get("authorization", "").strip().partition(" ")
+            # The scheme is case-insensitive (RFC 7235). Constant-time comparison of the key:
+            # response timing must not reveal how much of it matched.
+            key_ok = secrets.compare_digest(token.strip().encode("latin-1", "replace"), self._expected)
+            if not (scheme.lower() == "bearer" and key_ok):
                 error = OpenAIError(401, "a valid API key is required: send the header 'Authorization: Bearer "
                                          "<key>'", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await _send_error(send, error)
@@ -106,13 +189,43 @@ class AccessLog:
             await self.app(scope, receive, logging_send)
         finally:
             client = scope.get("client")
-            path = scope.get("path", "")
+            path = escape_for_log(scope.get("path", ""))
             if scope.get("query_string"):
-                path += "?" + scope["query_string"].decode("latin-1")
+                path += "?" + redact_query(scope["query_string"].decode("latin-1"))
             # 499 (nginx's "client closed request") when the client left before any response.
             access_logger.info('%s "%s %s HTTP/%s" %d %dB %.1fms', f"{client[0]}:{client[1]}" if client else "-",
                                scope.get("method", ""), path, scope.get("http_version", "1.1"), status or 499, sent,
                                (time.perf_counter() - start) * 1000)
+
+
+# Query parameters whose values are secrets (the name contains one of these words).
+_SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "auth", "session", "signature", "credential")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    return f"\\x{ord(char):02x}" if ord(char) < 256 else f"\\u{ord(char):04x}"
+
+
+def escape_for_log(text: str, limit: int = 2048) -> str:
+    """Text as one log line: control characters written as escapes (and backslashes doubled, so
+    that an escape cannot be faked), long text cut."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def redact_query(query: str) -> str:
+    """The query string with the values of credential-like parameters replaced by '***'."""
+    parts = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if any(word in name.lower() for word in _SECRET_WORDS):
+            value = "***"
+        parts.append(f"{quote(name, safe='')}={quote(value, safe='*')}")
+    return escape_for_log("&".join(parts))
 
 
 def _under(path: str, prefix: str) -> bool:

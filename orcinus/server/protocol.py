@@ -12,21 +12,44 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator,
                       model_serializer, model_validator)
+from pydantic.json_schema import SkipJsonSchema
 
-from orcinus.sampling_params import SamplingParams
+from orcinus.sampling_params import (INT32_MAX, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY,
+                                     SamplingParams)
 
 # torch generators take 64-bit seeds; n > 1 derives seed + i per sample, so stay below the top.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
+# Absolute caps, whatever the server's settings (--max-n, --max-prompts-per-request lower them).
 MAX_N = 128
-MAX_LOGPROBS = 20
+MAX_PROMPTS = 256
+MAX_STOP = 64
 
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Text = Annotated[str, Field(min_length=1)]
 Seed = Annotated[int, Field(ge=_SEED_MIN, le=_SEED_MAX)]
 
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+
+def _first_invalid_text(value: Any, where: str = "") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate (JSON allows "\\udc80",
+    UTF-8 does not), or None. Such text would fail later, in the tokenizer or on the way out."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in item.items())
+            stack.extend((k, f"{path} (a key)" if path else "a key") for k in item if isinstance(k, str))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -65,8 +88,9 @@ class SamplingRequest(RequestModel):
     n: int | None = Field(None, ge=1, le=MAX_N, description="samples per prompt (default 1)")
     temperature: float | None = Field(None, ge=0.0, le=100.0,
                                       description="default: the model's (its generation config), else 1; 0 is greedy")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the model's, else 1")
-    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
+    top_p: float | None = Field(None, gt=0.0, le=1.0,
+                                description="default: the model's, else 1; values below 1e-6 keep only the most likely token")
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: Seed | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="default 0")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="default 0")
@@ -75,14 +99,42 @@ class SamplingRequest(RequestModel):
     stream: bool | None = Field(None, description="default false")
     stream_options: StreamOptions | None = None
     # vLLM's extras
-    top_k: int = Field(-1, ge=-1, description="-1 or 0: off")
+    top_k: int = Field(-1, ge=-1, le=INT32_MAX, description="-1 or 0: off; at or above the vocabulary size: off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _first_invalid_text(data)
+        if where is not None:
+            raise ValueError(f"{where}: text must be valid Unicode; it holds a lone surrogate (e.g. \\udc80)")
+        return data
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_shape(cls, stop: Any) -> Any:
+        # Said plainly here: the union's own error would be "Input should be a valid string".
+        if isinstance(stop, list):
+            if len(stop) > MAX_STOP:
+                raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(stop)}")
+            if not all(isinstance(s, str) for s in stop):
+                raise ValueError("stop must be a string or a list of strings")
+        return stop
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _stop_ids_shape(cls, ids: Any) -> Any:
+        if isinstance(ids, list):
+            if len(ids) > MAX_STOP:
+                raise ValueError(f"at most {MAX_STOP} stop token ids are allowed, got {len(ids)}")
+            _check_token_ids(ids, "stop_token_ids")
+        return ids
 
     @property
     def num_samples(self) -> int:
@@ -121,14 +173,38 @@ class SamplingRequest(RequestModel):
         return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
+def _check_token_ids(ids: list, what: str) -> None:
+    for i, t in enumerate(ids):
+        if isinstance(t, int) and not isinstance(t, bool) and not 0 <= t <= INT32_MAX:
+            raise ValueError(f"{what} must be token ids in [0, {INT32_MAX}]; item {i} is {t}")
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] \
-        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1, description="default 16; null: up to the context length")
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] \
+        | Annotated[list[TokenId], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX, description="default 16; null: up to the context length")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = Field(None, description="default false")
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    # Accepted only equal to n (no server-side best-of selection), so not advertised.
+    best_of: SkipJsonSchema[int | None] = None
     suffix: str | None = Field(None, description="not supported")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        # Clear messages for what the union would report as "Input should be a valid string".
+        if not isinstance(prompt, list) or not prompt:
+            return prompt
+        if all(isinstance(p, (str, list)) for p in prompt):
+            if len(prompt) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed per request, got {len(prompt)}")
+            for j, p in enumerate(prompt):
+                if isinstance(p, list):
+                    _check_token_ids(p, f"prompt[{j}]")
+        else:
+            _check_token_ids(prompt, "prompt")
+        return prompt
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts this request holds (OpenAI allows one or many, text or ids)."""
@@ -170,13 +246,21 @@ class ChatMessage(RequestModel):
 
 
 class ResponseFormat(RequestModel):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text"]
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, kind: Any) -> Any:
+        if isinstance(kind, str) and kind != "text":
+            raise ValueError(f"response_format {kind!r} is not supported; only 'text'")
+        return kind
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI; max_completion_tokens wins")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX,
+                                   description="deprecated by OpenAI; max_completion_tokens wins")
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = Field(None, description="default false")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = Field(None, description="not supported; must be empty")

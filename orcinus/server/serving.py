@@ -3,6 +3,7 @@ following a submission to its end (with the client's disconnect aborting it), SS
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -49,23 +50,51 @@ class ServingContext:
         return self.settings.served_model_names[0]
 
     def check_request(self, body: SamplingRequest) -> None:
-        """Refuse what the schema cannot: an unknown model name, features we do not implement."""
+        """Refuse what the schema cannot: an unknown model name, features we do not implement,
+        more than this server's limits."""
         if body.model and body.model not in self.settings.served_model_names:
             raise OpenAIError(404, f"the model {body.model!r} does not exist here; this server serves "
                                    f"{', '.join(map(repr, self.settings.served_model_names))}",
                               param="model", code="model_not_found")
         if body.logit_bias:
             raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
+        if body.num_samples > self.settings.max_n:
+            raise OpenAIError(400, f"n must be at most {self.settings.max_n} on this server, got {body.num_samples}",
+                              param="n")
         extra = set(body.model_extra or {}) - self._warned_fields
         if extra and len(self._warned_fields) < _MAX_WARNED_FIELDS:  # bounded: clients choose these names
             self._warned_fields |= extra
             logger.warning("ignoring request fields this server does not know: %s",
                            ", ".join(repr(name[:40]) for name in sorted(extra)[:10]))
 
-    async def submit(self, requests: list[GenerateRequest]) -> RequestStream:
-        """Submit to the engine; whatever it refuses becomes the error the client should see."""
+    def check_text_length(self, num_chars: int, param: str) -> None:
+        """Refuse text that cannot fit the context, from its length alone: tokenising megabytes
+        only to find them too long would cost seconds of a preparation thread."""
+        bound = self.max_prompt_chars
+        if bound is not None and num_chars > bound:
+            raise OpenAIError(400, f"the prompt has {num_chars} characters, more than the model's context of "
+                                   f"{self.engine.engine.max_model_len} tokens can hold (at most {bound} characters "
+                                   "with this tokenizer); shorten the prompt", param=param)
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int | None:
+        """Characters beyond which a text cannot fit the context whatever it says: a token covers
+        at most as many characters as its longest vocabulary entry has (byte-level vocabularies
+        spell each byte as one character, and a character is at least one byte)."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            return None
+        longest = max((len(piece) for piece in tokenizer.hf.get_vocab()), default=1)
+        return self.engine.engine.max_model_len * max(longest, 1)
+
+    async def submit(self, request: Request, requests: list[GenerateRequest]) -> RequestStream:
+        """Submit to the engine; whatever it refuses becomes the error the client should see. A
+        client that disconnects while its prompts wait for preparation drops them (raises
+        ClientDisconnected)."""
         try:
-            return await self.engine.submit(requests)
+            return await until_disconnect(request, self.engine.submit(requests))
+        except ClientDisconnected:
+            raise
         except Exception as exc:
             raise from_exception(exc) from exc
 
@@ -102,8 +131,8 @@ class FinishedTracker:
             return
         self._closed = True
         unfinished = [rid for rid in self.stream.request_ids if rid not in self.final]
+        self.stream.close()
         if unfinished:
-            self.stream.close()
             self.ctx.metrics.observe_aborted(len(unfinished) * self.n)
 
     def usage(self) -> UsageInfo:
@@ -175,14 +204,33 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+class _StalledClient(Exception):
+    """The client accepted no data for the stall timeout."""
+
+
 class _EventStreamResponse(StreamingResponse):
+    """An SSE response whose requests are aborted however it ends, including when its client
+    stops reading: a send that cannot complete within the stall timeout ends the stream (the
+    connection is closed) instead of holding the request's KV space for ever."""
+
     def __init__(self, events: AsyncIterator[str], tracker: FinishedTracker, headers: dict[str, str]) -> None:
         super().__init__(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         self._tracker = tracker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout_s = self._tracker.ctx.settings.stream_stall_timeout_s
+
+        async def stall_guarded_send(message: dict) -> None:
+            try:
+                await asyncio.wait_for(send(message), timeout_s)
+            except asyncio.TimeoutError:
+                raise _StalledClient() from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, stall_guarded_send)
+        except _StalledClient:
+            logger.warning("aborting a stream whose client accepted no data for %.0f s", timeout_s)
+            self._tracker.ctx.metrics.stalled_streams.inc()
         finally:  # a client that disconnects cancels the stream: abort its requests now
             self._tracker.close()
 

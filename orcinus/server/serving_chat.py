@@ -22,9 +22,6 @@ def _check_supported(body: ChatCompletionRequest) -> None:
         raise OpenAIError(400, "tool calling is not supported by this server", param="tools")
     if isinstance(body.tool_choice, dict) or body.tool_choice not in (None, "none", "auto"):
         raise OpenAIError(400, "tool_choice is not supported by this server", param="tool_choice")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise OpenAIError(400, f"response_format {body.response_format.type!r} is not supported; only 'text'",
-                          param="response_format")
 
 
 def chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> Callable[[], PromptType]:
@@ -55,7 +52,8 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         bounds = [b for b in (defaults.get("max_tokens"), ctx.settings.default_max_tokens) if b is not None]
         max_tokens = min(bounds) if bounds else None
     params = body.sampling_params(max_tokens, top, defaults.values)
-    stream = await ctx.submit([GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
+    ctx.check_text_length(sum(len(m.text()) for m in body.messages), "messages")
+    stream = await ctx.submit(request, [GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _ChatView(ctx.model_name, request_id, created, body, top)
     return await respond(request, tracker, view, body.streaming)

@@ -53,6 +53,16 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     created = int(time.time())
     request_id = new_request_id("cmpl", request)
     prompts = body.prompts()
+    if len(prompts) > ctx.settings.max_prompts_per_request:
+        raise OpenAIError(400, f"at most {ctx.settings.max_prompts_per_request} prompts are allowed per request on "
+                               f"this server, got {len(prompts)}", param="prompt")
+    max_len = ctx.engine.engine.max_model_len
+    for p in prompts:
+        if isinstance(p, str):
+            ctx.check_text_length(len(p), "prompt")
+        elif len(p) >= max_len:  # refused here, not after the engine thread has read every id
+            raise OpenAIError(400, f"the prompt has {len(p)} tokens but the model's context length is {max_len}; "
+                                   "shorten the prompt", param="prompt")
     defaults = ctx.engine.engine.generation_defaults
     # Left out, max_tokens is the model's default, else OpenAI's 16; an explicit null means no bound.
     max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set \
@@ -60,7 +70,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     params = body.sampling_params(max_tokens, body.logprobs, defaults.values)
     echo = await _echo_texts(ctx, prompts) if body.echo else None
     tokenizer = ctx.engine.tokenizer
-    stream = await ctx.submit([GenerateRequest(f"{request_id}-{i}", _prompt(tokenizer, p), params)
+    stream = await ctx.submit(request, [GenerateRequest(f"{request_id}-{i}", _prompt(tokenizer, p), params)
                                for i, p in enumerate(prompts)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _CompletionView(ctx.model_name, request_id, created, body, stream.request_ids, echo)

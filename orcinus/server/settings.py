@@ -28,6 +28,21 @@ class ServerSettings:
     access_log: bool = True
     uvicorn_log_level: str = "info"
     timeout_keep_alive_s: int = 5
+    # Per request: samples per prompt, and prompts (a completions request may hold a list).
+    max_n: int = 128
+    max_prompts_per_request: int = 256
+    # A stream whose client accepts no data for this long is aborted (its KV space freed).
+    stream_stall_timeout_s: float = 60.0
+    # Connections (and requests) served at once; beyond it uvicorn answers 503. None: no bound.
+    limit_concurrency: int | None = 1024
+    # A connection must deliver a request's headers within header_timeout_s of its first byte
+    # (or of opening), and its body within body_timeout_s: slow clients cannot hold sockets.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    # Tokens one iteration may process when --max-num-batched-tokens is not given: bounds the
+    # length of an iteration (a burst of long prompts is spread over several), so legitimate
+    # load never looks like a stall to /health. A longer single prompt still runs alone.
+    default_max_num_batched_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):
@@ -42,6 +57,17 @@ class ServerSettings:
             raise ValueError("port must be in [0, 65535]")
         if self.api_key == "":
             self.api_key = None
+        if not 1 <= self.max_n <= 128:
+            raise ValueError("max_n must be in [1, 128]")
+        if not 1 <= self.max_prompts_per_request <= 256:
+            raise ValueError("max_prompts_per_request must be in [1, 256]")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise ValueError("limit_concurrency must be at least 1 (or None for no bound)")
+        for name in ("stream_stall_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.default_max_num_batched_tokens < 1:
+            raise ValueError("default_max_num_batched_tokens must be at least 1")
 
 
 def default_model_name(model: str | None) -> str:
@@ -88,6 +114,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--timeout-keep-alive", type=int, default=d.timeout_keep_alive_s,
                    help="seconds an idle keep-alive connection stays open")
+    g.add_argument("--max-n", type=int, default=d.max_n, help="largest n (samples per prompt) a request may ask for")
+    g.add_argument("--max-prompts-per-request", type=int, default=d.max_prompts_per_request,
+                   help="most prompts one completions request may hold")
+    g.add_argument("--stream-stall-timeout", type=float, default=d.stream_stall_timeout_s,
+                   help="seconds a streaming client may accept no data before its stream is aborted")
+    g.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
+                   help="connections and requests served at once; beyond it, 503 (0: no bound)")
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds a connection has to send a request's headers before it is closed")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds a client has to send a request's body before it gets 408")
 
 
 def settings_from_args(args: argparse.Namespace, model: str | None) -> ServerSettings:
@@ -105,4 +142,10 @@ def settings_from_args(args: argparse.Namespace, model: str | None) -> ServerSet
         access_log=args.access_log,
         uvicorn_log_level=args.uvicorn_log_level,
         timeout_keep_alive_s=args.timeout_keep_alive,
+        max_n=args.max_n,
+        max_prompts_per_request=args.max_prompts_per_request,
+        stream_stall_timeout_s=args.stream_stall_timeout,
+        limit_concurrency=args.limit_concurrency or None,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
     )

@@ -25,3 +25,18 @@ def test_can_allocate_counts_only_the_extra_blocks():
     kv = KVCacheManager(num_blocks=3, block_size=2)
     kv.allocate("a", 4)
     assert kv.can_allocate("a", 6) and not kv.can_allocate("b", 3)
+
+
+def test_most_recently_freed_blocks_are_reused_first():
+    """LIFO reuse: a steady load keeps reusing the same few blocks instead of touching (and
+    making resident) the whole pool."""
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    first = list(kv.allocate("a", 8))
+    kv.allocate("b", 4)
+    kv.free("a")
+    assert kv.allocate("c", 8) == first  # a's blocks, in the same order
+    touched = set()
+    for i in range(20):  # one request at a time: only the first blocks are ever used
+        touched |= set(kv.allocate(f"r{i}", 4))
+        kv.free(f"r{i}")
+    assert len(touched) == 1

@@ -30,6 +30,11 @@ def test_api_key_is_enforced(http: httpx.Client, small_server: ServerProcess) ->
     assert_openai_error(http.get("/v1/models"), 401)
     assert_openai_error(http.post("/v1/completions", content=b"{bad json", headers={}), 401)  # before parsing
     assert http.post("/v1/completions", json=body, headers=AUTH).status_code == 200
+    for scheme in ("bearer", "BEARER", "BeArEr"):  # the scheme is case-insensitive (RFC 7235); the key is not
+        assert http.post("/v1/completions", json=body, headers={"Authorization": f"{scheme} {API_KEY}"}).status_code \
+            == 200
+    assert_openai_error(http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY.upper()}"}), 401)
+    assert_openai_error(http.get("/v1/models", headers={"Authorization": f"Basic {API_KEY}"}), 401)
     # Operations endpoints stay open (load balancers, Prometheus).
     for path in ("/health", "/metrics", "/version"):
         assert http.get(path).status_code == 200
