@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-SCHEDULER_POLICIES = ("orca", "static")
+SCHEDULER_POLICIES = ("orca", "static", "paged")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -25,7 +25,7 @@ class EngineConfig:
     tokenizer: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    scheduler_policy: Literal["orca", "static"] = "orca"
+    scheduler_policy: Literal["orca", "static", "paged"] = "orca"
     max_num_seqs: int = 32  # Orca's max_bs
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: a default per device
     gpu_memory_utilization: float = 0.85  # on CUDA, fraction of free memory for the KV pool
@@ -36,7 +36,8 @@ class EngineConfig:
     seed: int = 0
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
-    max_num_batched_tokens: int | None = None  # optional cap on tokens per iteration
+    max_num_batched_tokens: int | None = None  # token budget per iteration; longer prompts run in chunks
+    enable_prefix_caching: bool | None = None  # reuse cached KV of common prefixes; None: on for paged
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +65,11 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens must be at least 1")
         if self.attention_backend not in ("auto", "reference", "batched"):
             raise ConfigError("attention_backend must be auto, reference or batched")
+
+    def resolved_prefix_caching(self) -> bool:
+        if self.enable_prefix_caching is None:
+            return self.scheduler_policy == "paged"
+        return self.enable_prefix_caching
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
