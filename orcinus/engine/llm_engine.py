@@ -18,10 +18,10 @@ import torch
 from orcinus.config import EngineConfig
 from orcinus.core.kv_cache import KVCacheManager
 from orcinus.core.scheduler import ScheduledBatch, make_scheduler
-from orcinus.executor.executor import SingleProcessExecutor
-from orcinus.executor.model_runner import ModelRunner
-from orcinus.models.loader import load_model
+from orcinus.engine.batch_messages import MessageBuilder
+from orcinus.executor.messages import BatchMessage
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup
+from orcinus.executor.executor import Executor, SingleProcessExecutor
 from orcinus.request import Request, RequestOutput, RequestRejected
 from orcinus.sampler import SamplerOutput
 from orcinus.sampling_params import SamplingParams
@@ -32,12 +32,28 @@ PromptType = str | list[int] | dict
 
 
 class EngineStepError(RuntimeError):
-    """An iteration failed; its requests were aborted and their KV blocks freed."""
+    """Requests whose iteration failed were aborted and their KV blocks freed; the rest of the
+    batch went on. The message names a request only when it is the only one (one user's error
+    must not reveal another's request id); `message_for(id)` words it for one of them."""
 
     def __init__(self, request_ids: list[str], cause: BaseException) -> None:
-        super().__init__(f"iteration failed ({type(cause).__name__}: {cause}); aborted requests {request_ids}")
         self.request_ids = request_ids
         self.cause = cause
+        if len(request_ids) == 1:
+            text = self.message_for(request_ids[0])
+        else:
+            text = f"{len(request_ids)} requests failed and were aborted ({type(cause).__name__}: {cause})"
+        super().__init__(text)
+
+    def message_for(self, request_id: str) -> str:
+        return f"request {request_id!r} failed and was aborted ({type(self.cause).__name__}: {self.cause})"
+
+
+@dataclass
+class _InFlight:
+    batch: ScheduledBatch
+    message: BatchMessage
+    future: Future[SamplerOutput]
 
 
 @dataclass
@@ -53,38 +69,45 @@ class EngineStats:
     last_step_time: float = field(default=0.0)
 
 
+def _rows_of(result: SamplerOutput) -> list[tuple[int, float, dict | None]]:
+    return list(zip(result.token_ids, result.logprobs, result.top_logprobs))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
-        loaded = load_model(config.model, self.dtype, self.device)
-        self.model_path = loaded.path
-        self.model_config = loaded.config
+        # The executor loads the model on every rank and sizes the KV pool; the engine only
+        # learns the model's shape and how many blocks it may hand out.
+        self.executor: Executor = SingleProcessExecutor(config)
+        self.model_path = self.executor.model_path
+        self.model_config = model_config = self.executor.model_config
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             from orcinus.tokenizer import Tokenizer, TokenizerNotFound
 
             try:
-                self.tokenizer = Tokenizer.from_model_path(config.tokenizer or loaded.path)
+                self.tokenizer = Tokenizer.from_model_path(config.tokenizer or self.model_path)
             except TokenizerNotFound as exc:
                 if config.tokenizer is not None:
                     raise  # the user named a tokenizer: not finding it is an error
                 # A weights-only checkpoint still serves token-id prompts (vLLM's skip_tokenizer_init).
                 logger.warning("%s; running without a tokenizer: prompts must be token ids", exc)
-        self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
-        self.max_model_len = min(self.max_model_len, loaded.config.max_position_embeddings)
-        self.runner = ModelRunner(loaded.model, loaded.config, config, self.device, self.dtype)
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.max_model_len = min(self.max_model_len, model_config.max_position_embeddings)
+        self.kv_cache = KVCacheManager(self.executor.num_blocks, config.block_size)
         self.scheduler = make_scheduler(config.scheduler_policy, self.kv_cache, config.max_num_seqs,
                                         self.max_model_len, config.max_num_batched_tokens)
-        self.executor = SingleProcessExecutor(self.runner)
-        eos = list(loaded.config.eos_token_ids)
+        self.messages = MessageBuilder(self.kv_cache)
+        eos = list(model_config.eos_token_ids)
         if self.tokenizer is not None:
             eos = sorted(set(eos) | set(self.tokenizer.eos_token_ids))
         self.eos_token_ids = tuple(eos)
         self.outputs = OutputProcessor(self.tokenizer)
-        self._in_flight: deque[tuple[ScheduledBatch, Future[SamplerOutput]]] = deque()
+        self._in_flight: deque[_InFlight] = deque()
+        # outputs of an iteration whose step() raised EngineStepError for other requests
+        self._deferred: list[RequestOutput] = []
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -93,7 +116,7 @@ class LLMEngine:
         logger.info(
             "orcinus engine: model=%s arch=%s dtype=%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
             "policy=%s max_num_seqs=%d max_model_len=%d",
-            self.model_path, loaded.config.architecture, str(self.dtype).removeprefix("torch."), self.device,
+            self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."), self.device,
             self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
             config.max_num_seqs, self.max_model_len,
         )
@@ -170,41 +193,86 @@ class LLMEngine:
         for child in group.children:
             aborted = self.scheduler.abort(child.request_id)
             if aborted is not None:
+                self.messages.forget(aborted.request_id)
                 self.outputs.on_finished(aborted)
         self.outputs.drop_if_done(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._in_flight)
+        return self.scheduler.has_unfinished() or bool(self._in_flight) or bool(self._deferred)
 
     # ------------------------------------------------------------------ the iteration
     def step(self) -> list[RequestOutput]:
-        """One iteration: launch what may run, wait for the oldest batch, return progress."""
+        """One iteration: launch what may run, wait for the oldest batch, return progress.
+
+        A request whose own parameters make its iteration fail is aborted alone (its blocks
+        freed) and reported by EngineStepError; the rest of its batch still gets its token,
+        returned by this call or, when it raises, by the next one."""
         self.last_step_time = time.monotonic()
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            return deferred
+        self._launch()
+        if not self._in_flight:
+            return []
+        flight = self._in_flight.popleft()
+        failed: dict[str, BaseException] = {}
+        try:
+            result = flight.future.result()
+            tokens = dict(zip(flight.message.request_ids, _rows_of(result)))
+        except Exception as exc:
+            tokens, failed = self._rerun_isolated(flight, exc)
+        except BaseException:
+            # Ctrl-C or exit while waiting: the batch's outcome is unknown, so abort all of it
+            # (blocks freed, ids forgotten by workers) and leave the engine consistent.
+            self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
+            raise
+        outputs = self._process(flight.batch, tokens, set(failed))
+        self.last_step_time = time.monotonic()
+        if failed:
+            self._deferred = outputs
+            cause = next(iter(failed.values()))
+            raise EngineStepError(sorted(self._abort_failed(flight.batch, set(failed))), cause) from cause
+        return outputs
+
+    def _launch(self) -> None:
         while len(self._in_flight) < self.config.n_workers:
             batch = self.scheduler.schedule()
             if batch is None:
                 break
-            tables = [self.kv_cache.block_table(r.request_id) for r in batch.requests]
-            fut = self.executor.execute_async(batch.requests, batch.num_new_tokens, tables)
-            self._in_flight.append((batch, fut))
-        if not self._in_flight:
-            return []
-        batch, fut = self._in_flight.popleft()
-        try:
-            result = fut.result()
-        except Exception as exc:
-            # A failed iteration must not leak blocks or request ids: abort its requests (and their
-            # sibling samples), then tell the caller which user requests died.
-            failed = {self.outputs.group_id_of(r.request_id) for r in self.scheduler.fail_batch(batch)}
-            failed.discard(None)
-            for rid in failed:
-                self.abort_request(rid)
-                self.outputs.drop(rid)
-            raise EngineStepError(sorted(failed), exc) from exc
-        self.iterations_total += 1
+            msg = self.messages.build(batch)
+            self._in_flight.append(_InFlight(batch, msg, self.executor.execute_async(msg)))
+
+    def _rerun_isolated(self, flight: _InFlight, exc: Exception
+                        ) -> tuple[dict[str, tuple[int, float, dict | None]], dict[str, BaseException]]:
+        """The batch failed as a whole; the workers rolled it back. Re-run it in halves until each
+        failing request stands alone: only those are failed, the others keep their tokens."""
+        logger.warning("iteration %d failed (%s: %s); re-running its %d requests in isolation",
+                       flight.batch.batch_id, type(exc).__name__, exc, len(flight.message.requests))
+        tokens: dict[str, tuple[int, float, dict | None]] = {}
+        failed: dict[str, BaseException] = {}
+        pending = [(flight.message.requests, exc)]
+        while pending:
+            entries, error = pending.pop()
+            if len(entries) == 1:
+                failed[entries[0].request_id] = error
+                continue
+            for half in (entries[:len(entries) // 2], entries[len(entries) // 2:]):
+                msg = self.messages.retry(flight.batch.batch_id, half)
+                try:
+                    tokens.update(zip(msg.request_ids, _rows_of(self.executor.execute_async(msg).result())))
+                except Exception as sub_exc:
+                    pending.append((half, sub_exc))
+        return tokens, failed
+
+    def _process(self, batch: ScheduledBatch, tokens: dict, failed: set[str]) -> list[RequestOutput]:
+        """Append each request's token, retire the batch and collect the outputs."""
+        if tokens:
+            self.iterations_total += 1
         now = time.monotonic()
-        for req, n, tok, lp, top in zip(batch.requests, batch.num_new_tokens, result.token_ids,
-                                        result.logprobs, result.top_logprobs):
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            if req.request_id in failed:
+                continue
+            tok, lp, top = tokens[req.request_id]
             if req.num_computed_tokens == 0:
                 self.prompt_tokens_total += req.num_prompt_tokens
             req.num_computed_tokens += n
@@ -213,11 +281,31 @@ class LLMEngine:
                 req.first_token_time = now
             self.generation_tokens_total += 1
             self.outputs.append_token(req, tok, lp, top, self.max_model_len)
-        finished = self.scheduler.finish_batch(batch)
+        survivors = ScheduledBatch(batch.batch_id, [r for r in batch.requests if r.request_id not in failed],
+                                   [n for r, n in zip(batch.requests, batch.num_new_tokens)
+                                    if r.request_id not in failed])
+        finished = self.scheduler.finish_batch(survivors)
         for req in finished:
+            self.messages.forget(req.request_id)
             self.outputs.on_finished(req)
-        self.last_step_time = time.monotonic()
-        return self.outputs.collect(batch.requests)
+        return self.outputs.collect(survivors.requests)
+
+    def _abort_failed(self, batch: ScheduledBatch, failed: set[str]) -> list[str]:
+        """Abort the failed requests (and their sibling samples), free their blocks; returns the
+        user-visible ids."""
+        doomed = [r for r in batch.requests if r.request_id in failed]
+        n = [n for r, n in zip(batch.requests, batch.num_new_tokens) if r.request_id in failed]
+        for req in self.scheduler.fail_batch(ScheduledBatch(batch.batch_id, doomed, n)):
+            self.messages.forget(req.request_id)
+        groups = {self.outputs.group_id_of(r.request_id) for r in doomed}
+        groups.discard(None)
+        for gid in groups:
+            self.abort_request(gid)
+            self.outputs.drop(gid)
+        return sorted(groups)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     def stats(self) -> EngineStats:
         return EngineStats(
