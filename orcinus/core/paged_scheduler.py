@@ -31,6 +31,7 @@ class PagedScheduler(Scheduler):
         self._admitted: dict[str, int] = {}  # request id -> admission number (holds blocks)
         self._admissions = itertools.count()
         self._preempted_now: set[str] = set()
+        self._preempted_log: list[str] = []
         self.num_preemptions = 0
 
     def _candidates(self) -> list[Request]:
@@ -98,7 +99,12 @@ class PagedScheduler(Scheduler):
         req.num_computed_tokens = 0
         req.state = RequestState.INITIATION
         self._preempted_now.add(req.request_id)
+        self._preempted_log.append(req.request_id)
         self.num_preemptions += 1
+
+    def take_preempted(self) -> list[str]:
+        out, self._preempted_log = self._preempted_log, []
+        return out
 
     def _release(self, req: Request) -> None:
         self._admitted.pop(req.request_id, None)

@@ -188,6 +188,10 @@ class Scheduler(ABC):
     def has_unfinished(self) -> bool:
         return bool(self.pool)
 
+    def take_preempted(self) -> list[str]:
+        """Requests whose blocks were taken back since the last call (only the paged policy)."""
+        return []
+
 
 class OrcaScheduler(Scheduler):
     """Orca's Algorithm 1: every iteration, any request not in flight may run, in arrival order."""

@@ -67,6 +67,11 @@ class EngineStats:
     generation_tokens_total: int
     iterations_total: int
     last_step_time: float = field(default=0.0)
+    num_preemptions_total: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, tokens whose KV was found cached
+    kv_real_token_slots: int = 0  # KV slots holding a computed token (a shared block counted once)
+    kv_allocated_slots: int = 0  # KV slots in blocks some request holds (reserved or filled)
 
 
 def _rows_of(result: SamplerOutput) -> list[tuple[int, float, dict | None]]:
@@ -96,7 +101,8 @@ class LLMEngine:
                 logger.warning("%s; running without a tokenizer: prompts must be token ids", exc)
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         self.max_model_len = min(self.max_model_len, model_config.max_position_embeddings)
-        self.kv_cache = KVCacheManager(self.executor.num_blocks, config.block_size)
+        self.kv_cache = KVCacheManager(self.executor.num_blocks, config.block_size,
+                                       enable_prefix_caching=config.resolved_prefix_caching())
         self.scheduler = make_scheduler(config.scheduler_policy, self.kv_cache, config.max_num_seqs,
                                         self.max_model_len, config.max_num_batched_tokens)
         self.messages = MessageBuilder(self.kv_cache)
@@ -115,10 +121,11 @@ class LLMEngine:
         self.last_step_time = time.monotonic()
         logger.info(
             "orcinus engine: model=%s arch=%s dtype=%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
-            "policy=%s max_num_seqs=%d max_model_len=%d",
+            "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s",
             self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."), self.device,
             self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
-            config.max_num_seqs, self.max_model_len,
+            config.max_num_seqs, self.max_model_len, config.max_num_batched_tokens or "unlimited",
+            "on" if self.kv_cache.enable_prefix_caching else "off",
         )
 
     @classmethod
@@ -218,7 +225,7 @@ class LLMEngine:
         failed: dict[str, BaseException] = {}
         try:
             result = flight.future.result()
-            tokens = dict(zip(flight.message.request_ids, _rows_of(result)))
+            tokens = dict(zip(flight.message.sampled_ids, _rows_of(result)))
         except Exception as exc:
             tokens, failed = self._rerun_isolated(flight, exc)
         except BaseException:
@@ -237,6 +244,7 @@ class LLMEngine:
     def _launch(self) -> None:
         while len(self._in_flight) < self.config.n_workers:
             batch = self.scheduler.schedule()
+            self.messages.preempted(self.scheduler.take_preempted())
             if batch is None:
                 break
             msg = self.messages.build(batch)
@@ -259,28 +267,31 @@ class LLMEngine:
             for half in (entries[:len(entries) // 2], entries[len(entries) // 2:]):
                 msg = self.messages.retry(flight.batch.batch_id, half)
                 try:
-                    tokens.update(zip(msg.request_ids, _rows_of(self.executor.execute_async(msg).result())))
+                    tokens.update(zip(msg.sampled_ids, _rows_of(self.executor.execute_async(msg).result())))
                 except Exception as sub_exc:
                     pending.append((half, sub_exc))
         return tokens, failed
 
     def _process(self, batch: ScheduledBatch, tokens: dict, failed: set[str]) -> list[RequestOutput]:
         """Append each request's token, retire the batch and collect the outputs."""
-        if tokens:
+        if len(failed) < len(batch.requests):
             self.iterations_total += 1
         now = time.monotonic()
+        progressed: list[Request] = []
         for req, n in zip(batch.requests, batch.num_new_tokens):
             if req.request_id in failed:
                 continue
-            tok, lp, top = tokens[req.request_id]
-            if req.num_computed_tokens == 0:
-                self.prompt_tokens_total += req.num_prompt_tokens
             req.num_computed_tokens += n
             req.num_iterations += 1
+            if req.request_id not in tokens:
+                continue  # a prompt chunk short of the end: its KV is written, no token yet
             if req.first_token_time is None:
                 req.first_token_time = now
+                self.prompt_tokens_total += req.num_prompt_tokens
+            tok, lp, top = tokens[req.request_id]
             self.generation_tokens_total += 1
             self.outputs.append_token(req, tok, lp, top, self.max_model_len)
+            progressed.append(req)
         survivors = ScheduledBatch(batch.batch_id, [r for r in batch.requests if r.request_id not in failed],
                                    [n for r, n in zip(batch.requests, batch.num_new_tokens)
                                     if r.request_id not in failed])
@@ -288,7 +299,7 @@ class LLMEngine:
         for req in finished:
             self.messages.forget(req.request_id)
             self.outputs.on_finished(req)
-        return self.outputs.collect(survivors.requests)
+        return self.outputs.collect(progressed)
 
     def _abort_failed(self, batch: ScheduledBatch, failed: set[str]) -> list[str]:
         """Abort the failed requests (and their sibling samples), free their blocks; returns the
@@ -318,6 +329,12 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             iterations_total=self.iterations_total,
             last_step_time=self.last_step_time,
+            num_preemptions_total=getattr(self.scheduler, "num_preemptions", 0),
+            prefix_cache_queries_total=self.kv_cache.prefix_queries,
+            prefix_cache_hits_total=self.kv_cache.prefix_hits,
+            kv_real_token_slots=self.kv_cache.real_token_slots(
+                {rid: r.num_computed_tokens for rid, r in self.scheduler.pool.items()}),
+            kv_allocated_slots=self.kv_cache.num_reserved_slots(),
         )
 
     def free_all_check(self) -> bool:

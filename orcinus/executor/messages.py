@@ -51,25 +51,34 @@ class SamplingSettings:
 
 @dataclass
 class NewRequestData:
-    """A request a worker has not seen (first iteration, or resumed after its state was dropped).
+    """A request a worker has not seen (first iteration, or resumed after preemption).
 
-    The worker computes all of `prompt_token_ids + output_token_ids` this iteration."""
+    Its first `num_computed_tokens` tokens already have KV in `block_ids` (a prefix-cache hit);
+    the worker computes the next `num_new_tokens` of `prompt_token_ids + output_token_ids` (None:
+    all the rest) and samples only if that reaches the end (`samples`)."""
 
     request_id: str
     prompt_token_ids: list[int]
     settings: SamplingSettings
     block_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)  # non-empty only when resumed
+    num_computed_tokens: int = 0
+    num_new_tokens: int | None = None
+    samples: bool = True
 
 
 @dataclass
 class CachedRequestData:
-    """A request the worker holds: it computes exactly `new_token_id`, the token sampled for it
-    in its previous iteration, at the next position."""
+    """A request the worker holds. `new_token_id` is the token sampled for it in its previous
+    iteration (None when that iteration was a prompt chunk that sampled nothing); the worker
+    computes its next `num_new_tokens` tokens (1 while decoding, more for the next prompt chunk)
+    and samples only if they reach the end (`samples`)."""
 
     request_id: str
-    new_token_id: int
+    new_token_id: int | None
     new_block_ids: list[int] = field(default_factory=list)  # appended to its block table
+    num_new_tokens: int = 1
+    samples: bool = True
 
 
 RequestData = NewRequestData | CachedRequestData
@@ -78,16 +87,23 @@ RequestData = NewRequestData | CachedRequestData
 @dataclass
 class BatchMessage:
     """One iteration. Workers apply `finished_ids` first (an id may be reused right away), then
-    run `requests` in order (the scheduler's order); outputs come back one row per request, in
-    that order."""
+    run `requests` in order (the scheduler's order); outputs come back one row per request that
+    samples (`sampled_ids`), in that order. `preempted_ids`: requests whose KV blocks were taken
+    back; workers drop their state but keep a seeded request's generator, so that when it is sent
+    again as new (to recompute its tokens) its random stream continues where it stopped."""
 
     batch_id: int
     requests: list[RequestData] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
 
     @property
     def request_ids(self) -> list[str]:
         return [r.request_id for r in self.requests]
+
+    @property
+    def sampled_ids(self) -> list[str]:
+        return [r.request_id for r in self.requests if r.samples]
 
     @property
     def num_requests(self) -> int:

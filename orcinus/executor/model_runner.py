@@ -36,7 +36,7 @@ class ModelInput:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [B] flat index of each request's last token
+    sample_indices: torch.Tensor  # [S] flat index of the last token of each request that samples
     num_new_tokens: list[int]  # per request
 
 
@@ -91,7 +91,7 @@ class ModelRunner:
         """Flatten the batch: array operations per iteration, no Python loop per token."""
         bs = self.block_size
         ctx_before = np.asarray([r.num_computed_tokens for r in rows], dtype=np.int64)
-        q_lens = np.asarray([r.num_tokens for r in rows], dtype=np.int64) - ctx_before
+        q_lens = np.asarray([r.num_new_tokens for r in rows], dtype=np.int64)
         seq_lens = ctx_before + q_lens
         cu = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(q_lens, out=cu[1:])
@@ -101,7 +101,7 @@ class ModelRunner:
             if n == 1:
                 token_ids.append(r.token_at(r.num_computed_tokens))
             else:
-                token_ids.extend((r.prompt_token_ids + r.output_token_ids)[r.num_computed_tokens:])
+                token_ids.extend((r.prompt_token_ids + r.output_token_ids)[r.num_computed_tokens:r.num_computed_tokens + n])
         req_of_token = np.repeat(np.arange(len(rows)), q_lens)
         positions = np.arange(num_tokens) - cu[:-1][req_of_token] + ctx_before[req_of_token]
         max_blocks = max(len(r.block_ids) for r in rows)
@@ -115,7 +115,8 @@ class ModelRunner:
             input_ids=up(np.asarray(token_ids, dtype=np.int64)),
             positions=up(positions),
             meta=self.backend.build(layout, up),
-            sample_indices=up(cu[1:] - 1),
+            # a prompt chunk that does not reach the end of its sequence samples nothing
+            sample_indices=up((cu[1:] - 1)[[r.samples for r in rows]]),
             num_new_tokens=q_lens.tolist(),
         )
 
@@ -129,7 +130,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
     def forward_logits(self, inp: ModelInput) -> torch.Tensor:
-        """Logits only at the sampled positions (one row per request)."""
+        """Logits only at the sampled positions (one row per request that samples)."""
         ctx = ForwardContext(inp.meta, self.kv_caches, self.backend)
         hidden = self.model(inp.input_ids, inp.positions, ctx)
         return self.model.compute_logits(hidden.index_select(0, inp.sample_indices)).float()

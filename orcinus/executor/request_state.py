@@ -20,14 +20,26 @@ class WorkerRequest:
     num_computed_tokens: int = 0
     # a seeded request's own generator: its draws do not depend on the rest of the batch
     generator: torch.Generator | None = None
+    # this iteration: how many tokens it computes (None: all not yet computed), and whether the
+    # last of them is the sequence's last token, so that a token is sampled (a prompt chunk is not)
+    num_scheduled: int | None = None
+    samples: bool = True
 
     @classmethod
-    def from_new(cls, data: NewRequestData, device: torch.device) -> "WorkerRequest":
-        gen = None
-        if data.settings.seed is not None:
+    def from_new(cls, data: NewRequestData, device: torch.device,
+                 generator: torch.Generator | None = None) -> "WorkerRequest":
+        gen = generator
+        if gen is None and data.settings.seed is not None:
             gen = torch.Generator(device=device).manual_seed(data.settings.seed)
         return cls(data.request_id, list(data.prompt_token_ids), data.settings, list(data.block_ids),
-                   list(data.output_token_ids), 0, gen)
+                   list(data.output_token_ids), data.num_computed_tokens, gen, data.num_new_tokens,
+                   data.samples)
+
+    @property
+    def num_new_tokens(self) -> int:
+        if self.num_scheduled is None:
+            return self.num_tokens - self.num_computed_tokens
+        return self.num_scheduled
 
     @property
     def num_tokens(self) -> int:
@@ -44,6 +56,7 @@ class _Undo:
     appended: list[WorkerRequest]  # got one output token
     grown: list[tuple[WorkerRequest, int]]  # (request, block count before)
     generator_states: list[tuple[torch.Generator, torch.Tensor]]
+    unparked: list[tuple[str, torch.Generator]] = field(default_factory=list)
 
 
 class RequestStates:
@@ -52,6 +65,8 @@ class RequestStates:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._reqs: dict[str, WorkerRequest] = {}
+        # generators of seeded requests that were preempted, until they are sent again as new
+        self._parked: dict[str, torch.Generator] = {}
 
     def __len__(self) -> int:
         return len(self._reqs)
@@ -67,6 +82,11 @@ class RequestStates:
         blocks; returns the batch's rows in output order and what undoes the update."""
         for rid in msg.finished_ids:
             self._reqs.pop(rid, None)
+            self._parked.pop(rid, None)
+        for rid in msg.preempted_ids:
+            req = self._reqs.pop(rid, None)
+            if req is not None and req.generator is not None:
+                self._parked[rid] = req.generator
         undo = _Undo([], [], [], [])
         rows: list[WorkerRequest] = []
         try:
@@ -74,7 +94,10 @@ class RequestStates:
                 if isinstance(data, NewRequestData):
                     if data.request_id in self._reqs:
                         raise ValueError(f"request {data.request_id!r} is already running on this worker")
-                    req = WorkerRequest.from_new(data, self.device)
+                    parked = self._parked.pop(data.request_id, None)
+                    if parked is not None:
+                        undo.unparked.append((data.request_id, parked))
+                    req = WorkerRequest.from_new(data, self.device, parked)
                     self._reqs[req.request_id] = req
                     undo.added.append(req.request_id)
                     rows.append(req)
@@ -82,8 +105,10 @@ class RequestStates:
                 req = self._reqs.get(data.request_id)
                 if req is None:
                     raise KeyError(f"request {data.request_id!r} is unknown to this worker (never sent as new)")
-                req.output_token_ids.append(data.new_token_id)
-                undo.appended.append(req)
+                req.num_scheduled, req.samples = data.num_new_tokens, data.samples
+                if data.new_token_id is not None:  # None: its last iteration was a prompt chunk
+                    req.output_token_ids.append(data.new_token_id)
+                    undo.appended.append(req)
                 if data.new_block_ids:
                     undo.grown.append((req, len(req.block_ids)))
                     req.block_ids.extend(data.new_block_ids)
@@ -98,6 +123,8 @@ class RequestStates:
     def rollback(self, undo: _Undo) -> None:
         for rid in undo.added:
             self._reqs.pop(rid, None)
+        for rid, gen in undo.unparked:
+            self._parked[rid] = gen
         for req in undo.appended:
             req.output_token_ids.pop()
         for req, n in undo.grown:

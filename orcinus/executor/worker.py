@@ -96,7 +96,9 @@ class Worker:
         try:
             inp = self.runner.prepare(rows)
             logits = self.runner.forward_logits(inp)
-            out = self.sampler(logits, SamplingMetadata.from_rows(rows))
+            sampling = [r for r in rows if r.samples]  # prompt chunks short of the end sample nothing
+            out = self.sampler(logits, SamplingMetadata.from_rows(sampling)) if sampling \
+                else SamplerOutput([], [], [])
         except BaseException:
             # Leave the state as before the message, so the engine may retry these rows.
             self.states.rollback(undo)
