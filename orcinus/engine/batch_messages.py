@@ -47,6 +47,13 @@ class MessageBuilder:
         if self._known_blocks.pop(request_id, None) is not None:
             self._drops.append(request_id)
 
+    def drops_only(self) -> BatchMessage:
+        drops, self._drops = self._drops, []
+        return BatchMessage(-1, [], drops)
+
+    def requeue_drops(self, request_ids: list[str]) -> None:
+        self._drops[:0] = request_ids
+
     @property
     def pending_drops(self) -> list[str]:
         return list(self._drops)

@@ -196,6 +196,7 @@ class LLMEngine:
                 self.messages.forget(aborted.request_id)
                 self.outputs.on_finished(aborted)
         self.outputs.drop_if_done(request_id)
+        self._flush_drops_if_idle()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._in_flight) or bool(self._deferred)
@@ -231,8 +232,23 @@ class LLMEngine:
         if failed:
             self._deferred = outputs
             cause = next(iter(failed.values()))
-            raise EngineStepError(sorted(self._abort_failed(flight.batch, set(failed))), cause) from cause
+            aborted = self._abort_failed(flight.batch, set(failed))
+            self._flush_drops_if_idle()
+            raise EngineStepError(aborted, cause) from cause
+        self._flush_drops_if_idle()
         return outputs
+
+    def _flush_drops_if_idle(self) -> None:
+        """With no batch to carry them, tell workers now which requests to forget, so that an
+        idle engine leaves no per-request state behind on the workers."""
+        if self._in_flight or self.scheduler.has_unfinished() or not self.messages.pending_drops:
+            return
+        msg = self.messages.drops_only()
+        try:
+            self.executor.execute_async(msg).result()
+        except Exception:  # not worth failing anyone over: the next message carries them again
+            logger.warning("could not tell the workers to drop finished requests", exc_info=True)
+            self.messages.requeue_drops(msg.finished_ids)
 
     def _launch(self) -> None:
         while len(self._in_flight) < self.config.n_workers:
