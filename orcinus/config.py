@@ -37,6 +37,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
     max_num_batched_tokens: int | None = None  # optional cap on tokens per iteration
+    tensor_parallel_size: int = 1  # ranks that split every layer (worker processes on this machine)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,6 +63,8 @@ class EngineConfig:
             raise ConfigError("max_model_len must be at least 2")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens must be at least 1")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be at least 1")
         if self.attention_backend not in ("auto", "reference", "batched"):
             raise ConfigError("attention_backend must be auto, reference or batched")
 

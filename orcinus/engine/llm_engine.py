@@ -21,7 +21,7 @@ from orcinus.core.scheduler import ScheduledBatch, make_scheduler
 from orcinus.engine.batch_messages import MessageBuilder
 from orcinus.executor.messages import BatchMessage
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup
-from orcinus.executor.executor import Executor, SingleProcessExecutor
+from orcinus.executor.executor import Executor, WorkerDied, make_executor
 from orcinus.request import Request, RequestOutput, RequestRejected
 from orcinus.sampler import SamplerOutput
 from orcinus.sampling_params import SamplingParams
@@ -80,7 +80,7 @@ class LLMEngine:
         self.dtype = config.resolved_dtype(self.device)
         # The executor loads the model on every rank and sizes the KV pool; the engine only
         # learns the model's shape and how many blocks it may hand out.
-        self.executor: Executor = SingleProcessExecutor(config)
+        self.executor: Executor = make_executor(config)
         self.model_path = self.executor.model_path
         self.model_config = model_config = self.executor.model_config
         self.tokenizer = None
@@ -220,6 +220,13 @@ class LLMEngine:
         try:
             result = flight.future.result()
             tokens = dict(zip(flight.message.request_ids, _rows_of(result)))
+        except WorkerDied:
+            # Nothing can run any more: fail every batch in flight, leave the engine consistent.
+            self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
+            while self._in_flight:
+                other = self._in_flight.popleft()
+                self._abort_failed(other.batch, {r.request_id for r in other.batch.requests})
+            raise
         except Exception as exc:
             tokens, failed = self._rerun_isolated(flight, exc)
         except BaseException:

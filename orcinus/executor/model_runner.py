@@ -15,6 +15,7 @@ import torch
 from orcinus.attention.backend import AttentionBackend
 from orcinus.attention.metadata import AttentionMetadata, BatchLayout
 from orcinus.config import EngineConfig, ModelConfig
+from orcinus.distributed.parallel_state import kv_head_range
 from orcinus.executor.request_state import WorkerRequest
 from orcinus.layers.context import ForwardContext
 
@@ -71,13 +72,14 @@ class ModelRunner:
         self.backend = make_backend(engine_config.attention_backend, device)
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_kv_heads = kv_head_range(model_config.num_kv_heads)[1]  # on this tensor-parallel rank
 
     # ------------------------------------------------------------------ KV pool
     def kv_bytes_per_block(self) -> int:
-        return kv_bytes_per_block(self.cfg, self.block_size, self.dtype)
+        return kv_bytes_per_block(self.cfg, self.block_size, self.dtype, num_kv_heads=self.num_kv_heads)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.cfg.head_dim)
         # torch.empty: slots are only ever read after being written, so no need to zero them
         self.kv_caches = [
             (torch.empty(shape, dtype=self.dtype, device=self.device),

@@ -3,6 +3,11 @@
 Selective batching in one screen: every op below works on the flat [num_tokens, hidden] tensor;
 only `PagedAttention` consults the per-request metadata. Parameter names follow the Hugging Face
 checkpoints so that weights load by name.
+
+Tensor parallelism (Megatron): q/k/v and gate/up are column-parallel (each rank holds some heads,
+some of the MLP's hidden units), o_proj and down_proj row-parallel (one all-reduce each), the
+embedding and LM head split the vocabulary. With fewer KV heads than ranks each KV head is
+replicated on the ranks whose query heads use it.
 """
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from orcinus.config import ModelConfig
+from orcinus.distributed.parallel_state import even_split, kv_head_range
 from orcinus.layers.attention import PagedAttention
 from orcinus.layers.context import ForwardContext
+from orcinus.layers.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from orcinus.layers.norms import RMSNorm
 from orcinus.layers.rotary import RotaryEmbedding
 
@@ -22,16 +29,19 @@ class LlamaAttention(nn.Module):
         super().__init__()
         d = cfg.head_dim
         self.head_dim = d
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+        heads = even_split(cfg.num_heads, "the number of attention heads")
+        kv_start, kv_heads = kv_head_range(cfg.num_kv_heads)
+        kv_range = (kv_start * d, kv_heads * d)
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, cfg.attention_bias)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, kv_range)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, kv_range)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.rotary = [rotary]  # shared, kept out of the module tree
-        self.attn = PagedAttention(layer_idx, cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5, cfg.sliding_window)
+        self.attn = PagedAttention(layer_idx, heads, kv_heads, d, d ** -0.5, cfg.sliding_window)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
@@ -46,9 +56,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        even_split(cfg.intermediate_size, "the MLP's intermediate_size")
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -71,17 +82,19 @@ class LlamaBackbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_tensor_parallel = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.model = LlamaBackbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
