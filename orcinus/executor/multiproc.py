@@ -38,6 +38,9 @@ class MultiprocExecutor(Executor):
                  collective_timeout_s: float = 120.0) -> None:
         import torch.multiprocessing as mp
 
+        from orcinus.models.loader import check_tensor_parallel, inspect_model
+
+        check_tensor_parallel(*inspect_model(config.model), config.tensor_parallel_size)
         self.world_size = config.tensor_parallel_size
         ctx = mp.get_context("spawn")
         port = free_port()
@@ -143,8 +146,12 @@ class MultiprocExecutor(Executor):
                 fut.set_result(replies[0])
 
     def _death_note(self) -> str:
+        # A sentinel fires as the process ends; give the exit status a moment to be collected.
+        wait([p.sentinel for p in self._procs], 1.0)
         for rank, proc in enumerate(self._procs):
-            if not proc.is_alive():
+            if wait([proc.sentinel], 0):
+                proc.join(1.0)
+            if proc.exitcode is not None:
                 return (f"tensor-parallel worker {rank} (pid {proc.pid}) died with exit code {proc.exitcode}; "
                         "the engine cannot run iterations any more")
         return "a tensor-parallel worker stopped answering; the engine cannot run iterations any more"
@@ -155,11 +162,12 @@ class MultiprocExecutor(Executor):
                 self._dead = reason
                 logger.error(reason)
             pending, self._pending = list(self._pending), deque()
+        # The survivors may be stuck in a collective with the dead rank: stop them all now, before
+        # anyone hears of the failure (so that no process outlives the error).
+        _stop(self._conns, self._procs, grace_s=0.0)
         for fut in pending:
             if not fut.done():
                 fut.set_exception(WorkerDied(reason))
-        # The survivors may be stuck in a collective with the dead rank: stop them all now.
-        _stop(self._conns, self._procs)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -204,7 +212,7 @@ def _stop(conns: list[Connection], procs: list, grace_s: float = 2.0) -> None:
     for proc in procs:
         if proc.is_alive():
             proc.terminate()
-            proc.join(grace_s)
+            proc.join(2.0)
         if proc.is_alive():
             proc.kill()
             proc.join()

@@ -153,6 +153,42 @@ def _no_weight_init():
             setattr(torch.nn.init, n, fn)
 
 
+def inspect_model(model: str | None) -> tuple[type[nn.Module], ModelConfig]:
+    """The model class and configuration of a checkpoint, without reading any weight."""
+    path = resolve_model_path(model)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from orcinus.models.gguf_loader import _build_config, read_gguf_header
+
+        hf_config, _ = _build_config(read_gguf_header(path), path)
+    else:
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ModelNotFound(f"{path} is neither a .gguf file nor a folder with config.json")
+        with open(cfg_file) as f:
+            hf_config = json.load(f)
+    arch = resolve(hf_config)
+    return arch.model_class, arch.parse_config(hf_config)
+
+
+def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: int) -> None:
+    """Refuse, before any process starts, a model that cannot be split over `tp` ranks."""
+    if tp == 1:
+        return
+    if not getattr(model_class, "supports_tensor_parallel", False):
+        raise UnsupportedModel(
+            f"{cfg.architecture} models do not support tensor parallelism yet (tensor_parallel_size={tp}); "
+            "use tensor_parallel_size=1, or a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model")
+    for what, n in (("the number of attention heads", cfg.num_heads),
+                    ("the MLP's intermediate_size", cfg.intermediate_size)):
+        if n % tp:
+            raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel_size={tp}; choose a "
+                             "tensor_parallel_size that divides it")
+    kv = cfg.num_kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise ValueError(f"tensor_parallel_size={tp} is neither a divisor nor a multiple of the model's "
+                         f"{kv} key/value heads; choose one that is")
+
+
 def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     path = resolve_model_path(model)
     if path.endswith(".gguf") and os.path.isfile(path):
@@ -170,11 +206,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
         is_gguf = False
     arch = resolve(hf_config)
     cfg = arch.parse_config(hf_config)
-    tp = tensor_parallel().size
-    if tp > 1 and not getattr(arch.model_class, "supports_tensor_parallel", False):
-        raise UnsupportedModel(
-            f"{cfg.architecture} models do not support tensor parallelism yet (tensor_parallel_size={tp}); "
-            "use tensor_parallel_size=1, or a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model")
+    check_tensor_parallel(arch.model_class, cfg, tensor_parallel().size)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
