@@ -38,6 +38,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     max_num_batched_tokens: int | None = None  # optional cap on tokens per iteration
     tensor_parallel_size: int = 1  # ranks that split every layer (worker processes on this machine)
+    pipeline_parallel_size: int = 1  # stages of consecutive layers; batches in flight = max(n_workers, this)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,6 +66,8 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens must be at least 1")
         if self.tensor_parallel_size < 1:
             raise ConfigError("tensor_parallel_size must be at least 1")
+        if self.pipeline_parallel_size < 1:
+            raise ConfigError("pipeline_parallel_size must be at least 1")
         if self.attention_backend not in ("auto", "reference", "batched"):
             raise ConfigError("attention_backend must be auto, reference or batched")
 

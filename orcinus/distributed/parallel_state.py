@@ -63,3 +63,62 @@ def kv_head_range(num_kv_heads: int) -> tuple[int, int]:
         raise ValueError(f"tensor_parallel_size={size} is neither a divisor nor a multiple of the model's "
                          f"{num_kv_heads} key/value heads; choose one that is")
     return rank * num_kv_heads // size, 1
+
+
+@dataclass
+class PipelineStage:
+    """Which contiguous run of layers this process holds, and its neighbours' global ranks."""
+
+    stage: int = 0
+    num_stages: int = 1
+    prev_rank: int | None = None  # same tensor-parallel rank, previous stage
+    next_rank: int | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """An even split (the paper's default); earlier stages take one more when it is uneven."""
+        if num_layers < self.num_stages:
+            raise ValueError(f"pipeline_parallel_size={self.num_stages} exceeds the model's {num_layers} layers; "
+                             "choose at most one stage per layer")
+        base, extra = divmod(num_layers, self.num_stages)
+        start = self.stage * base + min(self.stage, extra)
+        return start, start + base + (1 if self.stage < extra else 0)
+
+
+_PP = PipelineStage()
+
+
+def pipeline_stage() -> PipelineStage:
+    return _PP
+
+
+def set_pipeline_stage(stage: PipelineStage) -> None:
+    global _PP
+    _PP = stage
+
+
+def send_to_next_stage(hidden: torch.Tensor | None, device: torch.device) -> None:
+    """Status first (0: hidden states follow, 1: this batch failed upstream), then the states."""
+    status = torch.full((1,), 0 if hidden is not None else 1, dtype=torch.int64, device=device)
+    dist.send(status, _PP.next_rank)
+    if hidden is not None:
+        dist.send(hidden.contiguous(), _PP.next_rank)
+
+
+def recv_from_prev_stage(num_tokens: int, hidden_size: int, dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor | None:
+    """The previous stage's hidden states for this batch, or None when it failed there."""
+    status = torch.empty(1, dtype=torch.int64, device=device)
+    dist.recv(status, _PP.prev_rank)
+    if int(status) != 0:
+        return None
+    hidden = torch.empty((num_tokens, hidden_size), dtype=dtype, device=device)
+    dist.recv(hidden, _PP.prev_rank)
+    return hidden

@@ -21,11 +21,36 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RankInfo:
-    rank: int
-    world_size: int
+    rank: int  # global: stage * tensor_parallel_size + tensor-parallel rank
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
     master_addr: str
     master_port: int
     timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor_parallel_size
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tensor_parallel_size
+
+
+@dataclass
+class Reply:
+    """A rank's answer to one message: the tokens (last stage, first tensor-parallel rank only)
+    and when this rank started and finished its part (for pipelining measurements)."""
+
+    output: object | None
+    stage: int
+    seq: int
+    started: float  # time.monotonic(), comparable across processes of one machine
+    finished: float
 
 
 @dataclass
@@ -60,17 +85,24 @@ class Failed:
         return self.exception if self.exception is not None else RuntimeError(f"{self.kind}: {self.message}")
 
 
-def worker_main(info: RankInfo, config: EngineConfig, conn: Connection) -> None:
+def worker_main(info: RankInfo, config: EngineConfig, conn: Connection, prev_conn: Connection | None,
+                next_conn: Connection | None) -> None:
+    """`conn`: this rank's pipe to the executor (start-up, replies; messages too on stage 0).
+    `prev_conn` / `next_conn`: control pipes from the previous / to the next pipeline stage."""
+    import time
+
     import torch
     import torch.distributed as dist
 
-    from orcinus.distributed.parallel_state import set_tensor_parallel
+    from orcinus.distributed.parallel_state import PipelineStage, set_pipeline_stage, set_tensor_parallel
+    from orcinus.executor.messages import Rollback
     from orcinus.executor.worker import Worker
 
+    tp, pp = info.tensor_parallel_size, info.pipeline_parallel_size
     try:
         device = config.resolved_device()
         if device.type == "cuda":
-            device = torch.device("cuda", info.rank)
+            device = torch.device("cuda", info.rank % max(torch.cuda.device_count(), 1))
             torch.cuda.set_device(device)
             config = dataclasses.replace(config, device=str(device))
         dist.init_process_group(
@@ -79,28 +111,43 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection) -> None:
             rank=info.rank, world_size=info.world_size,
             timeout=datetime.timedelta(seconds=info.timeout_s),
         )
-        set_tensor_parallel(info.rank, info.world_size, dist.group.WORLD)
+        group = dist.group.WORLD
+        if pp > 1:  # every rank creates every stage's group, in the same order
+            groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
+            group = groups[info.stage] if tp > 1 else None
+        set_tensor_parallel(info.tp_rank, tp, group)
+        set_pipeline_stage(PipelineStage(info.stage, pp, info.rank - tp if info.stage > 0 else None,
+                                         info.rank + tp if info.stage < pp - 1 else None))
         worker = Worker(config)
         conn.send(Ready(worker.available_kv_blocks(), worker.model_config, worker.model_path, os.getpid()))
         worker.initialize_kv_cache(conn.recv())
     except BaseException as exc:
         _send_quietly(conn, Failed.of(exc))
         return
+    inbox = conn if prev_conn is None else prev_conn
     try:
         while True:
             try:
-                msg = conn.recv()
-            except EOFError:  # the engine is gone: nothing left to serve
+                item = inbox.recv()
+            except EOFError:  # the engine (or the previous stage) is gone: nothing left to serve
                 return
-            if msg is None:
+            if next_conn is not None:
+                # Orca's Figure 7: pass the control message on before launching this stage's kernels,
+                # so the next stage is ready to receive as soon as the hidden states come.
+                next_conn.send(item)
+            if item is None:
                 return
+            if isinstance(item, Rollback):
+                worker.rollback(item.seq)
+                continue
+            started = time.monotonic()
             try:
-                out = worker.execute(msg)
+                out = worker.execute(item)
             except Exception as exc:
                 conn.send(Failed.of(exc))
                 continue
-            # Every rank sampled the same tokens from the same gathered logits; one copy suffices.
-            conn.send(out if info.rank == 0 else None)
+            # Every tensor-parallel rank sampled the same tokens from the same gathered logits.
+            conn.send(Reply(out if info.tp_rank == 0 else None, info.stage, item.seq, started, time.monotonic()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

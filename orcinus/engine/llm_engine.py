@@ -258,7 +258,8 @@ class LLMEngine:
             self.messages.requeue_drops(msg.finished_ids)
 
     def _launch(self) -> None:
-        while len(self._in_flight) < self.config.n_workers:
+        # Orca's n_workers: one batch per pipeline stage keeps every stage busy (no micro-batches).
+        while len(self._in_flight) < max(self.config.n_workers, self.config.pipeline_parallel_size):
             batch = self.scheduler.schedule()
             if batch is None:
                 break

@@ -56,8 +56,8 @@ class SingleProcessExecutor(Executor):
 
 
 def make_executor(config: EngineConfig) -> Executor:
-    """One process, or one spawned worker process per tensor-parallel rank."""
-    if config.tensor_parallel_size > 1:
+    """One process, or one spawned worker process per rank (tensor x pipeline parallel)."""
+    if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1:
         from orcinus.executor.multiproc import MultiprocExecutor
 
         return MultiprocExecutor(config)

