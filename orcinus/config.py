@@ -38,6 +38,8 @@ class EngineConfig:
     trust_remote_code: bool = False
     max_num_batched_tokens: int | None = None  # token budget per iteration; longer prompts run in chunks
     enable_prefix_caching: bool | None = None  # reuse cached KV of common prefixes; None: on for paged
+    tensor_parallel_size: int = 1  # ranks that split every layer (worker processes on this machine)
+    pipeline_parallel_size: int = 1  # stages of consecutive layers; batches in flight = max(n_workers, this)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,6 +65,10 @@ class EngineConfig:
             raise ConfigError("max_model_len must be at least 2")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens must be at least 1")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be at least 1")
+        if self.pipeline_parallel_size < 1:
+            raise ConfigError("pipeline_parallel_size must be at least 1")
         if self.attention_backend not in ("auto", "reference", "batched"):
             raise ConfigError("attention_backend must be auto, reference or batched")
 

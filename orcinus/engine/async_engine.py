@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from orcinus.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from orcinus.engine.llm_engine import EngineStepError as RequestsFailed
 from orcinus.request import RequestOutput
 from orcinus.sampling_params import SamplingParams
 
@@ -355,6 +356,10 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except RequestsFailed as exc:
+                # Only these requests failed (the engine isolated them); the rest go on.
+                self._fail_requests(exc)
+                continue
             except Exception as exc:
                 # The engine aborted the failed batch; its state is suspect, so fail every
                 # request (their clients get an error, not a hang) but keep serving: one bad
@@ -453,6 +458,14 @@ class AsyncEngine:
         for rid in request_ids:
             self._streams.pop(rid, None)
             self.engine.abort_request(rid)
+
+    def _fail_requests(self, exc: RequestsFailed) -> None:
+        """Fail the streams of the requests the engine aborted, each told only about its own."""
+        for rid in exc.request_ids:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                _call_soon(stream.loop, stream._push, EngineStepError(exc.message_for(rid)))
+                self._abort_now([r for r, s in self._streams.items() if s is stream])
 
     def _fail_all(self, error: BaseException) -> None:
         """Hand the error to every consumer, then abort their requests (if the engine lets us:

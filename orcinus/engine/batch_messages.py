@@ -64,10 +64,19 @@ class MessageBuilder:
     def forget(self, request_id: str) -> None:
         """The request finished or was aborted: workers drop its state with the next message."""
         self._known_tokens.pop(request_id, None)
+        if request_id in self._preempted:  # not yet told: dropping is enough
+            self._preempted.remove(request_id)
         known = self._known_blocks.pop(request_id, None) is not None
         if known or request_id in self._parked:
             self._parked.discard(request_id)
             self._drops.append(request_id)
+
+    def drops_only(self) -> BatchMessage:
+        drops, self._drops = self._drops, []
+        return BatchMessage(-1, [], drops)
+
+    def requeue_drops(self, request_ids: list[str]) -> None:
+        self._drops[:0] = request_ids
 
     @property
     def pending_drops(self) -> list[str]:

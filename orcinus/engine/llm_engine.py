@@ -21,7 +21,7 @@ from orcinus.core.scheduler import ScheduledBatch, make_scheduler
 from orcinus.engine.batch_messages import MessageBuilder
 from orcinus.executor.messages import BatchMessage
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup
-from orcinus.executor.executor import Executor, SingleProcessExecutor
+from orcinus.executor.executor import Executor, WorkerDied, make_executor
 from orcinus.request import Request, RequestOutput, RequestRejected
 from orcinus.sampler import SamplerOutput
 from orcinus.sampling_params import SamplingParams
@@ -85,7 +85,7 @@ class LLMEngine:
         self.dtype = config.resolved_dtype(self.device)
         # The executor loads the model on every rank and sizes the KV pool; the engine only
         # learns the model's shape and how many blocks it may hand out.
-        self.executor: Executor = SingleProcessExecutor(config)
+        self.executor: Executor = make_executor(config)
         self.model_path = self.executor.model_path
         self.model_config = model_config = self.executor.model_config
         self.tokenizer = None
@@ -203,6 +203,7 @@ class LLMEngine:
                 self.messages.forget(aborted.request_id)
                 self.outputs.on_finished(aborted)
         self.outputs.drop_if_done(request_id)
+        self._flush_drops_if_idle()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._in_flight) or bool(self._deferred)
@@ -226,6 +227,13 @@ class LLMEngine:
         try:
             result = flight.future.result()
             tokens = dict(zip(flight.message.sampled_ids, _rows_of(result)))
+        except WorkerDied:
+            # Nothing can run any more: fail every batch in flight, leave the engine consistent.
+            self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
+            while self._in_flight:
+                other = self._in_flight.popleft()
+                self._abort_failed(other.batch, {r.request_id for r in other.batch.requests})
+            raise
         except Exception as exc:
             tokens, failed = self._rerun_isolated(flight, exc)
         except BaseException:
@@ -238,11 +246,27 @@ class LLMEngine:
         if failed:
             self._deferred = outputs
             cause = next(iter(failed.values()))
-            raise EngineStepError(sorted(self._abort_failed(flight.batch, set(failed))), cause) from cause
+            aborted = self._abort_failed(flight.batch, set(failed))
+            self._flush_drops_if_idle()
+            raise EngineStepError(aborted, cause) from cause
+        self._flush_drops_if_idle()
         return outputs
 
+    def _flush_drops_if_idle(self) -> None:
+        """With no batch to carry them, tell workers now which requests to forget, so that an
+        idle engine leaves no per-request state behind on the workers."""
+        if self._in_flight or self.scheduler.has_unfinished() or not self.messages.pending_drops:
+            return
+        msg = self.messages.drops_only()
+        try:
+            self.executor.execute_async(msg).result()
+        except Exception:  # not worth failing anyone over: the next message carries them again
+            logger.warning("could not tell the workers to drop finished requests", exc_info=True)
+            self.messages.requeue_drops(msg.finished_ids)
+
     def _launch(self) -> None:
-        while len(self._in_flight) < self.config.n_workers:
+        # Orca's n_workers: one batch per pipeline stage keeps every stage busy (no micro-batches).
+        while len(self._in_flight) < max(self.config.n_workers, self.config.pipeline_parallel_size):
             batch = self.scheduler.schedule()
             self.messages.preempted(self.scheduler.take_preempted())
             if batch is None:

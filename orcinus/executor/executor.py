@@ -9,8 +9,11 @@ from concurrent.futures import Future
 
 from orcinus.config import EngineConfig, ModelConfig
 from orcinus.executor.messages import BatchMessage
-from orcinus.executor.worker import Worker
 from orcinus.sampler import SamplerOutput
+
+
+class WorkerDied(RuntimeError):
+    """A worker process exited or failed beyond recovery; the executor cannot run batches."""
 
 
 class Executor(ABC):
@@ -30,6 +33,8 @@ class SingleProcessExecutor(Executor):
     """One worker in this process; runs the iteration at launch, the future is already resolved."""
 
     def __init__(self, config: EngineConfig) -> None:
+        from orcinus.executor.worker import Worker
+
         self.driver_worker = Worker(config)
         self.model_config = self.driver_worker.model_config
         self.model_path = self.driver_worker.model_path
@@ -38,7 +43,7 @@ class SingleProcessExecutor(Executor):
             w.initialize_kv_cache(self.num_blocks)
 
     @property
-    def workers(self) -> list[Worker]:
+    def workers(self) -> list:
         return [self.driver_worker]
 
     def execute_async(self, msg: BatchMessage) -> "Future[SamplerOutput]":
@@ -48,3 +53,12 @@ class SingleProcessExecutor(Executor):
         except BaseException as exc:  # surfaced to the engine when it waits on the batch
             fut.set_exception(exc)
         return fut
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    """One process, or one spawned worker process per rank (tensor x pipeline parallel)."""
+    if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1:
+        from orcinus.executor.multiproc import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    return SingleProcessExecutor(config)

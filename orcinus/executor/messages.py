@@ -96,6 +96,7 @@ class BatchMessage:
     requests: list[RequestData] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    seq: int = 0  # stamped by the executor: unique per message sent, names it in a rollback
 
     @property
     def request_ids(self) -> list[str]:
@@ -108,3 +109,10 @@ class BatchMessage:
     @property
     def num_requests(self) -> int:
         return len(self.requests)
+
+
+@dataclass
+class Rollback:
+    """Undo message `seq` on every rank that applied it: it failed on another rank or stage."""
+
+    seq: int

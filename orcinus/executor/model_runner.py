@@ -15,6 +15,7 @@ import torch
 from orcinus.attention.backend import AttentionBackend
 from orcinus.attention.metadata import AttentionMetadata, BatchLayout
 from orcinus.config import EngineConfig, ModelConfig
+from orcinus.distributed.parallel_state import kv_head_range
 from orcinus.executor.request_state import WorkerRequest
 from orcinus.layers.context import ForwardContext
 
@@ -71,18 +72,20 @@ class ModelRunner:
         self.backend = make_backend(engine_config.attention_backend, device)
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_kv_heads = kv_head_range(model_config.num_kv_heads)[1]  # on this tensor-parallel rank
+        self.num_layers = getattr(model, "num_local_layers", model_config.num_layers)  # on this stage
 
     # ------------------------------------------------------------------ KV pool
     def kv_bytes_per_block(self) -> int:
-        return kv_bytes_per_block(self.cfg, self.block_size, self.dtype)
+        return kv_bytes_per_block(self.cfg, self.block_size, self.dtype, self.num_layers, self.num_kv_heads)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.cfg.head_dim)
         # torch.empty: slots are only ever read after being written, so no need to zero them
         self.kv_caches = [
             (torch.empty(shape, dtype=self.dtype, device=self.device),
              torch.empty(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.cfg.num_layers)
+            for _ in range(self.num_layers)
         ]
         self.num_blocks = num_blocks
 
@@ -129,8 +132,15 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
-    def forward_logits(self, inp: ModelInput) -> torch.Tensor:
+    def forward_logits(self, inp: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Logits only at the sampled positions (one row per request that samples)."""
-        ctx = ForwardContext(inp.meta, self.kv_caches, self.backend)
-        hidden = self.model(inp.input_ids, inp.positions, ctx)
+        hidden = self.forward_stage(inp, hidden)
         return self.model.compute_logits(hidden.index_select(0, inp.sample_indices)).float()
+
+    @torch.inference_mode()
+    def forward_stage(self, inp: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This pipeline stage's layers: from token ids on the first stage, else from `hidden`."""
+        ctx = ForwardContext(inp.meta, self.kv_caches, self.backend)
+        if hidden is None:
+            return self.model(inp.input_ids, inp.positions, ctx)
+        return self.model(inp.input_ids, inp.positions, ctx, hidden)

@@ -1,5 +1,6 @@
 """What a worker remembers about each request between iterations, and how a batch message
-updates it (transactionally: a failed iteration leaves the state as it was before the message)."""
+updates it. Every update has an undo record: a failed iteration (here, or on another pipeline
+stage) puts the state back as it was before the message, so the engine may retry its rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ class WorkerRequest:
     settings: SamplingSettings
     block_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
-    # KV positions already written; the next iteration computes tokens from here on
+    # KV positions written before this row's current iteration, which computes the tokens from
+    # here on: 0 for a new request, all but the newest token for a running one
     num_computed_tokens: int = 0
     # a seeded request's own generator: its draws do not depend on the rest of the batch
     generator: torch.Generator | None = None
@@ -53,7 +55,8 @@ class WorkerRequest:
 @dataclass
 class _Undo:
     added: list[str]
-    appended: list[WorkerRequest]  # got one output token
+    # (cached request, computed count, scheduled count and samples before, whether a token was appended)
+    appended: list[tuple[WorkerRequest, int, int | None, bool, bool]]
     grown: list[tuple[WorkerRequest, int]]  # (request, block count before)
     generator_states: list[tuple[torch.Generator, torch.Tensor]]
     unparked: list[tuple[str, torch.Generator]] = field(default_factory=list)
@@ -105,10 +108,13 @@ class RequestStates:
                 req = self._reqs.get(data.request_id)
                 if req is None:
                     raise KeyError(f"request {data.request_id!r} is unknown to this worker (never sent as new)")
-                req.num_scheduled, req.samples = data.num_new_tokens, data.samples
+                undo.appended.append((req, req.num_computed_tokens, req.num_scheduled, req.samples,
+                                      data.new_token_id is not None))
+                # Its previous iteration's tokens are in the KV cache now (a decode step, or a chunk).
+                req.num_computed_tokens += req.num_new_tokens
                 if data.new_token_id is not None:  # None: its last iteration was a prompt chunk
                     req.output_token_ids.append(data.new_token_id)
-                    undo.appended.append(req)
+                req.num_scheduled, req.samples = data.num_new_tokens, data.samples
                 if data.new_block_ids:
                     undo.grown.append((req, len(req.block_ids)))
                     req.block_ids.extend(data.new_block_ids)
@@ -125,15 +131,11 @@ class RequestStates:
             self._reqs.pop(rid, None)
         for rid, gen in undo.unparked:
             self._parked[rid] = gen
-        for req in undo.appended:
-            req.output_token_ids.pop()
+        for req, computed, scheduled, samples, appended in undo.appended:
+            if appended:
+                req.output_token_ids.pop()
+            req.num_computed_tokens, req.num_scheduled, req.samples = computed, scheduled, samples
         for req, n in undo.grown:
             del req.block_ids[n:]
         for gen, state in undo.generator_states:
             gen.set_state(state)
-
-    @staticmethod
-    def commit(rows: list[WorkerRequest], num_new_tokens: list[int]) -> None:
-        """The iteration succeeded: those tokens' keys and values are now in the cache."""
-        for req, n in zip(rows, num_new_tokens):
-            req.num_computed_tokens += n

@@ -3,10 +3,12 @@ state and its sampler. It is driven only by `BatchMessage`s, so it can live in a
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 
 from orcinus.config import EngineConfig, ModelConfig
+from orcinus.distributed.parallel_state import pipeline_stage, recv_from_prev_stage, send_to_next_stage
 from orcinus.executor.messages import BatchMessage, SamplingSettings
 from orcinus.executor.model_runner import ModelRunner, default_cpu_kv_bytes
 from orcinus.executor.request_state import RequestStates, WorkerRequest
@@ -14,6 +16,8 @@ from orcinus.models.loader import load_model
 from orcinus.sampler import Sampler, SamplerOutput, SamplingMetadata
 
 logger = logging.getLogger(__name__)
+
+_UNDO_KEPT = 64  # far more than the batches that can be in flight
 
 
 class Worker:
@@ -29,6 +33,8 @@ class Worker:
         self.runner = ModelRunner(loaded.model, loaded.config, config, self.device, self.dtype)
         self.sampler = Sampler(seed=config.seed)
         self.states = RequestStates(self.device)
+        # undo records of recent messages, should another rank or stage fail them
+        self._applied: OrderedDict[int, object] = OrderedDict()
 
     # ------------------------------------------------------------------ KV sizing
     def available_kv_blocks(self) -> int:
@@ -81,27 +87,65 @@ class Worker:
             left -= n
             blocks = [b % pool_blocks for b in range(-(-n // self.runner.block_size))]
             rows.append(WorkerRequest(f"profile-{i}", [0] * n, settings, blocks))
-        logits = self.runner.forward_logits(self.runner.prepare(rows))
-        self.sampler(logits, SamplingMetadata.from_rows(rows))
+        inp = self.runner.prepare(rows)
+        stage = pipeline_stage()
+        hidden = None
+        if not stage.is_first:
+            hidden = recv_from_prev_stage(len(inp.input_ids), self.model_config.hidden_size, self.dtype, self.device)
+        if stage.is_last:
+            logits = self.runner.forward_logits(inp) if hidden is None else self.runner.forward_logits(inp, hidden)
+            self.sampler(logits, SamplingMetadata.from_rows(rows))
+        else:
+            send_to_next_stage(self.runner.forward_stage(inp, hidden), self.device)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
 
     # ------------------------------------------------------------------ iterations
     @torch.inference_mode()
-    def execute(self, msg: BatchMessage) -> SamplerOutput:
+    def execute(self, msg: BatchMessage) -> SamplerOutput | None:
+        """Run this rank's part of one iteration. The last pipeline stage returns the sampled
+        tokens; earlier stages send their hidden states on and return None."""
+        stage = pipeline_stage()
         rows, undo = self.states.apply(msg)
-        if not rows:
-            return SamplerOutput([], [], [])
+        sent = stage.is_last
         try:
+            if not rows:
+                return SamplerOutput([], [], []) if stage.is_last else None
             inp = self.runner.prepare(rows)
-            logits = self.runner.forward_logits(inp)
-            sampling = [r for r in rows if r.samples]  # prompt chunks short of the end sample nothing
-            out = self.sampler(logits, SamplingMetadata.from_rows(sampling)) if sampling \
-                else SamplerOutput([], [], [])
+            hidden = None
+            if not stage.is_first:
+                hidden = recv_from_prev_stage(len(inp.input_ids), self.model_config.hidden_size, self.dtype,
+                                              self.device)
+                if hidden is None:
+                    raise UpstreamFailed("this batch failed on an earlier pipeline stage")
+            if not stage.is_last:
+                hidden = self.runner.forward_stage(inp, hidden)
+                sent = True
+                send_to_next_stage(hidden, self.device)
+                out = None
+            else:
+                logits = self.runner.forward_logits(inp) if hidden is None else self.runner.forward_logits(inp, hidden)
+                sampling = [r for r in rows if r.samples]  # prompt chunks short of the end sample nothing
+                out = self.sampler(logits, SamplingMetadata.from_rows(sampling)) if sampling \
+                    else SamplerOutput([], [], [])
         except BaseException:
+            if not sent:  # the next stage waits for this batch: tell it that it failed
+                send_to_next_stage(None, self.device)
             # Leave the state as before the message, so the engine may retry these rows.
             self.states.rollback(undo)
             raise
-        self.states.commit(rows, inp.num_new_tokens)
+        self._applied[msg.seq] = undo
+        while len(self._applied) > _UNDO_KEPT:
+            self._applied.popitem(last=False)
         return out
+
+    def rollback(self, seq: int) -> None:
+        """Message `seq` succeeded here but failed elsewhere (another stage or rank): undo it."""
+        undo = self._applied.pop(seq, None)
+        if undo is not None:
+            self.states.rollback(undo)
+
+
+class UpstreamFailed(RuntimeError):
+    """An earlier pipeline stage failed this batch; its own error is the one to report."""
