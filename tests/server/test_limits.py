@@ -94,7 +94,8 @@ def test_operator_log(small_server: ServerProcess) -> None:
     assert wait_until(lambda: "throughput:" in log.read_text(), 15)
     text = log.read_text()
     startup = next(line for line in text.splitlines() if "kv_capacity=" in line)
-    for field in ("model=", "dtype=float32", "device=cpu", "tokens", "policy=orca"):
+    for field in ("model=", "dtype=float32", "device=cpu", "tokens", "policy=paged", "max_num_batched_tokens=512",
+                  "prefix_caching=on"):
         assert field in startup, startup
     assert "serving tiny, other-name at http://127.0.0.1:" in text
     assert re.search(r'orcinus.access: 127\.0\.0\.1:\d+ "POST /v1/completions HTTP/1.1" 503 \d+B [\d.]+ms', text)
