@@ -26,8 +26,8 @@ WATERMARK = 0.01
 class PagedScheduler(Scheduler):
     def __init__(self, *args, watermark: float = WATERMARK, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.watermark_blocks = int(self.kv_cache.num_blocks * watermark) if self.kv_cache.num_blocks > 1 else 0
-        self.watermark_blocks = max(self.watermark_blocks, 1 if self.kv_cache.num_blocks > 1 else 0)
+        n = self.kv_cache.num_blocks
+        self.watermark_blocks = max(1, int(n * watermark)) if n > 1 else 0
         self._admitted: dict[str, int] = {}  # request id -> admission number (holds blocks)
         self._admissions = itertools.count()
         self._preempted_now: set[str] = set()

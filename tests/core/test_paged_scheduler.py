@@ -204,28 +204,32 @@ def test_siblings_share_prompt_blocks():
 
 
 def test_in_flight_requests_are_never_preempted():
-    kv = KVCacheManager(6, 4)
+    kv = KVCacheManager(5, 4)
     sched = make_scheduler("paged", kv, 8, 10_000)
-    a, b = make_request(0, [1] * 4, 20), make_request(1, [2] * 4, 20)
-    for r in (a, b):
+    reqs = [make_request(i, [i + 1] * 4, 14) for i in range(3)]
+    for r in reqs:
         sched.add_request(r)
-    first = sched.schedule()  # both admitted: 2 blocks
+    first = sched.schedule()  # all three admitted, one block each
     for r in first.requests:
         r.num_computed_tokens = 4
         r.output_token_ids.append(1)
     sched.finish_batch(first)
-    b_batch = None
-    for _ in range(20):
+    sched.max_num_batched_tokens = 1  # one request per batch from now on (the earliest: r000)
+    # make r000 the most recently admitted, as after a re-admission: the first victim if not in flight
+    sched._admitted["r000"] = max(sched._admitted.values()) + 1
+    held = None
+    for _ in range(100):
         batch = sched.schedule()
         if batch is None:
             break
-        assert all(r.state == RequestState.RUNNING for r in batch.requests)
-        if b_batch is None:
-            b_batch = batch  # keep it in flight while the others compete for blocks
+        (req,) = batch.requests
+        if held is None and req is reqs[0]:
+            held = batch  # stays in flight while the others grow and run out of blocks
             continue
-        for r in batch.requests:
-            assert r not in b_batch.requests
-            r.num_computed_tokens += batch.num_new_tokens[batch.requests.index(r)]
-            r.output_token_ids.append(1)
+        req.num_computed_tokens += batch.num_new_tokens[0]
+        if req.num_computed_tokens == req.num_tokens:
+            req.output_token_ids.append(1)
         sched.finish_batch(batch)
-    assert all(kv.holds(r.request_id) for r in b_batch.requests)
+    assert held is not None and sched.num_preemptions > 0
+    assert reqs[0].state == RequestState.RUNNING and kv.holds("r000")
+    assert "r000" not in sched.take_preempted()
