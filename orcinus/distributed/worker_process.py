@@ -13,6 +13,7 @@ import pickle
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 from orcinus.config import EngineConfig
 
@@ -128,13 +129,14 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection, prev_con
     try:
         while True:
             try:
-                item = inbox.recv()
+                raw = inbox.recv_bytes()
             except EOFError:  # the engine (or the previous stage) is gone: nothing left to serve
                 return
             if next_conn is not None:
-                # Orca's Figure 7: pass the control message on before launching this stage's kernels,
-                # so the next stage is ready to receive as soon as the hidden states come.
-                next_conn.send(item)
+                # Orca's Figure 7: pass the control message on (still encoded) before launching this
+                # stage's kernels, so the next stage is ready as soon as the hidden states come.
+                next_conn.send_bytes(raw)
+            item = ForkingPickler.loads(raw)
             if item is None:
                 return
             if isinstance(item, Rollback):
