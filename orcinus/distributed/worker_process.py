@@ -101,6 +101,9 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection, prev_con
 
     tp, pp = info.tensor_parallel_size, info.pipeline_parallel_size
     try:
+        if "OMP_NUM_THREADS" not in os.environ:
+            # The ranks share this machine's cores: one intra-op pool per rank would oversubscribe it.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
         device = config.resolved_device()
         if device.type == "cuda":
             device = torch.device("cuda", info.rank % max(torch.cuda.device_count(), 1))
