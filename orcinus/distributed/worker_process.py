@@ -13,6 +13,7 @@ import pickle
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 from orcinus.config import EngineConfig
 
@@ -100,6 +101,9 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection, prev_con
 
     tp, pp = info.tensor_parallel_size, info.pipeline_parallel_size
     try:
+        if "OMP_NUM_THREADS" not in os.environ:
+            # The ranks share this machine's cores: one intra-op pool per rank would oversubscribe it.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
         device = config.resolved_device()
         if device.type == "cuda":
             device = torch.device("cuda", info.rank % max(torch.cuda.device_count(), 1))
@@ -128,13 +132,14 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection, prev_con
     try:
         while True:
             try:
-                item = inbox.recv()
+                raw = inbox.recv_bytes()
             except EOFError:  # the engine (or the previous stage) is gone: nothing left to serve
                 return
             if next_conn is not None:
-                # Orca's Figure 7: pass the control message on before launching this stage's kernels,
-                # so the next stage is ready to receive as soon as the hidden states come.
-                next_conn.send(item)
+                # Orca's Figure 7: pass the control message on (still encoded) before launching this
+                # stage's kernels, so the next stage is ready as soon as the hidden states come.
+                next_conn.send_bytes(raw)
+            item = ForkingPickler.loads(raw)
             if item is None:
                 return
             if isinstance(item, Rollback):

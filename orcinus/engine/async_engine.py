@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from orcinus.engine.llm_engine import EngineStats, LLMEngine, PromptType
 from orcinus.engine.llm_engine import EngineStepError as RequestsFailed
+from orcinus.executor.executor import WorkerDied
 from orcinus.request import RequestOutput
 from orcinus.sampling_params import SamplingParams
 
@@ -360,6 +361,8 @@ class AsyncEngine:
                 # Only these requests failed (the engine isolated them); the rest go on.
                 self._fail_requests(exc)
                 continue
+            except WorkerDied as exc:  # nothing can run any more: stop now (health turns 503)
+                return str(exc)
             except Exception as exc:
                 # The engine aborted the failed batch; its state is suspect, so fail every
                 # request (their clients get an error, not a hang) but keep serving: one bad

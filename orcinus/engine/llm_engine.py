@@ -229,14 +229,14 @@ class LLMEngine:
             result = flight.future.result()
             tokens = dict(zip(flight.message.sampled_ids, _rows_of(result)))
         except WorkerDied:
-            # Nothing can run any more: fail every batch in flight, leave the engine consistent.
-            self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
-            while self._in_flight:
-                other = self._in_flight.popleft()
-                self._abort_failed(other.batch, {r.request_id for r in other.batch.requests})
+            self._abort_all_in_flight(flight)
             raise
         except Exception as exc:
-            tokens, failed = self._rerun_isolated(flight, exc)
+            try:
+                tokens, failed = self._rerun_isolated(flight, exc)
+            except WorkerDied:  # died while re-running
+                self._abort_all_in_flight(flight)
+                raise
         except BaseException:
             # Ctrl-C or exit while waiting: the batch's outcome is unknown, so abort all of it
             # (blocks freed, ids forgotten by workers) and leave the engine consistent.
@@ -252,6 +252,13 @@ class LLMEngine:
             raise EngineStepError(aborted, cause) from cause
         self._flush_drops_if_idle()
         return outputs
+
+    def _abort_all_in_flight(self, flight: _InFlight) -> None:
+        """Nothing can run any more: fail every batch in flight, leaving the engine consistent."""
+        self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
+        while self._in_flight:
+            other = self._in_flight.popleft()
+            self._abort_failed(other.batch, {r.request_id for r in other.batch.requests})
 
     def _flush_drops_if_idle(self) -> None:
         """With no batch to carry them, tell workers now which requests to forget, so that an
@@ -293,6 +300,8 @@ class LLMEngine:
                 msg = self.messages.retry(flight.batch.batch_id, half)
                 try:
                     tokens.update(zip(msg.sampled_ids, _rows_of(self.executor.execute_async(msg).result())))
+                except WorkerDied:
+                    raise
                 except Exception as sub_exc:
                     pending.append((half, sub_exc))
         return tokens, failed

@@ -23,6 +23,7 @@ import weakref
 from collections import deque
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 
 from orcinus.config import EngineConfig
 from orcinus.distributed.worker_process import Failed, RankInfo, Ready, worker_main
@@ -123,8 +124,9 @@ class MultiprocExecutor(Executor):
 
     def _send_to_first_stage(self, item: object) -> None:
         try:
+            raw = bytes(ForkingPickler.dumps(item))  # encoded once for all the first stage's ranks
             for conn in self._conns[:self.tp]:
-                conn.send(item)
+                conn.send_bytes(raw)
         except (OSError, ValueError) as exc:
             threading.Thread(target=self._die, args=(f"could not reach a worker process: {exc}",)).start()
 

@@ -94,7 +94,8 @@ class LlamaBackbone(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    supports_tensor_parallel = True  # and pipeline parallel
+    supports_tensor_parallel = True
+    supports_pipeline_parallel = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -174,11 +174,13 @@ def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: in
     """Refuse, before any process starts, a model that cannot be split over `tp` x `pp` ranks."""
     if tp == 1 and pp == 1:
         return
-    if not getattr(model_class, "supports_tensor_parallel", False):
-        setting = f"tensor_parallel_size={tp}" if tp > 1 else f"pipeline_parallel_size={pp}"
+    if tp > 1 and not getattr(model_class, "supports_tensor_parallel", False):
+        raise UnsupportedModel(f"{cfg.architecture} models do not support tensor parallelism yet "
+                               f"(tensor_parallel_size={tp}); use tensor_parallel_size=1")
+    if pp > 1 and not getattr(model_class, "supports_pipeline_parallel", False):
         raise UnsupportedModel(
-            f"{cfg.architecture} models do not support tensor or pipeline parallelism yet ({setting}); "
-            "use tensor_parallel_size=1 and pipeline_parallel_size=1, or a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model")
+            f"{cfg.architecture} models do not support pipeline parallelism yet (pipeline_parallel_size={pp}); "
+            "use pipeline_parallel_size=1, or a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model")
     if pp > cfg.num_layers:
         raise ValueError(f"pipeline_parallel_size={pp} exceeds the model's {cfg.num_layers} layers; "
                          "choose at most one stage per layer")

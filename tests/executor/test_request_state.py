@@ -35,3 +35,23 @@ def test_unknown_cached_request_is_refused_and_nothing_changes():
     with pytest.raises(KeyError, match="ghost"):
         states.apply(msg)
     assert len(states) == 0
+
+
+def test_worker_rolls_back_a_message_that_failed_on_another_rank(checkpoint_factory):
+    from orcinus.config import EngineConfig
+    from orcinus.executor.worker import Worker
+
+    folder, _ = checkpoint_factory("llama")
+    worker = Worker(EngineConfig(model=folder, dtype="float32", kv_cache_memory=1 << 20, block_size=4))
+    worker.initialize_kv_cache(worker.available_kv_blocks())
+    first = worker.execute(BatchMessage(0, [NewRequestData("a", [5, 6, 7], SamplingSettings(temperature=0.0), [0])],
+                                        seq=1))
+    token = first.token_ids[0]
+    again = BatchMessage(1, [CachedRequestData("a", token)], seq=2)
+    out = worker.execute(again)
+    worker.rollback(2)  # e.g. a later pipeline stage failed message 2
+    assert worker.states.get("a").output_token_ids == []
+    assert worker.execute(again).token_ids == out.token_ids  # the retry sees the same state
+    worker.rollback(1)
+    worker.rollback(1)  # twice, or for a message it never applied: nothing happens
+    assert "a" not in worker.states
