@@ -97,3 +97,26 @@ def test_a_request_too_big_even_alone_is_refused_at_submission(checkpoint_factor
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.free_all_check()
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_preemption_and_chunks_across_worker_processes(tp, pp, checkpoint_factory):
+    """Tensor-parallel ranks each park their own generator; two pipeline stages keep two batches in
+    flight, whose requests must never be preempted. Seeded outputs still equal one process with
+    plenty of memory."""
+    folder, _ = checkpoint_factory("llama")
+    prompts = _prompts(6, seed=1)
+    params = [SamplingParams(max_tokens=20, temperature=0.9, seed=10 + i, ignore_eos=True) for i in range(6)]
+    plenty = _run(_engine(folder, scheduler_policy="orca"), prompts, params)
+    probe = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 16,
+                                  block_size=BLOCK)
+    per_block = kv_bytes_per_block(probe.model_config, BLOCK, torch.float32) // (tp * pp)  # one rank's share
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", block_size=BLOCK,
+                                   kv_cache_memory=16 * per_block, scheduler_policy="paged", tensor_parallel_size=tp,
+                                   pipeline_parallel_size=pp, max_num_batched_tokens=8)
+    try:
+        assert engine.kv_cache.num_blocks == 16
+        assert _run(engine, prompts, params) == plenty
+        assert engine.scheduler.num_preemptions > 0
+    finally:
+        engine.shutdown()
