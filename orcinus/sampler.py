@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
 
-from orcinus.request import Request
+from orcinus.executor.messages import SamplingSettings
 
 # How many best tokens the top-p fast path examines before falling back to a full sort.
 _TOP_P_CANDIDATES = 512
@@ -35,6 +36,44 @@ class SamplerOutput:
     # per row: the top-k {token_id: logprob} of the raw distribution, highest first, when
     # sampling_params.logprobs is set (k = that number; 0 gives an empty dict), else None
     top_logprobs: list[dict[int, float] | None]
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of one row's request: the worker's per-request state."""
+
+    settings: SamplingSettings
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling inputs of one iteration, prepared once by the worker from its own
+    per-request state (the sampler never sees a request object)."""
+
+    settings: list[SamplingSettings]
+    prompt_token_ids: list[list[int]]  # read only by repetition penalty
+    output_token_ids: list[list[int]]  # penalties and min_tokens
+    generators: list[torch.Generator | None]  # a seeded row's own generator, else None
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[SamplingRow]) -> "SamplingMetadata":
+        return cls(
+            settings=[r.settings for r in rows],
+            prompt_token_ids=[r.prompt_token_ids for r in rows],
+            output_token_ids=[r.output_token_ids for r in rows],
+            generators=[r.generator for r in rows],
+        )
+
+    def __len__(self) -> int:
+        return len(self.settings)
+
+    def select(self, rows: list[int]) -> "SamplingMetadata":
+        return SamplingMetadata(
+            [self.settings[i] for i in rows], [self.prompt_token_ids[i] for i in rows],
+            [self.output_token_ids[i] for i in rows], [self.generators[i] for i in rows],
+        )
 
 
 def flat_token_index(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -197,7 +236,7 @@ def _exponential_(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 
 class Sampler:
-    """Samples one token per row for a batch of requests with mixed SamplingParams."""
+    """Samples one token per row for a batch of rows with mixed sampling settings."""
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -214,28 +253,22 @@ class Sampler:
 
     # ---------------------------------------------------------------- logits processing
 
-    def process_logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Penalties and min_tokens masking applied to float32 logits [B, V].
 
         Returns the input itself (no copy) when no row needs either, else a new tensor; the
         caller's logits are never modified.
         """
         batch, vocab = logits.shape
-        params = [r.sampling_params for r in requests]
-        pen_rows = [
-            i
-            for i, p in enumerate(params)
-            if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-        ]
+        params = meta.settings
+        pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         mask_rows: list[int] = []
         mask_ids: list[int] = []
-        for i, req in enumerate(requests):
-            p = params[i]
-            if p.min_tokens and len(req.output_token_ids) < p.min_tokens:
+        for i, p in enumerate(params):
+            if p.min_tokens and len(meta.output_token_ids[i]) < p.min_tokens:
                 # Masked whether or not ignore_eos is set: min_tokens promises that many tokens
                 # before any stop token could be chosen.
-                stops = itertools.chain(req.eos_token_ids, p.stop_token_ids or [])
-                ids = [t for t in stops if 0 <= t < vocab]
+                ids = [t for t in p.stop_token_ids if 0 <= t < vocab]
                 mask_rows.extend([i] * len(ids))
                 mask_ids.extend(ids)
         if not pen_rows and not mask_rows:
@@ -247,9 +280,9 @@ class Sampler:
         if pen_rows:
             pen = set(pen_rows)
             # Prompts are only read by repetition penalty; skip converting them otherwise.
-            prompts = [r.prompt_token_ids if i in pen and p.repetition_penalty != 1.0 else []
-                       for i, (r, p) in enumerate(zip(requests, params))]
-            outputs = [r.output_token_ids if i in pen else [] for i, r in enumerate(requests)]
+            prompts = [meta.prompt_token_ids[i] if i in pen and p.repetition_penalty != 1.0 else []
+                       for i, p in enumerate(params)]
+            outputs = [meta.output_token_ids[i] if i in pen else [] for i in range(batch)]
 
             def per_row(name: str) -> torch.Tensor:
                 return torch.tensor([getattr(p, name) for p in params], dtype=out.dtype, device=device)
@@ -262,14 +295,14 @@ class Sampler:
 
     # ---------------------------------------------------------------- sampling
 
-    def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Sample one token per row of logits [n, V] (all rows non-greedy); returns [n] long.
 
         logits must be a tensor the sampler owns: it is modified in place.
         """
         n, vocab = logits.shape
         device = logits.device
-        params = [r.sampling_params for r in requests]
+        params = meta.settings
 
         temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
         logits.div_(temps.unsqueeze(1))
@@ -291,14 +324,11 @@ class Sampler:
         # generator, which is what makes seeded requests independent of the batch.
         q = torch.empty_like(probs)
         unseeded: list[int] = []
-        for j, req in enumerate(requests):
-            seed = req.sampling_params.seed
-            if seed is None:
+        for j, gen in enumerate(meta.generators):
+            if gen is None:
                 unseeded.append(j)
                 continue
-            if req.generator is None:
-                req.generator = torch.Generator(device=device).manual_seed(seed)
-            _exponential_(q[j], req.generator)
+            _exponential_(q[j], gen)
         if len(unseeded) == n:
             _exponential_(q, self._shared_generator(device))
         elif unseeded:
@@ -307,26 +337,24 @@ class Sampler:
                                    self._shared_generator(device))
         return probs.div_(q).argmax(dim=-1)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        if logits.dim() != 2 or logits.shape[0] != len(requests):
-            raise ValueError(
-                f"logits must be [len(requests), V], got {tuple(logits.shape)} for {len(requests)} requests"
-            )
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(meta):
+            raise ValueError(f"logits must be [rows, V], got {tuple(logits.shape)} for {len(meta)} rows")
         batch, vocab = logits.shape
         device = logits.device
         raw = logits if logits.dtype == torch.float32 else logits.float()
-        work = self.process_logits(raw, requests)
+        work = self.process_logits(raw, meta)
 
-        greedy = [r.sampling_params.greedy for r in requests]
+        greedy = [p.greedy for p in meta.settings]
         if all(greedy):
             token_ids = work.argmax(dim=-1)
         else:
             rand_rows = [i for i, g in enumerate(greedy) if not g]
-            rand_reqs = [requests[i] for i in rand_rows]
+            rand_meta = meta if len(rand_rows) == batch else meta.select(rand_rows)
             if len(rand_rows) == batch:
                 # _sample_random works in place: never on the caller's tensor, nor on raw,
                 # which the log-probs below still need.
-                token_ids = self._sample_random(work.clone() if work is raw else work, rand_reqs)
+                token_ids = self._sample_random(work.clone() if work is raw else work, rand_meta)
             else:
                 token_ids = torch.empty(batch, dtype=torch.long, device=device)
                 greedy_rows = [i for i, g in enumerate(greedy) if g]
@@ -335,16 +363,16 @@ class Sampler:
                 if greedy_idx.numel():
                     token_ids[greedy_idx] = work[greedy_idx].argmax(dim=-1)
                 # Advanced indexing copies, so the in-place stages are safe here.
-                token_ids[rand_idx] = self._sample_random(work[rand_idx], rand_reqs)
+                token_ids[rand_idx] = self._sample_random(work[rand_idx], rand_meta)
 
         # Raw-distribution log-probs: logit - logsumexp avoids materialising a full log_softmax.
         lse = torch.logsumexp(raw, dim=-1)
         chosen = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - lse
 
         top_logprobs: list[dict[int, float] | None] = [None] * batch
-        lp_rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+        lp_rows = [i for i, p in enumerate(meta.settings) if p.logprobs is not None]
         if lp_rows:
-            k_max = min(max(requests[i].sampling_params.logprobs or 0 for i in lp_rows), vocab)
+            k_max = min(max(meta.settings[i].logprobs or 0 for i in lp_rows), vocab)
             if k_max > 0:
                 if len(lp_rows) == batch:
                     sub, sub_lse = raw, lse  # skip an indexing copy of the whole batch
@@ -356,7 +384,7 @@ class Sampler:
                 vals = (vals - sub_lse.unsqueeze(1)).tolist()
                 ids = ids.tolist()
             for j, i in enumerate(lp_rows):
-                k = min(requests[i].sampling_params.logprobs or 0, vocab)
+                k = min(meta.settings[i].logprobs or 0, vocab)
                 top_logprobs[i] = {ids[j][m]: vals[j][m] for m in range(k)} if k else {}
 
         return SamplerOutput(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orcinus.request import Request
-from orcinus.sampler import Sampler, SamplerOutput, _top_k_top_p_from_candidates, apply_top_k_top_p
+from orcinus.executor.messages import NewRequestData, SamplingSettings
+from orcinus.executor.request_state import WorkerRequest
+from orcinus.sampler import Sampler, SamplerOutput, SamplingMetadata, _top_k_top_p_from_candidates, apply_top_k_top_p
 from orcinus.sampling_params import SamplingParams
+
+Request = WorkerRequest  # the sampler reads the worker's per-request state
 
 
 def make_request(
@@ -16,16 +19,16 @@ def make_request(
     eos: tuple[int, ...] = (),
     output: list[int] | None = None,
     **params: object,
-) -> Request:
+) -> WorkerRequest:
+    """A worker-side request as a worker builds it from the engine's first message about it."""
     params.setdefault("max_tokens", 64)
-    req = Request(
-        request_id=rid,
-        prompt_token_ids=list(prompt) if prompt is not None else [0],
-        sampling_params=SamplingParams(**params),
-        eos_token_ids=eos,
-    )
-    req.output_token_ids = list(output or [])
-    return req
+    settings = SamplingSettings.from_params(SamplingParams(**params), eos)
+    data = NewRequestData(rid, list(prompt) if prompt is not None else [0], settings, [0], list(output or []))
+    return WorkerRequest.from_new(data, torch.device("cpu"))
+
+
+def sample(sampler: Sampler, logits: torch.Tensor, reqs: list[WorkerRequest]) -> SamplerOutput:
+    return sampler(logits, SamplingMetadata.from_rows(reqs))
 
 
 def empirical(tokens: list[int], vocab: int) -> torch.Tensor:
@@ -44,7 +47,7 @@ def step_logits(step: int, batch: int, vocab: int) -> torch.Tensor:
 def test_greedy_is_argmax() -> None:
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0))
     reqs = [make_request(str(i), temperature=0.0) for i in range(6)]
-    out = Sampler()(logits, reqs)
+    out = sample(Sampler(), logits, reqs)
     assert isinstance(out, SamplerOutput)
     assert out.token_ids == logits.argmax(-1).tolist()
     assert out.top_logprobs == [None] * 6
@@ -53,7 +56,7 @@ def test_greedy_is_argmax() -> None:
 def test_greedy_with_low_precision_logits() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     reqs = [make_request(str(i), temperature=0.0) for i in range(3)]
-    out = Sampler()(logits, reqs)
+    out = sample(Sampler(), logits, reqs)
     ref = logits.float()
     assert out.token_ids == ref.argmax(-1).tolist()
     expected = torch.log_softmax(ref, -1).gather(1, ref.argmax(-1, keepdim=True)).squeeze(1)
@@ -65,7 +68,7 @@ def test_low_precision_logits_sampled_logprobs_are_raw() -> None:
     # scale it in place.
     logits = (torch.randn(4, 60, generator=torch.Generator().manual_seed(5)) * 2).to(torch.bfloat16)
     reqs = [make_request(str(i), temperature=0.25) for i in range(4)]
-    out = Sampler()(logits, reqs)
+    out = sample(Sampler(), logits, reqs)
     ref = torch.log_softmax(logits.float(), -1)
     assert out.logprobs == pytest.approx([ref[i, t].item() for i, t in enumerate(out.token_ids)], abs=1e-5)
 
@@ -74,8 +77,8 @@ def test_non_contiguous_logits() -> None:
     base = torch.randn(30, 3, generator=torch.Generator().manual_seed(6))
     logits = base.t()  # [3, 30], not contiguous
     reqs = [make_request(str(i), prompt=[0, 1], output=[2], temperature=0.0, repetition_penalty=1.5) for i in range(3)]
-    expected = Sampler()(logits.contiguous(), reqs).token_ids
-    assert Sampler()(logits, reqs).token_ids == expected
+    expected = sample(Sampler(), logits.contiguous(), reqs).token_ids
+    assert sample(Sampler(), logits, reqs).token_ids == expected
 
 
 def test_caller_logits_are_not_modified() -> None:
@@ -86,13 +89,13 @@ def test_caller_logits_are_not_modified() -> None:
                      frequency_penalty=1.0, top_k=5, top_p=0.8, min_p=0.1, min_tokens=5, eos=(7,)),
         make_request("b", temperature=1.3, top_p=0.5),
     ]
-    Sampler()(logits, reqs)
+    sample(Sampler(), logits, reqs)
     assert torch.equal(logits, before)
 
 
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError):
-        Sampler()(torch.zeros(3, 10), [make_request()])
+        sample(Sampler(), torch.zeros(3, 10), [make_request()])
 
 
 # ------------------------------------------------------------------------------ seeding
@@ -106,7 +109,7 @@ def run_steps(sampler: Sampler, req: Request, others: list[Request], row: int, s
         logits = step_logits(step, len(batch), vocab)
         # The row's logits must not depend on its position: give req the same logits wherever.
         logits[row] = step_logits(step, 1, vocab)[0]
-        out = sampler(logits, batch)
+        out = sample(sampler, logits, batch)
         for r, t in zip(batch, out.token_ids):
             r.output_token_ids.append(t)
         tokens.append(out.token_ids[row])
@@ -131,20 +134,20 @@ def test_seed_reproducible_regardless_of_batch_and_position() -> None:
     assert len(set(alone)) > 1
 
 
-def test_generator_is_created_stored_and_advances() -> None:
+def test_seeded_request_gets_its_own_generator_which_advances() -> None:
     vocab = 1000
+    assert make_request("u", temperature=1.0).generator is None  # unseeded: the shared one
     req = make_request("a", temperature=1.0, seed=5)
-    assert req.generator is None
-    sampler = Sampler()
-    first = sampler(step_logits(0, 1, vocab), [req]).token_ids[0]
     assert isinstance(req.generator, torch.Generator)
+    sampler = Sampler()
+    first = sample(sampler, step_logits(0, 1, vocab), [req]).token_ids[0]
     # Same logits again: the generator has advanced, so over a few draws the token changes.
-    later = [sampler(step_logits(0, 1, vocab), [req]).token_ids[0] for _ in range(5)]
+    later = [sample(sampler, step_logits(0, 1, vocab), [req]).token_ids[0] for _ in range(5)]
     assert any(t != first for t in later)
-    # A generator the engine set up itself is used as given.
+    # The generator in the metadata is the one used: a fresh one with the same seed repeats.
     preset = make_request("b", temperature=1.0, seed=5)
     preset.generator = torch.Generator().manual_seed(5)
-    assert sampler(step_logits(0, 1, vocab), [preset]).token_ids[0] == first
+    assert sample(sampler, step_logits(0, 1, vocab), [preset]).token_ids[0] == first
 
 
 def test_different_seeds_differ() -> None:
@@ -165,7 +168,7 @@ def sample_many(logits_row: torch.Tensor, n: int, seed: int = 0, **params: objec
     # One unseeded request object repeated: it holds no per-row state, and building 20000
     # requests would dominate the test's time.
     reqs = [make_request("many", **params)] * n
-    return Sampler(seed=seed)(logits_row.unsqueeze(0).expand(n, -1).clone(), reqs).token_ids
+    return sample(Sampler(seed=seed), logits_row.unsqueeze(0).expand(n, -1).clone(), reqs).token_ids
 
 
 def test_temperature_one_matches_distribution() -> None:
@@ -184,7 +187,7 @@ def test_seeded_request_matches_distribution() -> None:
     req = make_request("s", temperature=1.0, seed=42)
     sampler = Sampler()
     logits = PROBS.log().float().unsqueeze(0)
-    tokens = [sampler(logits, [req]).token_ids[0] for _ in range(2000)]
+    tokens = [sample(sampler, logits, [req]).token_ids[0] for _ in range(2000)]
     assert (empirical(tokens, len(PROBS)) - PROBS).abs().max() < 0.04
 
 
@@ -320,10 +323,10 @@ OUTPUT6 = [3, 3, 4]
 )
 def test_penalties_match_hand_computation(params: dict, expected: list[float]) -> None:
     req = make_request("p", prompt=PROMPT6, output=OUTPUT6, temperature=0.0, **params)
-    processed = Sampler().process_logits(LOGITS6.clone(), [req])
+    processed = Sampler().process_logits(LOGITS6.clone(), SamplingMetadata.from_rows([req]))
     assert processed[0].tolist() == pytest.approx(expected, abs=1e-6)
     # And the sampler's greedy choice follows the penalised logits.
-    out = Sampler()(LOGITS6.clone(), [req])
+    out = sample(Sampler(), LOGITS6.clone(), [req])
     assert out.token_ids == [int(torch.tensor(expected).argmax())]
 
 
@@ -331,7 +334,7 @@ def test_penalised_greedy_choice_changes() -> None:
     req = make_request("p", prompt=PROMPT6, output=OUTPUT6, temperature=0.0,
                        repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
     plain = make_request("q", prompt=PROMPT6, output=OUTPUT6, temperature=0.0)
-    out = Sampler()(LOGITS6.repeat(2, 1), [req, plain])
+    out = sample(Sampler(), LOGITS6.repeat(2, 1), [req, plain])
     assert out.token_ids == [5, 3]
     # Log-probs stay those of the raw distribution even though the choice was penalised.
     raw = torch.log_softmax(LOGITS6[0], -1)
@@ -340,7 +343,7 @@ def test_penalised_greedy_choice_changes() -> None:
 
 def test_penalties_ignore_out_of_vocab_ids() -> None:
     req = make_request("p", prompt=[0, 99], output=[3, 77], temperature=0.0, repetition_penalty=2.0)
-    processed = Sampler().process_logits(LOGITS6.clone(), [req])
+    processed = Sampler().process_logits(LOGITS6.clone(), SamplingMetadata.from_rows([req]))
     assert processed[0].tolist() == pytest.approx([1.05, -1.0, 0.5, 1.5, -2.0, 1.2])
 
 
@@ -353,17 +356,17 @@ def test_min_tokens_masks_eos_and_stop_ids(ignore_eos: bool) -> None:
     kwargs = dict(temperature=0.0, min_tokens=3, stop_token_ids=[2, 4], ignore_eos=ignore_eos)
     sampler = Sampler()
     early = make_request("m", eos=(1,), output=[5, 5], **kwargs)
-    assert sampler(logits, [early]).token_ids == [3]
-    processed = sampler.process_logits(logits, [early])[0]
+    assert sample(sampler, logits, [early]).token_ids == [3]
+    processed = sampler.process_logits(logits, SamplingMetadata.from_rows([early]))[0]
     assert torch.isinf(processed[[1, 2, 4]]).all() and torch.isfinite(processed[[0, 3, 5]]).all()
     done = make_request("m", eos=(1,), output=[5, 5, 5], **kwargs)
-    assert sampler(logits, [done]).token_ids == [1]
+    assert sample(sampler, logits, [done]).token_ids == [1]
 
 
 def test_min_tokens_applies_to_sampled_rows() -> None:
     logits = torch.tensor([[0.0, 5.0, 5.0, 0.0]])
     reqs = [make_request(str(i), eos=(1,), temperature=1.0, min_tokens=2, stop_token_ids=[2]) for i in range(500)]
-    tokens = Sampler()(logits.expand(500, -1).clone(), reqs).token_ids
+    tokens = sample(Sampler(), logits.expand(500, -1).clone(), reqs).token_ids
     assert set(tokens) == {0, 3}
 
 
@@ -379,7 +382,7 @@ def test_logprobs_are_raw_log_softmax() -> None:
         make_request("c", temperature=1.0, logprobs=0),
         make_request("d", temperature=1.0),
     ]
-    out = Sampler()(logits, reqs)
+    out = sample(Sampler(), logits, reqs)
     ref = torch.log_softmax(logits, -1)
     for i, tok in enumerate(out.token_ids):
         assert out.logprobs[i] == pytest.approx(ref[i, tok].item(), abs=1e-5)
@@ -423,11 +426,11 @@ def test_mixed_batch_rows_match_alone() -> None:
     sampler_batch, sampler_alone = Sampler(seed=0), Sampler(seed=0)
     for step in range(steps):
         rows = [row_logits(step, i, r) for i, r in enumerate(batch_reqs)]
-        out = sampler_batch(torch.stack(rows), batch_reqs)
+        out = sample(sampler_batch, torch.stack(rows), batch_reqs)
         for i, r in enumerate(alone_reqs):
             if r.request_id == "unseeded":
                 continue  # shares the batch-level generator: not batch-independent by design
-            single = sampler_alone(rows[i].unsqueeze(0), [r])
+            single = sample(sampler_alone, rows[i].unsqueeze(0), [r])
             assert single.token_ids[0] == out.token_ids[i], (step, r.request_id)
             assert single.logprobs[0] == pytest.approx(out.logprobs[i], abs=1e-6)
             if r.request_id == "minp":
@@ -455,7 +458,7 @@ def test_all_greedy_fast_path_skips_every_sampling_stage(monkeypatch) -> None:
     logits = torch.randn(32, 4096)
     reqs = [make_request(str(i), temperature=0.0) for i in range(32)]
     sampler = Sampler()
-    assert sampler.process_logits(logits, reqs) is logits  # no penalty stage, no copy
+    assert sampler.process_logits(logits, SamplingMetadata.from_rows(reqs)) is logits  # no penalty stage, no copy
     calls: list[str] = []
 
     def counting(owner, name: str) -> None:
@@ -471,9 +474,9 @@ def test_all_greedy_fast_path_skips_every_sampling_stage(monkeypatch) -> None:
         for name in ("sort", "topk", "multinomial", "softmax"):
             counting(owner, name)
     counting(torch.Tensor, "exponential_")
-    out = sampler(logits, reqs)
+    out = sample(sampler, logits, reqs)
     assert out.token_ids == logits.argmax(dim=-1).tolist()
     assert calls == [], f"the all-greedy path ran {calls}"
     # The counter itself works: a sampled batch does call one of them.
-    sampler(logits, [make_request(str(i), temperature=1.0, top_k=5) for i in range(32)])
+    sample(sampler, logits, [make_request(str(i), temperature=1.0, top_k=5) for i in range(32)])
     assert calls

@@ -1,12 +1,12 @@
 """The attention backend interface. Models call `attend(...)`; a fused kernel can implement it
-without the models knowing."""
+without the models knowing. Each backend builds its own typed metadata once per iteration."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
 import torch
 
-from orcinus.attention.metadata import AttentionMetadata
+from orcinus.attention.metadata import AttentionMetadata, BatchLayout, Upload
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -19,6 +19,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 class AttentionBackend(ABC):
     name: str = "abstract"
+
+    def build(self, layout: BatchLayout, upload: Upload) -> AttentionMetadata:
+        """This iteration's metadata, every device tensor uploaded here (before the forward)."""
+        return AttentionMetadata(**AttentionMetadata.common(layout, upload))
 
     @abstractmethod
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

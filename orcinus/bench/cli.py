@@ -37,11 +37,16 @@ def _progress_flag(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------- offline
 def _add_offline(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) -> None:
-    from orcinus.bench.offline import BACKENDS
+    from orcinus.bench.offline import BACKENDS, DEFAULT_BACKENDS
 
     p = sub.add_parser("offline", help="one trace through orcinus (orca, static) and transformers (generate, "
                                        "continuous batching): output tokens/s and the physical floor")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                   help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument("--kv-plot", default=None, help="PNG of KV utilisation over time of the orcinus backends")
+    p.add_argument("--lengths-known", action=argparse.BooleanOptionalAction, default=True,
+                   help="orcinus backends: requests give max_tokens = their output length (default); with "
+                        "--no-lengths-known they give none and end at their length unforeseen, like EOS")
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the device and report throughput as a percentage of the trace's floor")
     p.add_argument("--output-json", default=None, help="write the report here")
@@ -67,9 +72,17 @@ def _cmd_offline(args: argparse.Namespace) -> int:
                 "trace": spec.describe()}
     report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor)
+    run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor,
+                lengths_known=args.lengths_known)
     report.machine["load_avg_1m_end"] = load_average()
     print(report.to_markdown())
+    if args.kv_plot:
+        from orcinus.bench.kv_usage import KVSample, plot_kv_utilisation
+
+        series = {r.backend: [KVSample(**x) for x in r.kv_samples] for r in report.results if r.kv_samples}
+        plot_kv_utilisation(series, args.kv_plot, f"{spec.dataset}, {len(trace)} requests, KV pool "
+                                                  f"{config.kv_cache_memory or 'default'} bytes")
+        print(f"plot written to {args.kv_plot}")
     if args.output_json:
         write_json(args.output_json, report)
         print(f"report written to {args.output_json}")

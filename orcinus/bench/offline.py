@@ -28,10 +28,17 @@ from orcinus.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("orca", "static", "hf", "hf-cb")
+BACKENDS: tuple[str, ...] = ("orca", "static", "hf", "hf-cb", "paged", "paged-chunked", "orca-chunked")
+DEFAULT_BACKENDS: tuple[str, ...] = ("orca", "static", "hf", "hf-cb")
+ORCINUS_BACKENDS = ("orca", "static", "paged", "paged-chunked", "orca-chunked")
+# budget of the *-chunked backends when --max-num-batched-tokens gives none
+CHUNKED_BUDGET = 512
 BACKEND_LABELS = {
     "orca": "orcinus, orca policy",
     "static": "orcinus, static policy",
+    "paged": "orcinus, paged policy",
+    "paged-chunked": "orcinus, paged policy, chunked prefill",
+    "orca-chunked": "orcinus, orca policy, chunked prefill",
     "hf": "transformers generate, static batches",
     "hf-cb": "transformers continuous batching",
 }
@@ -51,6 +58,8 @@ class BackendResult:
     cpu_s: float = math.nan
     output_tokens: int = 0  # useful tokens: what the requests asked for
     load_s: float = math.nan
+    kv: dict | None = None  # orcinus only: KVUsageSummary of the timed run
+    kv_samples: list | None = None  # orcinus only: per-iteration KVSample dicts
 
     @property
     def ok(self) -> bool:
@@ -115,6 +124,12 @@ class OfflineReport:
         headers = ["backend", "status", "output tok/s", f"× best baseline ({best.backend if best else 'n/a'})",
                    "wall s", "CPU s", "% of floor"]
         text = markdown_table(headers, rows)
+        kv_rows = [[r.backend, r.kv["mean_running"], 100.0 * r.kv["mean_utilisation"],
+                    100.0 * r.kv["mean_allocated_fraction"], r.kv["preemptions"], 100.0 * r.kv["prefix_cache_hit_rate"]]
+                   for r in self.results if r.kv]
+        if kv_rows:
+            text += "\n\n" + markdown_table(["backend", "mean running seqs", "KV utilisation % (real / allocated)",
+                                              "allocated % of pool", "preemptions", "prefix-cache hit %"], kv_rows)
         bound = self.static_bound()
         checks = []
         for a, b in RATIOS:
@@ -161,12 +176,18 @@ def _warmup_requests(trace: Sequence[BenchRequest]) -> Sequence[BenchRequest]:
     return trace[:WARMUP_REQUESTS]
 
 
-def run_orcinus(config: EngineConfig, policy: str, trace: Sequence[BenchRequest], progress: bool) -> BackendResult:
+def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest], progress: bool,
+                lengths_known: bool = True) -> BackendResult:
+    from orcinus.bench.kv_usage import KVRecorder
     from orcinus.engine.llm import LLM
     from orcinus.sampling_params import SamplingParams
 
-    res = BackendResult(policy)
-    kwargs = dataclasses.asdict(dataclasses.replace(config, scheduler_policy=policy, skip_tokenizer_init=True))
+    res = BackendResult(backend)
+    policy, chunked = backend.removesuffix("-chunked"), backend.endswith("-chunked")
+    # unchunked backends: a budget no prompt reaches, unless --max-num-batched-tokens gives one
+    budget = (config.max_num_batched_tokens or CHUNKED_BUDGET) if chunked else (config.max_num_batched_tokens or 1 << 30)
+    kwargs = dataclasses.asdict(dataclasses.replace(config, scheduler_policy=policy, skip_tokenizer_init=True,
+                                                    max_num_batched_tokens=budget))
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     res.load_s = time.perf_counter() - t0
@@ -174,14 +195,24 @@ def run_orcinus(config: EngineConfig, policy: str, trace: Sequence[BenchRequest]
         warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids[:16]} for r in _warmup_requests(trace)], warm,
                      use_tqdm=False)
+        recorder = KVRecorder(llm.engine)
+        recorder.restart()
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
         params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in trace]
-        outs, res.elapsed_s, res.cpu_s = _timed(llm.generate, prompts, params, use_tqdm=progress)
-        got = [len(o.outputs[0].token_ids) for o in outs]
+        if lengths_known:
+            outs, res.elapsed_s, res.cpu_s = _timed(llm.generate, prompts, params, use_tqdm=progress)
+            got = [len(o.outputs[0].token_ids) for o in outs]
+        else:  # no max_tokens: each request ends at its trace length, unforeseen (see eos_emulation)
+            from orcinus.bench.eos_emulation import generate_until_trace_lengths
+
+            got, res.elapsed_s, res.cpu_s = _timed(generate_until_trace_lengths, llm.engine, trace)
         wrong = [(g, r.output_len) for g, r in zip(got, trace) if g != r.output_len]
         if wrong:
             res.status = f"error: generated/asked token counts differ, e.g. {wrong[:3]}"
         res.output_tokens = sum(got)
+        recorder.detach()
+        res.kv = recorder.summary().as_dict()
+        res.kv_samples = [dataclasses.asdict(x) for x in recorder.samples]
     finally:
         del llm
         _free_memory()
@@ -228,15 +259,15 @@ def compute_floor(config: EngineConfig, trace: Sequence[BenchRequest], rates: De
 
 
 def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: Sequence[str], report: OfflineReport,
-                progress: bool = True, with_floor: bool = True) -> OfflineReport:
+                progress: bool = True, with_floor: bool = True, lengths_known: bool = True) -> OfflineReport:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS}")
     for backend in backends:
         logger.info("bench offline: running %s", BACKEND_LABELS[backend])
         try:
-            if backend in ("orca", "static"):
-                res = run_orcinus(config, backend, trace, progress)
+            if backend in ORCINUS_BACKENDS:
+                res = run_orcinus(config, backend, trace, progress, lengths_known)
             else:
                 res = run_transformers(config, backend, trace, progress)
         except Exception as exc:  # one broken baseline must not lose the others' numbers

@@ -74,30 +74,51 @@ class Scheduler(ABC):
         """Requests that may join the next batch, in the order the policy considers them."""
 
     def schedule(self) -> ScheduledBatch | None:
-        """Orca's select(): returns the next batch, or None when nobody can run."""
+        """Orca's select(): returns the next batch, or None when nobody can run.
+
+        With a token budget (max_num_batched_tokens) requests already past their prompt go first,
+        one token each; prompts fill what is left, and a prompt longer than that runs in chunks
+        over several iterations (only the last chunk samples a token)."""
         batch: list[Request] = []
         num_new: list[int] = []
-        budget = self.max_num_batched_tokens
-        tokens = 0
-        for req in self._candidates():
-            if len(batch) == self.max_num_seqs:
+        left = self.max_num_batched_tokens
+        candidates = self._candidates()
+        if left is not None:
+            candidates = running_first(candidates)
+        for req in candidates:
+            if len(batch) == self.max_num_seqs or left == 0:
                 break
-            n = req.num_tokens - req.num_computed_tokens
-            if budget is not None and batch and tokens + n > budget:
+            n = self._reserve(req, left, batch)
+            if n is None:
                 break
-            if req.state == RequestState.INITIATION:
-                # Reserve the worst case up front; *break*, not continue, so FCFS holds.
-                if not self.kv_cache.can_allocate(req.request_id, req.max_total_tokens):
-                    break
-                self.kv_cache.allocate(req.request_id, req.max_total_tokens)
+            if n == 0:
+                continue
             batch.append(req)
             num_new.append(n)
-            tokens += n
+            if left is not None:
+                left -= n
         if not batch:
             return None
         for req in batch:
             req.state = RequestState.RUNNING
         return ScheduledBatch(next(self._batch_ids), batch, num_new)
+
+    def _reserve(self, req: Request, left: int | None, batch: list[Request]) -> int | None:
+        """KV space for what `req` brings next. Returns how many tokens it brings, 0 to skip it this
+        iteration, None to stop selecting."""
+        if req.state == RequestState.INITIATION and not self.kv_cache.holds(req.request_id):
+            # Orca reserves the worst case up front; *stop*, not skip, so FCFS holds.
+            worst = req.num_prompt_tokens + req.max_new_tokens
+            hit = self.kv_cache.cached_prefix(req.all_token_ids)
+            if not self.kv_cache.can_admit(hit, worst):
+                return None
+            self.kv_cache.admit(req.request_id, hit, worst, req.num_prompt_tokens)
+            req.num_computed_tokens = hit.num_tokens(self.kv_cache.block_size)
+        n = req.num_tokens - req.num_computed_tokens
+        if left is not None:
+            n = min(n, left)
+        self.kv_cache.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens + n)
+        return n
 
     # ----------------------------------------------------------------- completion
     def finish_batch(self, batch: ScheduledBatch) -> list[Request]:
@@ -134,6 +155,7 @@ class Scheduler(ABC):
             if not req.is_finished:
                 self._mark_finished(req, FinishReason.ABORT)
             self._abort_after_return.discard(req.request_id)
+            self.kv_cache.forget_blocks(req.request_id)  # their KV may be half written
             self._release(req)
         self._on_batch_returned(batch)
         return list(batch.requests)
@@ -165,6 +187,10 @@ class Scheduler(ABC):
 
     def has_unfinished(self) -> bool:
         return bool(self.pool)
+
+    def take_preempted(self) -> list[str]:
+        """Requests whose blocks were taken back since the last call (only the paged policy)."""
+        return []
 
 
 class OrcaScheduler(Scheduler):
@@ -199,9 +225,20 @@ class StaticScheduler(Scheduler):
         return batch
 
 
+def running_first(candidates: list[Request]) -> list[Request]:
+    """Decoding requests, then prompts already partly computed, then new prompts; stable."""
+    def rank(r: Request) -> int:
+        if r.num_computed_tokens == 0 or r.state == RequestState.INITIATION:
+            return 2
+        return 0 if r.num_tokens - r.num_computed_tokens == 1 else 1
+    return sorted(candidates, key=rank)
+
+
 def make_scheduler(policy: str, kv_cache: KVCacheManager, max_num_seqs: int, max_model_len: int,
                    max_num_batched_tokens: int | None = None) -> Scheduler:
-    classes = {"orca": OrcaScheduler, "static": StaticScheduler}
+    from orcinus.core.paged_scheduler import PagedScheduler
+
+    classes = {"orca": OrcaScheduler, "static": StaticScheduler, "paged": PagedScheduler}
     if policy not in classes:
         raise ValueError(f"unknown scheduler policy {policy!r}; choose one of {tuple(classes)}")
     return classes[policy](kv_cache, max_num_seqs, max_model_len, max_num_batched_tokens)

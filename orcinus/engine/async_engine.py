@@ -35,6 +35,7 @@ from orcinus.engine.llm_engine import EngineStats, LLMEngine, PromptType
 from orcinus.engine.request_stream import END, RequestStream
 from orcinus.errors import EngineStepError
 from orcinus.request import RequestOutput, RequestRejected
+from orcinus.executor.executor import WorkerDied
 from orcinus.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineStepError", "EngineUnavailable", "GenerateRequest", "Health", "QueueFull",
@@ -326,6 +327,16 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except EngineStepError as exc:
+                # Only these requests failed (the engine isolated them); the rest go on. When every
+                # request of a batch failed alone, the device or model is at fault: repeated, fatal.
+                self._fail_requests(exc)
+                failures = failures + 1 if exc.whole_batch else 0
+                if failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
+                    return f"{failures} iterations failed in a row ({type(exc.cause).__name__})"
+                continue
+            except WorkerDied as exc:  # nothing can run any more: stop now (health turns 503)
+                return str(exc)
             except Exception as exc:
                 # The engine aborted the failed batch; its state is suspect, so fail every
                 # request (their clients get an error, not a hang) but keep serving: one bad
@@ -428,6 +439,14 @@ class AsyncEngine:
         for rid in request_ids:
             self._streams.pop(rid, None)
             self.engine.abort_request(rid)
+
+    def _fail_requests(self, exc: EngineStepError) -> None:
+        """Fail the streams of the requests the engine aborted, each told only about its own."""
+        for rid in exc.request_ids:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                _call_soon(stream.loop, stream._push, EngineStepError(exc.message_for(rid)))
+                self._abort_now([r for r, s in self._streams.items() if s is stream])
 
     def _fail_all(self, error: BaseException) -> None:
         """Hand the error to every consumer, then abort their requests (if the engine lets us:

@@ -18,12 +18,12 @@ import torch
 from orcinus.config import EngineConfig
 from orcinus.core.kv_cache import KVCacheManager
 from orcinus.core.scheduler import ScheduledBatch, make_scheduler
-from orcinus.executor.executor import SingleProcessExecutor
-from orcinus.executor.model_runner import ModelRunner
-from orcinus.models.loader import load_model
+from orcinus.engine.batch_messages import MessageBuilder
+from orcinus.executor.messages import BatchMessage
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup
 from orcinus.errors import EngineStepError
 from orcinus.generation_config import GenerationDefaults, load_generation_defaults
+from orcinus.executor.executor import Executor, WorkerDied, make_executor
 from orcinus.request import Request, RequestOutput, RequestRejected
 from orcinus.sampler import SamplerOutput
 from orcinus.sampling_params import SamplingParams
@@ -32,6 +32,13 @@ logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
 __all__ = ["EngineStats", "EngineStepError", "LLMEngine", "PromptType"]
+
+
+@dataclass
+class _InFlight:
+    batch: ScheduledBatch
+    message: BatchMessage
+    future: Future[SamplerOutput]
 
 
 @dataclass
@@ -45,6 +52,15 @@ class EngineStats:
     generation_tokens_total: int
     iterations_total: int
     last_step_time: float = field(default=0.0)
+    num_preemptions_total: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, tokens whose KV was found cached
+    kv_real_token_slots: int = 0  # KV slots holding a computed token (a shared block counted once)
+    kv_allocated_slots: int = 0  # KV slots in blocks some request holds (reserved or filled)
+
+
+def _rows_of(result: SamplerOutput) -> list[tuple[int, float, dict | None]]:
+    return list(zip(result.token_ids, result.logprobs, result.top_logprobs))
 
 
 class LLMEngine:
@@ -52,37 +68,42 @@ class LLMEngine:
         self.config = config
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
-        loaded = load_model(config.model, self.dtype, self.device)
-        self.model_path = loaded.path
-        self.model_config = loaded.config
+        # The executor loads the model on every rank and sizes the KV pool; the engine only
+        # learns the model's shape and how many blocks it may hand out.
+        self.executor: Executor = make_executor(config)
+        self.model_path = self.executor.model_path
+        self.model_config = model_config = self.executor.model_config
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             from orcinus.tokenizer import Tokenizer, TokenizerNotFound
 
             try:
-                self.tokenizer = Tokenizer.from_model_path(config.tokenizer or loaded.path,
+                self.tokenizer = Tokenizer.from_model_path(config.tokenizer or self.model_path,
                                                            trust_remote_code=config.trust_remote_code)
             except TokenizerNotFound as exc:
                 if config.tokenizer is not None:
                     raise  # the user named a tokenizer: not finding it is an error
                 # A weights-only checkpoint still serves token-id prompts (vLLM's skip_tokenizer_init).
                 logger.warning("%s; running without a tokenizer: prompts must be token ids", exc)
-        self.max_model_len = config.max_model_len or loaded.config.max_position_embeddings
-        self.max_model_len = min(self.max_model_len, loaded.config.max_position_embeddings)
-        self.runner = ModelRunner(loaded.model, loaded.config, config, self.device, self.dtype)
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size)
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.max_model_len = min(self.max_model_len, model_config.max_position_embeddings)
+        self.kv_cache = KVCacheManager(self.executor.num_blocks, config.block_size,
+                                       enable_prefix_caching=config.resolved_prefix_caching())
         self.scheduler = make_scheduler(config.scheduler_policy, self.kv_cache, config.max_num_seqs,
-                                        self.max_model_len, config.max_num_batched_tokens)
-        self.executor = SingleProcessExecutor(self.runner)
-        eos = list(loaded.config.eos_token_ids)
+                                        self.max_model_len,
+                                        config.resolved_max_num_batched_tokens(self.device))
+        self.messages = MessageBuilder(self.kv_cache)
+        eos = list(model_config.eos_token_ids)
         if self.tokenizer is not None:
             eos = sorted(set(eos) | set(self.tokenizer.eos_token_ids))
         self.eos_token_ids = tuple(eos)
         self.generation_defaults: GenerationDefaults = load_generation_defaults(
-            config.generation_config, loaded.path, config.override_generation_config,
-            _gguf_metadata(loaded.path) if loaded.is_gguf else None)
+            config.generation_config, self.model_path, config.override_generation_config,
+            _gguf_metadata(self.model_path) if self.model_path.endswith(".gguf") else None)
         self.outputs = OutputProcessor(self.tokenizer)
-        self._in_flight: deque[tuple[ScheduledBatch, Future[SamplerOutput]]] = deque()
+        self._in_flight: deque[_InFlight] = deque()
+        # outputs of an iteration whose step() raised EngineStepError for other requests
+        self._deferred: list[RequestOutput] = []
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -90,10 +111,11 @@ class LLMEngine:
         self.last_step_time = time.monotonic()
         logger.info(
             "orcinus engine: model=%s arch=%s dtype=%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
-            "policy=%s max_num_seqs=%d max_model_len=%d",
-            self.model_path, loaded.config.architecture, str(self.dtype).removeprefix("torch."), self.device,
+            "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s",
+            self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."), self.device,
             self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
-            config.max_num_seqs, self.max_model_len,
+            config.max_num_seqs, self.max_model_len, self.scheduler.max_num_batched_tokens,
+            "on" if self.kv_cache.enable_prefix_caching else "off",
         )
         logger.info("orcinus engine: sampling defaults for fields a request leaves unset: %s",
                     self.generation_defaults.describe())
@@ -170,61 +192,167 @@ class LLMEngine:
         for child in group.children:
             aborted = self.scheduler.abort(child.request_id)
             if aborted is not None:
+                self.messages.forget(aborted.request_id)
                 self.outputs.on_finished(aborted)
         self.outputs.drop_if_done(request_id)
+        self._flush_drops_if_idle()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._in_flight)
+        return self.scheduler.has_unfinished() or bool(self._in_flight) or bool(self._deferred)
 
     # ------------------------------------------------------------------ the iteration
     def step(self) -> list[RequestOutput]:
-        """One iteration: launch what may run, wait for the oldest batch, return progress."""
+        """One iteration: launch what may run, wait for the oldest batch, return progress.
+
+        A request whose own parameters make its iteration fail is aborted alone (its blocks
+        freed) and reported by EngineStepError; the rest of its batch still gets its token,
+        returned by this call or, when it raises, by the next one."""
         self.last_step_time = time.monotonic()
-        while len(self._in_flight) < self.config.n_workers:
-            batch = self.scheduler.schedule()
-            if batch is None:
-                break
-            tables = [self.kv_cache.block_table(r.request_id) for r in batch.requests]
-            fut = self.executor.execute_async(batch.requests, batch.num_new_tokens, tables)
-            self._in_flight.append((batch, fut))
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            return deferred
+        self._launch()
         if not self._in_flight:
             return []
-        batch, fut = self._in_flight.popleft()
+        flight = self._in_flight.popleft()
+        failed: dict[str, BaseException] = {}
         try:
-            return self._complete_batch(batch, fut.result())
-        except BaseException as exc:
-            # A failed iteration must not leak blocks or request ids: abort its requests (and their
-            # sibling samples), then tell the caller which user requests died. The same for Ctrl-C
-            # (KeyboardInterrupt) landing while we wait or append tokens: re-raised as it is, but
-            # only once no request of the batch is left RUNNING with nobody to return it.
-            failed = {self.outputs.group_id_of(r.request_id) for r in self.scheduler.fail_batch(batch)}
-            failed.discard(None)
-            for rid in failed:
-                self.abort_request(rid)
-                self.outputs.drop(rid)
-            if not isinstance(exc, Exception):
+            result = flight.future.result()
+            tokens = dict(zip(flight.message.sampled_ids, _rows_of(result)))
+        except WorkerDied:
+            self._abort_all_in_flight(flight)
+            raise
+        except Exception as exc:
+            try:
+                tokens, failed = self._rerun_isolated(flight, exc)
+            except WorkerDied:  # died while re-running
+                self._abort_all_in_flight(flight)
                 raise
-            raise EngineStepError(sorted(failed), exc) from exc
+        except BaseException:
+            # Ctrl-C or exit while waiting: the batch's outcome is unknown, so abort all of it
+            # (blocks freed, ids forgotten by workers) and leave the engine consistent.
+            self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
+            raise
+        try:
+            outputs = self._process(flight.batch, tokens, set(failed))
+        except BaseException:
+            # Ctrl-C while tokens are appended: abort the whole batch rather than leave some of it
+            # RUNNING with nobody to return it.
+            self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests
+                                              if not r.is_finished or r.request_id in self.scheduler.pool})
+            raise
+        self.last_step_time = time.monotonic()
+        if failed:
+            self._deferred = outputs
+            cause = next(iter(failed.values()))
+            aborted = self._abort_failed(flight.batch, set(failed))
+            self._flush_drops_if_idle()
+            error = EngineStepError(aborted, cause)
+            # Every request of a batch of several failed on its own: not one request's parameters
+            # but the device or the model (the server counts these to decide it is broken).
+            error.whole_batch = len(failed) == len(flight.batch.requests) > 1
+            raise error from cause
+        self._flush_drops_if_idle()
+        return outputs
 
-    def _complete_batch(self, batch: ScheduledBatch, result: SamplerOutput) -> list[RequestOutput]:
-        """A batch came back: append each request's token, let finished requests leave."""
-        self.iterations_total += 1
+    def _abort_all_in_flight(self, flight: _InFlight) -> None:
+        """Nothing can run any more: fail every batch in flight, leaving the engine consistent."""
+        self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
+        while self._in_flight:
+            other = self._in_flight.popleft()
+            self._abort_failed(other.batch, {r.request_id for r in other.batch.requests})
+
+    def _flush_drops_if_idle(self) -> None:
+        """With no batch to carry them, tell workers now which requests to forget, so that an
+        idle engine leaves no per-request state behind on the workers."""
+        if self._in_flight or self.scheduler.has_unfinished() or not self.messages.pending_drops:
+            return
+        msg = self.messages.drops_only()
+        try:
+            self.executor.execute_async(msg).result()
+        except Exception:  # not worth failing anyone over: the next message carries them again
+            logger.warning("could not tell the workers to drop finished requests", exc_info=True)
+            self.messages.requeue_drops(msg.finished_ids)
+
+    def _launch(self) -> None:
+        # Orca's n_workers: one batch per pipeline stage keeps every stage busy (no micro-batches).
+        while len(self._in_flight) < max(self.config.n_workers, self.config.pipeline_parallel_size):
+            batch = self.scheduler.schedule()
+            self.messages.preempted(self.scheduler.take_preempted())
+            if batch is None:
+                break
+            msg = self.messages.build(batch)
+            self._in_flight.append(_InFlight(batch, msg, self.executor.execute_async(msg)))
+
+    def _rerun_isolated(self, flight: _InFlight, exc: Exception
+                        ) -> tuple[dict[str, tuple[int, float, dict | None]], dict[str, BaseException]]:
+        """The batch failed as a whole; the workers rolled it back. Re-run it in halves until each
+        failing request stands alone: only those are failed, the others keep their tokens."""
+        logger.warning("iteration %d failed (%s: %s); re-running its %d requests in isolation",
+                       flight.batch.batch_id, type(exc).__name__, exc, len(flight.message.requests))
+        tokens: dict[str, tuple[int, float, dict | None]] = {}
+        failed: dict[str, BaseException] = {}
+        pending = [(flight.message.requests, exc)]
+        while pending:
+            entries, error = pending.pop()
+            if len(entries) == 1:
+                failed[entries[0].request_id] = error
+                continue
+            for half in (entries[:len(entries) // 2], entries[len(entries) // 2:]):
+                msg = self.messages.retry(flight.batch.batch_id, half)
+                try:
+                    tokens.update(zip(msg.sampled_ids, _rows_of(self.executor.execute_async(msg).result())))
+                except WorkerDied:
+                    raise
+                except Exception as sub_exc:
+                    pending.append((half, sub_exc))
+        return tokens, failed
+
+    def _process(self, batch: ScheduledBatch, tokens: dict, failed: set[str]) -> list[RequestOutput]:
+        """Append each request's token, retire the batch and collect the outputs."""
+        if len(failed) < len(batch.requests):
+            self.iterations_total += 1
         now = time.monotonic()
-        for req, n, tok, lp, top in zip(batch.requests, batch.num_new_tokens, result.token_ids,
-                                        result.logprobs, result.top_logprobs):
-            if req.num_computed_tokens == 0:
-                self.prompt_tokens_total += req.num_prompt_tokens
+        progressed: list[Request] = []
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            if req.request_id in failed:
+                continue
             req.num_computed_tokens += n
             req.num_iterations += 1
+            if req.request_id not in tokens:
+                continue  # a prompt chunk short of the end: its KV is written, no token yet
             if req.first_token_time is None:
                 req.first_token_time = now
+                self.prompt_tokens_total += req.num_prompt_tokens
+            tok, lp, top = tokens[req.request_id]
             self.generation_tokens_total += 1
             self.outputs.append_token(req, tok, lp, top, self.max_model_len)
-        finished = self.scheduler.finish_batch(batch)
+            progressed.append(req)
+        survivors = ScheduledBatch(batch.batch_id, [r for r in batch.requests if r.request_id not in failed],
+                                   [n for r, n in zip(batch.requests, batch.num_new_tokens)
+                                    if r.request_id not in failed])
+        finished = self.scheduler.finish_batch(survivors)
         for req in finished:
+            self.messages.forget(req.request_id)
             self.outputs.on_finished(req)
-        self.last_step_time = time.monotonic()
-        return self.outputs.collect(batch.requests)
+        return self.outputs.collect(progressed)
+
+    def _abort_failed(self, batch: ScheduledBatch, failed: set[str]) -> list[str]:
+        """Abort the failed requests (and their sibling samples), free their blocks; returns the
+        user-visible ids."""
+        doomed = [r for r in batch.requests if r.request_id in failed]
+        n = [n for r, n in zip(batch.requests, batch.num_new_tokens) if r.request_id in failed]
+        for req in self.scheduler.fail_batch(ScheduledBatch(batch.batch_id, doomed, n)):
+            self.messages.forget(req.request_id)
+        groups = {self.outputs.group_id_of(r.request_id) for r in doomed}
+        groups.discard(None)
+        for gid in groups:
+            self.abort_request(gid)
+            self.outputs.drop(gid)
+        return sorted(groups)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -237,6 +365,12 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             iterations_total=self.iterations_total,
             last_step_time=self.last_step_time,
+            num_preemptions_total=getattr(self.scheduler, "num_preemptions", 0),
+            prefix_cache_queries_total=self.kv_cache.prefix_queries,
+            prefix_cache_hits_total=self.kv_cache.prefix_hits,
+            kv_real_token_slots=self.kv_cache.real_token_slots(
+                {rid: r.num_computed_tokens for rid, r in self.scheduler.pool.items()}),
+            kv_allocated_slots=self.kv_cache.num_reserved_slots(),
         )
 
     def default_sampling_params(self, **explicit) -> SamplingParams:

@@ -1,7 +1,7 @@
-"""Turns a batch of requests into flat tensors, runs one iteration of the model, samples.
+"""Turns a batch of worker-side requests into flat tensors and runs one forward pass.
 
-The model runner knows tensors, never policies: it is told which requests run and how many
-tokens each brings, and where their KV blocks are.
+The model runner knows tensors, never policies: it is told which requests run (with their state
+on this worker: tokens, block tables) and computes each one's tokens not yet in the KV cache.
 """
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ import numpy as np
 import torch
 
 from orcinus.attention.backend import AttentionBackend
-from orcinus.attention.metadata import AttentionMetadata
+from orcinus.attention.metadata import AttentionMetadata, BatchLayout
 from orcinus.config import EngineConfig, ModelConfig
+from orcinus.distributed.parallel_state import kv_head_range
+from orcinus.executor.request_state import WorkerRequest
 from orcinus.layers.context import ForwardContext
-from orcinus.request import Request
-from orcinus.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
-
 
 
 def default_cpu_kv_bytes() -> int:
@@ -38,7 +37,8 @@ class ModelInput:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [B] flat index of each request's last token
+    sample_indices: torch.Tensor  # [S] flat index of the last token of each request that samples
+    num_new_tokens: list[int]  # per request
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -53,9 +53,12 @@ def make_backend(name: str, device: torch.device) -> AttentionBackend:
     return ReferenceAttention()
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_layers: int | None = None,
+                       num_kv_heads: int | None = None) -> int:
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    layers = cfg.num_layers if num_layers is None else num_layers
+    heads = cfg.num_kv_heads if num_kv_heads is None else num_kv_heads
+    return 2 * layers * block_size * heads * cfg.head_dim * elem
 
 
 class ModelRunner:
@@ -67,71 +70,57 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = engine_config.block_size
         self.backend = make_backend(engine_config.attention_backend, device)
-        self.sampler = Sampler(seed=engine_config.seed)
-        self.num_blocks = self._decide_num_blocks(engine_config)
-        shape = (self.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.num_blocks = 0
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_kv_heads = kv_head_range(model_config.num_kv_heads)[1]  # on this tensor-parallel rank
+        self.num_layers = getattr(model, "num_local_layers", model_config.num_layers)  # on this stage
+
+    # ------------------------------------------------------------------ KV pool
+    def kv_bytes_per_block(self) -> int:
+        return kv_bytes_per_block(self.cfg, self.block_size, self.dtype, self.num_layers, self.num_kv_heads)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.cfg.head_dim)
         # torch.empty: slots are only ever read after being written, so no need to zero them
         self.kv_caches = [
-            (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-            for _ in range(model_config.num_layers)
+            (torch.empty(shape, dtype=self.dtype, device=self.device),
+             torch.empty(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.num_layers)
         ]
-
-    def _decide_num_blocks(self, ec: EngineConfig) -> int:
-        per_block = kv_bytes_per_block(self.cfg, self.block_size, self.dtype)
-        if ec.kv_cache_memory is not None:
-            budget = ec.kv_cache_memory
-        elif self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            budget = int(free * ec.gpu_memory_utilization)
-        else:
-            budget = default_cpu_kv_bytes()
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory={budget} bytes holds no block ({per_block} bytes per block of "
-                f"{self.block_size} tokens); raise kv_cache_memory"
-            )
-        return int(num_blocks)
+        self.num_blocks = num_blocks
 
     # ------------------------------------------------------------------ inputs
-    def prepare(self, requests: list[Request], num_new_tokens: list[int],
-                block_tables: list[list[int]]) -> ModelInput:
+    def prepare(self, rows: list[WorkerRequest]) -> ModelInput:
         """Flatten the batch: array operations per iteration, no Python loop per token."""
         bs = self.block_size
-        q_lens = np.asarray(num_new_tokens, dtype=np.int64)
-        ctx_before = np.asarray([r.num_computed_tokens for r in requests], dtype=np.int64)
+        ctx_before = np.asarray([r.num_computed_tokens for r in rows], dtype=np.int64)
+        q_lens = np.asarray([r.num_new_tokens for r in rows], dtype=np.int64)
         seq_lens = ctx_before + q_lens
-        cu = np.zeros(len(requests) + 1, dtype=np.int64)
+        cu = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(q_lens, out=cu[1:])
         num_tokens = int(cu[-1])
         token_ids: list[int] = []
-        for r, n in zip(requests, num_new_tokens):
-            token_ids.extend(r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + n])
-        req_of_token = np.repeat(np.arange(len(requests)), q_lens)
+        for r, n in zip(rows, q_lens.tolist()):
+            if n == 1:
+                token_ids.append(r.token_at(r.num_computed_tokens))
+            else:
+                token_ids.extend((r.prompt_token_ids + r.output_token_ids)[r.num_computed_tokens:r.num_computed_tokens + n])
+        req_of_token = np.repeat(np.arange(len(rows)), q_lens)
         positions = np.arange(num_tokens) - cu[:-1][req_of_token] + ctx_before[req_of_token]
-        max_blocks = max(len(t) for t in block_tables)
-        table = np.zeros((len(requests), max_blocks), dtype=np.int64)
-        for i, t in enumerate(block_tables):
-            table[i, :len(t)] = t
+        max_blocks = max(len(r.block_ids) for r in rows)
+        table = np.zeros((len(rows), max_blocks), dtype=np.int64)
+        for i, r in enumerate(rows):
+            table[i, :len(r.block_ids)] = r.block_ids
         slots = table[req_of_token, positions // bs] * bs + positions % bs
-
+        layout = BatchLayout(q_lens, seq_lens, table, slots, bs)
         up = self._upload
-        meta = AttentionMetadata(
-            query_start_loc=up(cu.astype(np.int32)),
-            seq_lens=up(seq_lens.astype(np.int32)),
-            block_tables=up(table),
-            slot_mapping=up(slots),
-            query_lens_host=q_lens.tolist(),
-            seq_lens_host=seq_lens.tolist(),
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            block_size=bs,
-        )
         return ModelInput(
             input_ids=up(np.asarray(token_ids, dtype=np.int64)),
             positions=up(positions),
-            meta=meta,
-            sample_indices=up(cu[1:] - 1),
+            meta=self.backend.build(layout, up),
+            # a prompt chunk that does not reach the end of its sequence samples nothing
+            sample_indices=up((cu[1:] - 1)[[r.samples for r in rows]]),
+            num_new_tokens=q_lens.tolist(),
         )
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
@@ -143,14 +132,15 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
-    def forward_logits(self, inp: ModelInput) -> torch.Tensor:
-        """Logits only at the sampled positions (one row per request)."""
-        ctx = ForwardContext(inp.meta, self.kv_caches, self.backend)
-        hidden = self.model(inp.input_ids, inp.positions, ctx)
+    def forward_logits(self, inp: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits only at the sampled positions (one row per request that samples)."""
+        hidden = self.forward_stage(inp, hidden)
         return self.model.compute_logits(hidden.index_select(0, inp.sample_indices)).float()
 
     @torch.inference_mode()
-    def execute(self, requests: list[Request], num_new_tokens: list[int],
-                block_tables: list[list[int]]) -> SamplerOutput:
-        logits = self.forward_logits(self.prepare(requests, num_new_tokens, block_tables))
-        return self.sampler(logits, requests)
+    def forward_stage(self, inp: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This pipeline stage's layers: from token ids on the first stage, else from `hidden`."""
+        ctx = ForwardContext(inp.meta, self.kv_caches, self.backend)
+        if hidden is None:
+            return self.model(inp.input_ids, inp.positions, ctx)
+        return self.model(inp.input_ids, inp.positions, ctx, hidden)

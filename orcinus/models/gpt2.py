@@ -10,35 +10,70 @@ import torch
 from torch import nn
 
 from orcinus.config import ModelConfig
+from orcinus.distributed.parallel_state import all_reduce, even_split, tensor_parallel
 from orcinus.layers.activations import get_activation
 from orcinus.layers.attention import PagedAttention
 from orcinus.layers.context import ForwardContext
+from orcinus.layers.linear import CheckpointTensor, ParallelLMHead, VocabParallelEmbedding
 from orcinus.models.registry import UnsupportedModel, _eos_ids
 
 
 class Conv1D(nn.Module):
     """GPT-2's linear layer. Its weight is stored [in, out] (the transpose of nn.Linear), and we keep
-    that layout so checkpoint tensors load untouched: y = x @ W + b."""
+    that layout so checkpoint tensors load untouched: y = x @ W + b.
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    Tensor parallel: `split="out"` keeps this rank's output columns (in `groups` equal blocks of the
+    full output, e.g. q, k, v side by side: each keeps its own slice of every block); `split="in"`
+    keeps its input rows, sums the partial outputs with one all-reduce and adds the bias once."""
+
+    def __init__(self, in_features: int, out_features: int, split: str = "out", groups: int = 1) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(out_features))
+        tp = tensor_parallel()
+        self.split = split
+        if split == "out":
+            block = out_features // groups
+            per = even_split(block, "an output dimension")
+            starts = [g * block + tp.rank * per for g in range(groups)]
+            self.weight = _conv_param((in_features, per * groups), 1, starts, per, (in_features, out_features))
+            self.bias = _conv_param((per * groups,), 0, starts, per, (out_features,))
+        else:
+            per = even_split(in_features, "an input dimension")
+            self.weight = _conv_param((per, out_features), 0, [tp.rank * per], per, (in_features, out_features))
+            self.bias = _conv_param((out_features,), 0, [0], out_features, (out_features,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight)
+        if self.split == "out":
+            return torch.addmm(self.bias, x, self.weight)
+        return all_reduce(x @ self.weight) + self.bias
+
+
+def _conv_param(shape: tuple[int, ...], dim: int, starts: list[int], length: int,
+                full_shape: tuple[int, ...]) -> nn.Parameter:
+    def load(param: nn.Parameter, loaded: CheckpointTensor) -> None:
+        if tuple(loaded.shape) != tuple(full_shape):
+            raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, expected {tuple(full_shape)}")
+        if len(starts) == 1 and length == full_shape[dim]:
+            part = loaded.full()
+        else:
+            part = torch.cat([loaded.narrow(dim, s, length) for s in starts], dim=dim)
+        param.data = part.to(device=param.device, dtype=param.dtype).contiguous()
+
+    p = nn.Parameter(torch.empty(shape), requires_grad=False)
+    p.weight_loader = load
+    return p
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.hidden_size = cfg.hidden_size
-        self.c_attn = Conv1D(cfg.hidden_size, 3 * cfg.hidden_size)  # q, k, v side by side
-        self.c_proj = Conv1D(cfg.hidden_size, cfg.hidden_size)
+        heads = even_split(cfg.num_heads, "the number of attention heads")  # on this tensor-parallel rank
+        self.hidden_size = heads * cfg.head_dim  # of this rank's q (and k, v)
+        self.c_attn = Conv1D(cfg.hidden_size, 3 * cfg.hidden_size, groups=3)  # q, k, v side by side
+        self.c_proj = Conv1D(cfg.hidden_size, cfg.hidden_size, split="in")
         scale = cfg.head_dim ** -0.5 if cfg.extra.get("scale_attn_weights", True) else 1.0
         if cfg.extra.get("scale_attn_by_inverse_layer_idx", False):
             scale /= layer_idx + 1  # a per-layer constant, so it folds into the softmax scale
-        self.attn = PagedAttention(layer_idx, cfg.num_heads, cfg.num_heads, cfg.head_dim, scale)
+        self.attn = PagedAttention(layer_idx, heads, heads, cfg.head_dim, scale)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = self.c_attn(x).split(self.hidden_size, dim=-1)
@@ -50,8 +85,9 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        even_split(cfg.intermediate_size, "the MLP's n_inner")
         self.c_fc = Conv1D(cfg.hidden_size, cfg.intermediate_size)
-        self.c_proj = Conv1D(cfg.intermediate_size, cfg.hidden_size)
+        self.c_proj = Conv1D(cfg.intermediate_size, cfg.hidden_size, split="in")
         self.act = get_activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,18 +110,20 @@ class GPT2Block(nn.Module):
 class GPT2Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class GPT2LMHeadModel(nn.Module):
+    supports_tensor_parallel = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.transformer = GPT2Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 

@@ -3,6 +3,11 @@
 Selective batching in one screen: every op below works on the flat [num_tokens, hidden] tensor;
 only `PagedAttention` consults the per-request metadata. Parameter names follow the Hugging Face
 checkpoints so that weights load by name.
+
+Tensor parallelism (Megatron): q/k/v and gate/up are column-parallel (each rank holds some heads,
+some of the MLP's hidden units), o_proj and down_proj row-parallel (one all-reduce each), the
+embedding and LM head split the vocabulary. With fewer KV heads than ranks each KV head is
+replicated on the ranks whose query heads use it.
 """
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from orcinus.config import ModelConfig
+from orcinus.distributed.parallel_state import even_split, kv_head_range, pipeline_stage
 from orcinus.layers.attention import PagedAttention
 from orcinus.layers.context import ForwardContext
+from orcinus.layers.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from orcinus.layers.norms import RMSNorm
 from orcinus.layers.rotary import RotaryEmbedding
 
@@ -22,10 +29,13 @@ class LlamaAttention(nn.Module):
         super().__init__()
         d = cfg.head_dim
         self.head_dim = d
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+        heads = even_split(cfg.num_heads, "the number of attention heads")
+        kv_start, kv_heads = kv_head_range(cfg.num_kv_heads)
+        kv_range = (kv_start * d, kv_heads * d)
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, cfg.attention_bias)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, kv_range)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, kv_range)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -33,7 +43,7 @@ class LlamaAttention(nn.Module):
         self.rotary = [rotary]  # shared, kept out of the module tree
         # Qwen2/3 slide only in some layers (registry's `full_attention_layers`); Mistral in all.
         window = None if layer_idx in cfg.extra.get("full_attention_layers", ()) else cfg.sliding_window
-        self.attn = PagedAttention(layer_idx, cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5, window)
+        self.attn = PagedAttention(layer_idx, heads, kv_heads, d, d ** -0.5, window)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
@@ -48,9 +58,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        even_split(cfg.intermediate_size, "the MLP's intermediate_size")
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -70,36 +81,67 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
+    """This pipeline stage's part: the embedding on the first stage, its run of layers, the
+    final norm on the last stage. Layer i of the stage is layer first_layer + i of the model."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        stage = pipeline_stage()
+        self.first_layer, end = stage.layer_range(cfg.num_layers)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if stage.is_first else None
+        # Stage-local layer indices: each stage's KV pool holds only its own layers.
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self.rotary) for i in range(end - self.first_layer))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_tensor_parallel = True
+    supports_pipeline_parallel = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.model = LlamaBackbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        stage = pipeline_stage()
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if stage.is_last else None
+        if cfg.tie_word_embeddings and stage.is_first and stage.is_last:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids on the first stage, the previous stage's hidden states on the others."""
+        x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else hidden
         for layer in self.model.layers:
             x = layer(x, positions, ctx)
-        return self.model.norm(x)
+        return self.model.norm(x) if self.model.norm is not None else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    @property
+    def num_local_layers(self) -> int:
+        return len(self.model.layers)
 
     def checkpoint_name(self, name: str) -> str | None:
         """Map a checkpoint tensor name to this module's parameter name (None: skip it)."""
         if "rotary_emb" in name:
             return None
+        has_embed, has_head = self.model.embed_tokens is not None, self.lm_head is not None
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None
+        if name == "model.embed_tokens.weight":
+            if has_embed:
+                return name
+            # A last stage without the embedding reads the tied LM head from it.
+            return "lm_head.weight" if has_head and self.config.tie_word_embeddings else None
+        if name.startswith("lm_head."):
+            return name if has_head else None
+        if name.startswith("model.norm."):
+            return name if self.model.norm is not None else None
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2]) - self.model.first_layer
+            if not 0 <= i < len(self.model.layers):
+                return None  # another stage's layer
+            return f"model.layers.{i}." + name.split(".", 3)[3]
         return name

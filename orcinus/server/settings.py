@@ -39,10 +39,6 @@ class ServerSettings:
     # (or of opening), and its body within body_timeout_s: slow clients cannot hold sockets.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
-    # Tokens one iteration may process when --max-num-batched-tokens is not given: bounds the
-    # length of an iteration (a burst of long prompts is spread over several), so legitimate
-    # load never looks like a stall to /health. A longer single prompt still runs alone.
-    default_max_num_batched_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):
@@ -66,8 +62,6 @@ class ServerSettings:
         for name in ("stream_stall_timeout_s", "header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        if self.default_max_num_batched_tokens < 1:
-            raise ValueError("default_max_num_batched_tokens must be at least 1")
 
 
 def default_model_name(model: str | None) -> str:

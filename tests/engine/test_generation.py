@@ -189,11 +189,11 @@ def test_half_precision_runs_close_to_float32(dtype, checkpoint_factory):
     folder, hf_model = checkpoint_factory("llama")
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, kv_cache_memory=1 << 22, block_size=4,
                                    dtype=dtype)
-    assert engine.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
-    assert next(engine.runner.model.parameters()).dtype == getattr(torch, dtype)
+    assert engine.executor.driver_worker.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
+    assert next(engine.executor.driver_worker.runner.model.parameters()).dtype == getattr(torch, dtype)
     captured = []
-    original = engine.runner.forward_logits
-    engine.runner.forward_logits = lambda inp: captured.append(original(inp)) or captured[-1]
+    original = engine.executor.driver_worker.runner.forward_logits
+    engine.executor.driver_worker.runner.forward_logits = lambda inp: captured.append(original(inp)) or captured[-1]
     prompt = _prompts(1, seed=11, lo=20, hi=21)[0]
     engine.add_request("a", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, **GREEDY))
     while engine.has_unfinished_requests():
@@ -235,13 +235,13 @@ def test_failed_iteration_aborts_its_requests_frees_blocks_and_engine_goes_on(ch
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22,
                                    block_size=4)
     engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(n=2, max_tokens=4, **GREEDY))
-    original = engine.runner.execute
-    engine.runner.execute = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    original = engine.executor.driver_worker.execute
+    engine.executor.driver_worker.execute = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(EngineStepError) as info:
         engine.step()
     assert info.value.request_ids == ["a"]
     assert engine.free_all_check() and not engine.has_unfinished_requests()
-    engine.runner.execute = original
+    engine.executor.driver_worker.execute = original
     engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2, **GREEDY))  # id reusable
     while engine.has_unfinished_requests():
         engine.step()

@@ -50,14 +50,14 @@ def _hf_generate(hf_model, prompt: list[int]) -> list[int]:
 def _first_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
     """Last-position logits of the prompt's initiation iteration."""
     captured: list[torch.Tensor] = []
-    original = engine.runner.forward_logits
+    original = engine.executor.driver_worker.runner.forward_logits
 
     def wrapped(inp):
         out = original(inp)
         captured.append(out.clone())
         return out
 
-    engine.runner.forward_logits = wrapped
+    engine.executor.driver_worker.runner.forward_logits = wrapped
     _generate(engine, [prompt])
     return captured[0][0]
 
@@ -79,7 +79,7 @@ def post_ln_opt(tmp_path_factory):
 def test_post_ln_opt_greedy_matches_transformers(post_ln_opt):
     folder, hf_model = post_ln_opt
     engine = _engine(folder, dtype="float32")
-    dec = engine.runner.model.model.decoder
+    dec = engine.executor.driver_worker.runner.model.model.decoder
     assert dec.project_in is None and dec.project_out is None and dec.final_layer_norm is None
     assert _generate(engine, PROMPTS) == [_hf_generate(hf_model, p) for p in PROMPTS]
 
@@ -88,7 +88,7 @@ def test_gpt2_bfloat16_checkpoint_runs_close_to_float32(tmp_path):
     folder = str(tmp_path / "gpt2-bf16")
     hf_model = build_checkpoint("gpt2", folder, dtype=torch.bfloat16)  # float32 copy of the bf16 weights
     engine = _engine(folder, dtype="bfloat16")
-    assert engine.runner.model.lm_head.weight.dtype == torch.bfloat16
+    assert engine.executor.driver_worker.runner.model.lm_head.weight.dtype == torch.bfloat16
     prompt = PROMPTS[1]
     got = _first_logits(engine, prompt)
     with torch.no_grad():

@@ -12,14 +12,14 @@ from orcinus.sampling_params import SamplingParams
 
 def _capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
     captured: list[torch.Tensor] = []
-    original = engine.runner.forward_logits
+    original = engine.executor.driver_worker.runner.forward_logits
 
     def wrapped(inp):
         out = original(inp)
         captured.append(out.detach().cpu())
         return out
 
-    engine.runner.forward_logits = wrapped
+    engine.executor.driver_worker.runner.forward_logits = wrapped
     return captured
 
 

@@ -113,7 +113,7 @@ def test_operator_log(small_server: ServerProcess) -> None:
     startup = next(line for line in text.splitlines() if "kv_capacity=" in line)
     on_gpu = torch.cuda.is_available()  # the server's default device and dtype follow the host
     for field in ("model=", f"dtype={'bfloat16' if on_gpu else 'float32'}", f"device={'cuda' if on_gpu else 'cpu'}",
-                  "tokens", "policy=orca"):
+                  "tokens", "policy=paged", f"max_num_batched_tokens={2048 if on_gpu else 512}", "prefix_caching=on"):
         assert field in startup, startup
     assert "serving tiny, other-name at http://127.0.0.1:" in text
     assert re.search(r'orcinus.access: 127\.0\.0\.1:\d+ "POST /v1/completions HTTP/1.1" 401 \d+B [\d.]+ms', text)

@@ -1,0 +1,165 @@
+"""The body of one spawned worker process: join the tensor-parallel group, build this rank's
+shard of the model, report how many KV blocks it can hold, then serve batch messages.
+
+Control travels over a multiprocessing pipe (pickled plain data, CPU only); only activations go
+over the torch.distributed group (gloo on CPU, NCCL on CUDA)."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import pickle
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+
+from orcinus.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RankInfo:
+    rank: int  # global: stage * tensor_parallel_size + tensor-parallel rank
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    master_addr: str
+    master_port: int
+    timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor_parallel_size
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tensor_parallel_size
+
+
+@dataclass
+class Reply:
+    """A rank's answer to one message: the tokens (last stage, first tensor-parallel rank only)
+    and when this rank started and finished its part (for pipelining measurements)."""
+
+    output: object | None
+    stage: int
+    seq: int
+    started: float  # time.monotonic(), comparable across processes of one machine
+    finished: float
+
+
+@dataclass
+class Ready:
+    """First reply of a worker: what the executor needs to size the pool and describe the model."""
+
+    num_blocks: int
+    model_config: object
+    model_path: str
+    pid: int
+
+
+@dataclass
+class Failed:
+    """An error on a worker, as text plus the exception when it pickles."""
+
+    kind: str
+    message: str
+    detail: str
+    exception: BaseException | None = None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "Failed":
+        try:
+            pickle.dumps(exc)
+            carried = exc
+        except Exception:
+            carried = None
+        return cls(type(exc).__name__, str(exc), traceback.format_exc(), carried)
+
+    def to_exception(self) -> BaseException:
+        return self.exception if self.exception is not None else RuntimeError(f"{self.kind}: {self.message}")
+
+
+def worker_main(info: RankInfo, config: EngineConfig, conn: Connection, prev_conn: Connection | None,
+                next_conn: Connection | None) -> None:
+    """`conn`: this rank's pipe to the executor (start-up, replies; messages too on stage 0).
+    `prev_conn` / `next_conn`: control pipes from the previous / to the next pipeline stage."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from orcinus.distributed.parallel_state import PipelineStage, set_pipeline_stage, set_tensor_parallel
+    from orcinus.executor.messages import Rollback
+    from orcinus.executor.worker import Worker
+
+    tp, pp = info.tensor_parallel_size, info.pipeline_parallel_size
+    try:
+        if "OMP_NUM_THREADS" not in os.environ:
+            # The ranks share this machine's cores: one intra-op pool per rank would oversubscribe it.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+        device = config.resolved_device()
+        if device.type == "cuda":
+            device = torch.device("cuda", info.rank % max(torch.cuda.device_count(), 1))
+            torch.cuda.set_device(device)
+            config = dataclasses.replace(config, device=str(device))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"tcp://{info.master_addr}:{info.master_port}",
+            rank=info.rank, world_size=info.world_size,
+            timeout=datetime.timedelta(seconds=info.timeout_s),
+        )
+        group = dist.group.WORLD
+        if pp > 1:  # every rank creates every stage's group, in the same order
+            groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
+            group = groups[info.stage] if tp > 1 else None
+        set_tensor_parallel(info.tp_rank, tp, group)
+        set_pipeline_stage(PipelineStage(info.stage, pp, info.rank - tp if info.stage > 0 else None,
+                                         info.rank + tp if info.stage < pp - 1 else None))
+        worker = Worker(config)
+        conn.send(Ready(worker.available_kv_blocks(), worker.model_config, worker.model_path, os.getpid()))
+        worker.initialize_kv_cache(conn.recv())
+    except BaseException as exc:
+        _send_quietly(conn, Failed.of(exc))
+        return
+    inbox = conn if prev_conn is None else prev_conn
+    try:
+        while True:
+            try:
+                raw = inbox.recv_bytes()
+            except EOFError:  # the engine (or the previous stage) is gone: nothing left to serve
+                return
+            if next_conn is not None:
+                # Orca's Figure 7: pass the control message on (still encoded) before launching this
+                # stage's kernels, so the next stage is ready as soon as the hidden states come.
+                next_conn.send_bytes(raw)
+            item = ForkingPickler.loads(raw)
+            if item is None:
+                return
+            if isinstance(item, Rollback):
+                worker.rollback(item.seq)
+                continue
+            started = time.monotonic()
+            try:
+                out = worker.execute(item)
+            except Exception as exc:
+                conn.send(Failed.of(exc))
+                continue
+            # Every tensor-parallel rank sampled the same tokens from the same gathered logits.
+            conn.send(Reply(out if info.tp_rank == 0 else None, info.stage, item.seq, started, time.monotonic()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _send_quietly(conn: Connection, item: object) -> None:
+    try:
+        conn.send(item)
+    except Exception:
+        pass

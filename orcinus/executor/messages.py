@@ -1,0 +1,118 @@
+"""The engine-to-worker contract: plain, picklable data only (ids, ints, small dataclasses).
+
+One `BatchMessage` per iteration carries the scheduler's decision. A request is described in full
+(`NewRequestData`) only the first time a worker sees it; afterwards the message carries the one
+token the engine appended since (`CachedRequestData`) and any KV blocks added since. Workers keep
+everything else (token history, seeded generators, block tables) and drop it when a later message
+lists the id in `finished_ids`. See docs/contract.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orcinus.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What a worker needs to sample a request's tokens (no stop strings, no output options)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    min_tokens: int = 0
+    logprobs: int | None = None
+    # token ids min_tokens holds off: the request's EOS ids and its stop_token_ids
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @classmethod
+    def from_params(cls, params: SamplingParams, eos_token_ids: tuple[int, ...] = ()) -> "SamplingSettings":
+        stops = tuple(dict.fromkeys((*eos_token_ids, *(params.stop_token_ids or ()))))
+        return cls(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, seed=params.seed, min_tokens=params.min_tokens,
+            logprobs=params.logprobs, stop_token_ids=stops,
+        )
+
+
+@dataclass
+class NewRequestData:
+    """A request a worker has not seen (first iteration, or resumed after preemption).
+
+    Its first `num_computed_tokens` tokens already have KV in `block_ids` (a prefix-cache hit);
+    the worker computes the next `num_new_tokens` of `prompt_token_ids + output_token_ids` (None:
+    all the rest) and samples only if that reaches the end (`samples`)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    settings: SamplingSettings
+    block_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)  # non-empty only when resumed
+    num_computed_tokens: int = 0
+    num_new_tokens: int | None = None
+    samples: bool = True
+
+
+@dataclass
+class CachedRequestData:
+    """A request the worker holds. `new_token_id` is the token sampled for it in its previous
+    iteration (None when that iteration was a prompt chunk that sampled nothing); the worker
+    computes its next `num_new_tokens` tokens (1 while decoding, more for the next prompt chunk)
+    and samples only if they reach the end (`samples`)."""
+
+    request_id: str
+    new_token_id: int | None
+    new_block_ids: list[int] = field(default_factory=list)  # appended to its block table
+    num_new_tokens: int = 1
+    samples: bool = True
+
+
+RequestData = NewRequestData | CachedRequestData
+
+
+@dataclass
+class BatchMessage:
+    """One iteration. Workers apply `finished_ids` first (an id may be reused right away), then
+    run `requests` in order (the scheduler's order); outputs come back one row per request that
+    samples (`sampled_ids`), in that order. `preempted_ids`: requests whose KV blocks were taken
+    back; workers drop their state but keep a seeded request's generator, so that when it is sent
+    again as new (to recompute its tokens) its random stream continues where it stopped."""
+
+    batch_id: int
+    requests: list[RequestData] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    seq: int = 0  # stamped by the executor: unique per message sent, names it in a rollback
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [r.request_id for r in self.requests]
+
+    @property
+    def sampled_ids(self) -> list[str]:
+        return [r.request_id for r in self.requests if r.samples]
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.requests)
+
+
+@dataclass
+class Rollback:
+    """Undo message `seq` on every rank that applied it: it failed on another rank or stage."""
+
+    seq: int

@@ -1,0 +1,150 @@
+"""A worker: one model replica (or, later, one shard of it) with its KV pool, its per-request
+state and its sampler. It is driven only by `BatchMessage`s, so it can live in another process."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+
+from orcinus.config import EngineConfig, ModelConfig
+from orcinus.distributed.parallel_state import pipeline_stage, recv_from_prev_stage, send_to_next_stage
+from orcinus.executor.messages import BatchMessage, SamplingSettings
+from orcinus.executor.model_runner import ModelRunner, default_cpu_kv_bytes
+from orcinus.executor.request_state import RequestStates, WorkerRequest
+from orcinus.models.loader import load_model
+from orcinus.sampler import Sampler, SamplerOutput, SamplingMetadata
+
+logger = logging.getLogger(__name__)
+
+_UNDO_KEPT = 64  # far more than the batches that can be in flight
+
+
+class Worker:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype(self.device)
+        loaded = load_model(config.model, self.dtype, self.device)
+        self.model_path = loaded.path
+        self.model_config: ModelConfig = loaded.config
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        self.runner = ModelRunner(loaded.model, loaded.config, config, self.device, self.dtype)
+        self.sampler = Sampler(seed=config.seed)
+        self.states = RequestStates(self.device)
+        # undo records of recent messages, should another rank or stage fail them
+        self._applied: OrderedDict[int, object] = OrderedDict()
+
+    # ------------------------------------------------------------------ KV sizing
+    def available_kv_blocks(self) -> int:
+        """How many KV blocks this rank can hold next to the model and its peak activations."""
+        per_block = self.runner.kv_bytes_per_block()
+        ec = self.config
+        if ec.kv_cache_memory is not None:
+            budget = ec.kv_cache_memory
+        elif self.device.type == "cuda":
+            budget = self._profiled_cuda_budget()
+        else:
+            # On CPU activations are small next to the pool and pages are touched lazily.
+            budget = default_cpu_kv_bytes()
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={budget} bytes holds no block ({per_block} bytes per block of "
+                f"{self.runner.block_size} tokens); raise kv_cache_memory"
+            )
+        return int(num_blocks)
+
+    def _profiled_cuda_budget(self) -> int:
+        """Run the largest batch the settings allow with a tiny KV pool, then give the pool what
+        gpu_memory_utilization leaves above that peak."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.profile_run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        _free, total = torch.cuda.mem_get_info(self.device)
+        self.runner.allocate_kv_cache(0)
+        torch.cuda.empty_cache()
+        budget = int(total * self.config.gpu_memory_utilization) - peak
+        logger.info("profiled peak %.2f GiB; %.2f GiB left for the KV pool", peak / 2**30, budget / 2**30)
+        return max(budget, 0)
+
+    def profile_run(self) -> None:
+        """One forward and sampling pass over the largest batch: max_num_seqs rows and as many
+        tokens as the scheduler may put in one iteration, writing into a small throwaway pool."""
+        ec = self.config
+        tokens = ec.max_num_seqs * self.max_model_len
+        tokens = min(tokens, max(ec.resolved_max_num_batched_tokens(self.device), ec.max_num_seqs))
+        pool_blocks = 2 * -(-self.max_model_len // self.runner.block_size)
+        self.runner.allocate_kv_cache(pool_blocks)
+        settings = SamplingSettings(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.1, logprobs=20)
+        rows, left = [], tokens
+        for i in range(ec.max_num_seqs):
+            n = max(1, min(self.max_model_len, left - (ec.max_num_seqs - 1 - i)))
+            left -= n
+            blocks = [b % pool_blocks for b in range(-(-n // self.runner.block_size))]
+            rows.append(WorkerRequest(f"profile-{i}", [0] * n, settings, blocks))
+        inp = self.runner.prepare(rows)
+        stage = pipeline_stage()
+        hidden = None
+        if not stage.is_first:
+            hidden = recv_from_prev_stage(len(inp.input_ids), self.model_config.hidden_size, self.dtype, self.device)
+        if stage.is_last:
+            logits = self.runner.forward_logits(inp) if hidden is None else self.runner.forward_logits(inp, hidden)
+            self.sampler(logits, SamplingMetadata.from_rows(rows))
+        else:
+            send_to_next_stage(self.runner.forward_stage(inp, hidden), self.device)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    # ------------------------------------------------------------------ iterations
+    @torch.inference_mode()
+    def execute(self, msg: BatchMessage) -> SamplerOutput | None:
+        """Run this rank's part of one iteration. The last pipeline stage returns the sampled
+        tokens; earlier stages send their hidden states on and return None."""
+        stage = pipeline_stage()
+        rows, undo = self.states.apply(msg)
+        sent = stage.is_last
+        try:
+            if not rows:
+                return SamplerOutput([], [], []) if stage.is_last else None
+            inp = self.runner.prepare(rows)
+            hidden = None
+            if not stage.is_first:
+                hidden = recv_from_prev_stage(len(inp.input_ids), self.model_config.hidden_size, self.dtype,
+                                              self.device)
+                if hidden is None:
+                    raise UpstreamFailed("this batch failed on an earlier pipeline stage")
+            if not stage.is_last:
+                hidden = self.runner.forward_stage(inp, hidden)
+                sent = True
+                send_to_next_stage(hidden, self.device)
+                out = None
+            else:
+                logits = self.runner.forward_logits(inp) if hidden is None else self.runner.forward_logits(inp, hidden)
+                sampling = [r for r in rows if r.samples]  # prompt chunks short of the end sample nothing
+                out = self.sampler(logits, SamplingMetadata.from_rows(sampling)) if sampling \
+                    else SamplerOutput([], [], [])
+        except BaseException:
+            if not sent:  # the next stage waits for this batch: tell it that it failed
+                send_to_next_stage(None, self.device)
+            # Leave the state as before the message, so the engine may retry these rows.
+            self.states.rollback(undo)
+            raise
+        self._applied[msg.seq] = undo
+        while len(self._applied) > _UNDO_KEPT:
+            self._applied.popitem(last=False)
+        return out
+
+    def rollback(self, seq: int) -> None:
+        """Message `seq` succeeded here but failed elsewhere (another stage or rank): undo it."""
+        undo = self._applied.pop(seq, None)
+        if undo is not None:
+            self.states.rollback(undo)
+
+
+class UpstreamFailed(RuntimeError):
+    """An earlier pipeline stage failed this batch; its own error is the one to report."""

@@ -1,0 +1,132 @@
+"""Tensor-parallel linear layers and embeddings (Megatron-style), each parameter with a weight
+loader that reads only this rank's shard of the checkpoint tensor.
+
+Column-parallel: each rank holds a slice of the output features (no communication). Row-parallel:
+each rank holds a slice of the input features and the partial outputs are summed with one
+all-reduce. With one rank they are plain linears and embeddings.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orcinus.distributed.parallel_state import all_gather_last_dim, all_reduce, even_split, tensor_parallel
+
+
+class CheckpointTensor(Protocol):
+    """A checkpoint tensor not yet read: its full shape, and reads of all or part of it."""
+
+    shape: tuple[int, ...]
+
+    def full(self) -> torch.Tensor: ...
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+
+def _check_shape(param: nn.Parameter, loaded: CheckpointTensor, full_shape: tuple[int, ...]) -> None:
+    if tuple(loaded.shape) != tuple(full_shape):
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, expected {tuple(full_shape)}")
+
+
+def _shard_loader(dim: int, start: int, length: int, full_shape: tuple[int, ...]):
+    def load(param: nn.Parameter, loaded: CheckpointTensor) -> None:
+        _check_shape(param, loaded, full_shape)
+        part = loaded.narrow(dim, start, length) if loaded.shape[dim] != length else loaded.full()
+        param.data = part.to(device=param.device, dtype=param.dtype).contiguous()
+    return load
+
+
+def _param(shape: tuple[int, ...], loader) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape), requires_grad=False)
+    p.weight_loader = loader
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T for this rank's output rows [start, start + length) of the full layer (an even
+    split by default; replicated KV heads pass their own range)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 out_range: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        if out_range is None:
+            per = even_split(out_features, "an output dimension")
+            out_range = (tensor_parallel().rank * per, per)
+        start, length = out_range
+        self.weight = _param((length, in_features), _shard_loader(0, start, length, (out_features, in_features)))
+        self.bias = _param((length,), _shard_loader(0, start, length, (out_features,))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r W_r^T, plus the bias once after the all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        per = even_split(in_features, "an input dimension")
+        start = tensor_parallel().rank * per
+        self.weight = _param((out_features, per), _shard_loader(1, start, per, (out_features, in_features)))
+        self.bias = _param((out_features,), _shard_loader(0, 0, out_features, (out_features,))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+def _vocab_shard(vocab_size: int) -> tuple[int, int]:
+    """(first id, rows) of this rank's vocabulary shard; the last shard is padded to equal size."""
+    tp = tensor_parallel()
+    per = -(-vocab_size // tp.size)
+    return tp.rank * per, per
+
+
+def _vocab_loader(vocab_size: int, hidden: int):
+    start, per = _vocab_shard(vocab_size)
+
+    def load(param: nn.Parameter, loaded: CheckpointTensor) -> None:
+        _check_shape(param, loaded, (vocab_size, hidden))
+        real = max(0, min(per, vocab_size - start))
+        part = loaded.full() if real == vocab_size else loaded.narrow(0, start, real)
+        data = torch.zeros((per, hidden), dtype=param.dtype, device=param.device)
+        data[:real] = part.to(device=param.device, dtype=param.dtype)
+        param.data = data
+    return load
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank embeds the ids in its vocabulary shard (zeros elsewhere); one all-reduce sums."""
+
+    def __init__(self, vocab_size: int, hidden: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.start, per = _vocab_shard(vocab_size)
+        self.weight = _param((per, hidden), _vocab_loader(vocab_size, hidden))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tensor_parallel().size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0.0))
+
+
+class ParallelLMHead(nn.Module):
+    """Logits for this rank's vocabulary shard, gathered into the full row on every rank."""
+
+    def __init__(self, vocab_size: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.weight = _param(_vocab_shard(vocab_size)[1:] + (hidden,), _vocab_loader(vocab_size, hidden))
+        self.bias = None
+        if bias:
+            raise ValueError("an LM head with a bias is not supported")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        return logits[..., :self.vocab_size]
