@@ -39,6 +39,8 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # optional cap on tokens per iteration
     tensor_parallel_size: int = 1  # ranks that split every layer (worker processes on this machine)
     pipeline_parallel_size: int = 1  # stages of consecutive layers; batches in flight = max(n_workers, this)
+    nnodes: int = 1  # machines sharing the ranks; the others run `python -m orcinus.distributed.launch`
+    distributed_timeout_s: float = 120.0  # for ranks to join, and for one collective
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,6 +70,12 @@ class EngineConfig:
             raise ConfigError("tensor_parallel_size must be at least 1")
         if self.pipeline_parallel_size < 1:
             raise ConfigError("pipeline_parallel_size must be at least 1")
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if self.nnodes < 1 or world % self.nnodes:
+            raise ConfigError(f"nnodes={self.nnodes} must divide tensor_parallel_size x pipeline_parallel_size "
+                              f"= {world} (each node runs the same number of ranks)")
+        if self.distributed_timeout_s <= 0:
+            raise ConfigError("distributed_timeout_s must be positive")
         if self.attention_backend not in ("auto", "reference", "batched"):
             raise ConfigError("attention_backend must be auto, reference or batched")
 
