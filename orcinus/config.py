@@ -43,6 +43,8 @@ class EngineConfig:
     enable_prefix_caching: bool | None = None  # reuse cached KV of common prefixes; None: on for paged
     tensor_parallel_size: int = 1  # ranks that split every layer (worker processes on this machine)
     pipeline_parallel_size: int = 1  # stages of consecutive layers; batches in flight = max(n_workers, this)
+    nnodes: int = 1  # machines sharing the ranks; the others run `python -m orcinus.distributed.launch`
+    distributed_timeout_s: float = 120.0  # for ranks to join, and for one collective
     # Sampling defaults for fields a request leaves unset: "auto" (the model's own, see
     # orcinus/generation_config.py), "vllm" (none: temperature 1, ...) or a folder with a
     # generation_config.json; the override (a JSON object, or a dict) changes single fields on top.
@@ -77,6 +79,12 @@ class EngineConfig:
             raise ConfigError("tensor_parallel_size must be at least 1")
         if self.pipeline_parallel_size < 1:
             raise ConfigError("pipeline_parallel_size must be at least 1")
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if self.nnodes < 1 or world % self.nnodes:
+            raise ConfigError(f"nnodes={self.nnodes} must divide tensor_parallel_size x pipeline_parallel_size "
+                              f"= {world} (each node runs the same number of ranks)")
+        if self.distributed_timeout_s <= 0:
+            raise ConfigError("distributed_timeout_s must be positive")
         if self.attention_backend not in ("auto", "reference", "batched"):
             raise ConfigError("attention_backend must be auto, reference or batched")
         if not self.generation_config:

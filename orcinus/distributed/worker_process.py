@@ -28,6 +28,7 @@ class RankInfo:
     master_addr: str
     master_port: int
     timeout_s: float
+    networked: bool = False  # several machines: connect to the engine and the neighbours over TCP
 
     @property
     def world_size(self) -> int:
@@ -86,10 +87,11 @@ class Failed:
         return self.exception if self.exception is not None else RuntimeError(f"{self.kind}: {self.message}")
 
 
-def worker_main(info: RankInfo, config: EngineConfig, conn: Connection, prev_conn: Connection | None,
-                next_conn: Connection | None) -> None:
+def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = None,
+                prev_conn: Connection | None = None, next_conn: Connection | None = None) -> None:
     """`conn`: this rank's pipe to the executor (start-up, replies; messages too on stage 0).
-    `prev_conn` / `next_conn`: control pipes from the previous / to the next pipeline stage."""
+    `prev_conn` / `next_conn`: control pipes from the previous / to the next pipeline stage.
+    With `info.networked` the rank makes these connections itself (see network.py)."""
     import time
 
     import torch
@@ -100,6 +102,11 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection, prev_con
     from orcinus.executor.worker import Worker
 
     tp, pp = info.tensor_parallel_size, info.pipeline_parallel_size
+    if info.networked:
+        from orcinus.distributed.network import connect_rank
+
+        conn, prev_conn, next_conn = connect_rank(info.rank, tp, pp, info.master_addr, info.master_port,
+                                                  info.timeout_s)
     try:
         if "OMP_NUM_THREADS" not in os.environ:
             # The ranks share this machine's cores: one intra-op pool per rank would oversubscribe it.

@@ -57,7 +57,7 @@ class SingleProcessExecutor(Executor):
 
 def make_executor(config: EngineConfig) -> Executor:
     """One process, or one spawned worker process per rank (tensor x pipeline parallel)."""
-    if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1:
+    if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1 or config.nnodes > 1:
         from orcinus.executor.multiproc import MultiprocExecutor
 
         return MultiprocExecutor(config)

@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import dataclasses
 import itertools
+import os
 import sys
 import logging
 import select
@@ -22,10 +23,10 @@ import threading
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection, Listener, wait
 from multiprocessing.reduction import ForkingPickler
 
-from orcinus.config import EngineConfig
+from orcinus.config import ConfigError, EngineConfig
 from orcinus.distributed.worker_process import Failed, RankInfo, Ready, worker_main
 from orcinus.executor.executor import Executor, WorkerDied
 from orcinus.executor.messages import BatchMessage, Rollback
@@ -43,8 +44,7 @@ def free_port() -> int:
 class MultiprocExecutor(Executor):
     poll_s = 0.2
 
-    def __init__(self, config: EngineConfig, start_timeout_s: float = 600.0,
-                 collective_timeout_s: float = 120.0) -> None:
+    def __init__(self, config: EngineConfig, start_timeout_s: float = 600.0) -> None:
         import torch.multiprocessing as mp
 
         from orcinus.models.loader import check_tensor_parallel, inspect_model
@@ -54,9 +54,8 @@ class MultiprocExecutor(Executor):
         self.tp, self.pp = tp, pp
         self.world_size = tp * pp
         ctx = mp.get_context("spawn")
-        port = free_port()
         self._conns: list[Connection] = []
-        self._procs = []
+        self._procs: list = []  # per rank; None for ranks on other machines
         self._pending: deque[tuple[int, Future[SamplerOutput]]] = deque()
         self._seq = itertools.count(1)
         # (stage, seq, started, finished) of recent messages on tensor-parallel rank 0 of each stage
@@ -64,23 +63,10 @@ class MultiprocExecutor(Executor):
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._closed = False
-        # control pipes from each rank to the same tensor-parallel rank of the next stage
-        links = {rank: ctx.Pipe(duplex=False) for rank in range(self.world_size - tp)}
-        for rank in range(self.world_size):
-            parent, child = ctx.Pipe()
-            info = RankInfo(rank, tp, pp, "127.0.0.1", port, timeout_s=collective_timeout_s)
-            prev_conn = links[rank - tp][0] if rank >= tp else None
-            next_conn = links[rank][1] if rank in links else None
-            proc = ctx.Process(target=worker_main, args=(info, config, child, prev_conn, next_conn), daemon=True,
-                               name=f"orcinus-pp{info.stage}-tp{info.tp_rank}")
-            with _main_module_hidden():
-                proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        for recv_end, send_end in links.values():  # the workers hold them now
-            recv_end.close()
-            send_end.close()
+        if config.nnodes > 1:
+            self._start_networked(ctx, config)
+        else:
+            self._start_local(ctx, config)
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
         atexit.register(self._finalizer)
         try:
@@ -98,14 +84,77 @@ class MultiprocExecutor(Executor):
         logger.info("%d worker processes (tensor_parallel_size=%d x pipeline_parallel_size=%d, pids %s), "
                     "%d KV blocks each", self.world_size, tp, pp, [r.pid for r in ready], self.num_blocks)
 
+    def _start_local(self, ctx, config: EngineConfig) -> None:
+        """Every rank on this machine: pipes to each, and from each stage to the next."""
+        tp, pp = self.tp, self.pp
+        port = free_port()
+        links = {rank: ctx.Pipe(duplex=False) for rank in range(self.world_size - tp)}
+        for rank in range(self.world_size):
+            parent, child = ctx.Pipe()
+            info = RankInfo(rank, tp, pp, "127.0.0.1", port, timeout_s=config.distributed_timeout_s)
+            prev_conn = links[rank - tp][0] if rank >= tp else None
+            next_conn = links[rank][1] if rank in links else None
+            self._procs.append(spawn_worker(ctx, info, config, child, prev_conn, next_conn))
+            child.close()
+            self._conns.append(parent)
+        for recv_end, send_end in links.values():  # the workers hold them now
+            recv_end.close()
+            send_end.close()
+
+    def _start_networked(self, ctx, config: EngineConfig) -> None:
+        """This machine runs the first world_size / nnodes ranks; the other nodes' launchers run
+        the rest. Every rank connects back to the control listener opened here."""
+        from orcinus.distributed.network import cluster_key, control_port, open_store
+
+        addr, port = master_from_env()
+        timeout = config.distributed_timeout_s
+        try:
+            self._store = open_store(addr, port, True, timeout)
+            listener = Listener((addr, control_port(port)), authkey=cluster_key())
+        except (OSError, RuntimeError) as exc:
+            raise ConfigError(f"cannot listen on MASTER_ADDR={addr} ports {port + 1}-{port + 2} ({exc}); "
+                              "set MASTER_ADDR to this machine's address and MASTER_PORT to a free port") from None
+        per_node = self.world_size // config.nnodes
+        for rank in range(self.world_size):
+            info = RankInfo(rank, self.tp, self.pp, addr, port, timeout_s=timeout, networked=True)
+            self._procs.append(spawn_worker(ctx, info, config) if rank < per_node else None)
+        joined: dict[int, Connection] = {}
+
+        def accept() -> None:
+            while len(joined) < self.world_size:
+                conn = listener.accept()
+                joined[conn.recv()] = conn
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        acceptor.join(timeout)
+        listener.close()
+        if len(joined) < self.world_size:
+            missing = sorted(set(range(self.world_size)) - set(joined))
+            _stop(list(joined.values()), [p for p in self._procs if p is not None])
+            raise WorkerDied(
+                f"ranks {missing} did not join within distributed_timeout_s={timeout:.0f} s; start "
+                f"`python -m orcinus.distributed.launch --nnodes {config.nnodes} --node-rank K` with the same "
+                f"engine flags on every other node, with MASTER_ADDR={addr} and MASTER_PORT={port}")
+        self._conns = [joined[r] for r in range(self.world_size)]
+
+    def _watch(self, rank: int) -> list:
+        """What becomes ready when rank answers or dies: its connection, and its process if local."""
+        proc = self._procs[rank]
+        return [self._conns[rank]] + ([proc.sentinel] if proc is not None else [])
+
     def _first_reply(self, rank: int, timeout_s: float) -> Ready:
         conn, proc = self._conns[rank], self._procs[rank]
-        if not wait([conn, proc.sentinel], timeout_s):
+        if not wait(self._watch(rank), timeout_s):
             raise WorkerDied(f"worker {rank} did not start within {timeout_s:.0f} s")
         if not conn.poll():
-            proc.join(1.0)
-            raise WorkerDied(f"worker {rank} exited during start-up (exit code {proc.exitcode})")
-        reply = conn.recv()
+            if proc is not None:
+                proc.join(1.0)
+            raise WorkerDied(f"worker {rank} exited during start-up (exit code {getattr(proc, 'exitcode', None)})")
+        try:
+            reply = conn.recv()
+        except EOFError:
+            raise WorkerDied(f"worker {rank} disconnected during start-up") from None
         if isinstance(reply, Failed):
             raise reply.to_exception()
         return reply
@@ -132,7 +181,7 @@ class MultiprocExecutor(Executor):
 
     def _read_replies(self) -> None:
         """Resolve futures in order: one reply per rank per message; watch for dead workers."""
-        sentinels = [p.sentinel for p in self._procs]
+        sentinels = [p.sentinel for p in self._procs if p is not None]
         while True:
             with self._lock:
                 if self._dead is not None or self._closed:
@@ -146,7 +195,7 @@ class MultiprocExecutor(Executor):
             replies: list[object] = []
             for rank, conn in enumerate(self._conns):
                 while not conn.poll():
-                    if wait([conn, self._procs[rank].sentinel], self.poll_s) and not conn.poll():
+                    if wait(self._watch(rank), self.poll_s) and not conn.poll():
                         self._die(self._death_note())
                         return
                     with self._lock:
@@ -178,14 +227,15 @@ class MultiprocExecutor(Executor):
 
     def _death_note(self) -> str:
         # A sentinel fires as the process ends; give the exit status a moment to be collected.
-        wait([p.sentinel for p in self._procs], 1.0)
-        for rank, proc in enumerate(self._procs):
+        local = [(rank, p) for rank, p in enumerate(self._procs) if p is not None]
+        wait([p.sentinel for _, p in local], 1.0)
+        for rank, proc in local:
             if wait([proc.sentinel], 0):
                 proc.join(1.0)
             if proc.exitcode is not None:
                 return (f"worker {rank} (pid {proc.pid}) died with exit code {proc.exitcode}; "
                         "the engine cannot run iterations any more")
-        return "a worker stopped answering; the engine cannot run iterations any more"
+        return "a worker stopped answering (or its node went away); the engine cannot run iterations any more"
 
     def _die(self, reason: str) -> None:
         with self._lock:
@@ -229,15 +279,35 @@ def _main_module_hidden():
         main.__spec__ = saved_spec
 
 
+def spawn_worker(ctx, info: RankInfo, config: EngineConfig, *conns: Connection | None):
+    proc = ctx.Process(target=worker_main, args=(info, config, *conns), daemon=True,
+                       name=f"orcinus-pp{info.stage}-tp{info.tp_rank}")
+    with _main_module_hidden():
+        proc.start()
+    return proc
+
+
+def master_from_env() -> tuple[str, int]:
+    """torch.distributed's standard rendezvous settings, required across machines."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port or not port.isdigit():
+        raise ConfigError("several nodes need MASTER_ADDR (the first node's address) and MASTER_PORT (a free "
+                          "port; the next two are used too) in the environment of every node")
+    return addr, int(port)
+
+
 def _stop(conns: list[Connection], procs: list, grace_s: float = 2.0) -> None:
-    """Ask every worker to exit, then terminate and finally kill those that do not."""
-    for conn, proc in zip(conns, procs):
+    """Ask every worker to exit, then terminate and finally kill those that do not (on this machine;
+    remote ranks exit when told or when their connection closes)."""
+    for i, conn in enumerate(conns):
+        proc = procs[i] if i < len(procs) else None
         try:
             # Only when the pipe takes it at once: a stuck worker with a full pipe must not block us.
-            if proc.is_alive() and select.select([], [conn.fileno()], [], 0)[1]:
+            if (proc is None or proc.is_alive()) and select.select([], [conn.fileno()], [], 0)[1]:
                 conn.send(None)
         except Exception:
             pass
+    procs = [p for p in procs if p is not None]
     for proc in procs:
         proc.join(grace_s)
     for proc in procs:

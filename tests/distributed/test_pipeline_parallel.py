@@ -60,20 +60,39 @@ def test_pipeline_greedy_equals_single_process_and_transformers(arch, tp, pp, ch
     assert {stage for stage, *_ in timings} == set(range(pp))
 
 
-def test_stage_zero_starts_the_next_batch_before_the_last_stage_finishes(checkpoint_factory):
-    folder, _ = checkpoint_factory("llama")
-    engine = _engine(folder, pp=2)
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory) -> str:
+    """Wider than the other test models, so that a stage's work outweighs the control messages
+    and process scheduling on a busy machine (the overlap below is then routine, not luck)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    folder = str(tmp_path_factory.mktemp("wide-llama"))
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_stage_zero_starts_the_next_batch_before_the_last_stage_finishes(wide_llama):
+    engine = LLMEngine(EngineConfig(model=wide_llama, skip_tokenizer_init=True, dtype="float32",
+                                    kv_cache_memory=1 << 24, block_size=4, max_num_seqs=4, pipeline_parallel_size=2))
     try:
-        _generate(engine)
+        for i in range(8):  # two disjoint batches of four keep both stages fed
+            engine.add_request(f"r{i}", {"prompt_token_ids": list(range(5 + i, 30 + i))},
+                               SamplingParams(max_tokens=12, **GREEDY))
+        while engine.has_unfinished_requests():
+            engine.step()
         timings = list(engine.executor.stage_timings)
     finally:
         engine.shutdown()
     start = {seq: s for stage, seq, s, _ in timings if stage == 0}
     end_last = {seq: e for stage, seq, _, e in timings if stage == 1}
     seqs = sorted(end_last)
+    assert len(seqs) >= 20
     # Causality within a batch: the last stage cannot finish before the first stage started it.
     assert all(start[q] < end_last[q] for q in seqs)
-    # Pipelining: some batch i+1 entered stage 0 while batch i was still in the last stage.
+    # Pipelining: batch i+1 entered stage 0 while batch i was still in the last stage.
     overlapped = [q for q in seqs[:-1] if q + 1 in start and start[q + 1] < end_last[q]]
     assert overlapped, timings
 
