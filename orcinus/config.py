@@ -32,7 +32,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None  # None: the model's own context length
     n_workers: int = 1  # pipeline depth: how many batches may be in flight at once
-    attention_backend: Literal["auto", "reference", "batched"] = "auto"
+    attention_backend: Literal["auto", "reference", "batched", "triton"] = "auto"
     seed: int = 0
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
@@ -68,8 +68,8 @@ class EngineConfig:
             raise ConfigError("tensor_parallel_size must be at least 1")
         if self.pipeline_parallel_size < 1:
             raise ConfigError("pipeline_parallel_size must be at least 1")
-        if self.attention_backend not in ("auto", "reference", "batched"):
-            raise ConfigError("attention_backend must be auto, reference or batched")
+        if self.attention_backend not in ("auto", "reference", "batched", "triton"):
+            raise ConfigError("attention_backend must be auto, reference, batched or triton")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
