@@ -45,6 +45,9 @@ def _add_offline(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the device and report throughput as a percentage of the trace's floor")
     p.add_argument("--output-json", default=None, help="write the report here")
+    p.add_argument("--profile", action="store_true",
+                   help="time each phase of orcinus' iterations (scheduling, input preparation, forward, "
+                        "sampling, output processing) and print the per-iteration breakdown")
     _progress_flag(p)
     add_trace_args(p, default_dataset="random", with_seed=False)
     add_engine_args(p)
@@ -67,7 +70,7 @@ def _cmd_offline(args: argparse.Namespace) -> int:
                 "trace": spec.describe()}
     report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor)
+    run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor, profile=args.profile)
     report.machine["load_avg_1m_end"] = load_average()
     print(report.to_markdown())
     if args.output_json:

@@ -7,6 +7,7 @@ recorded beside wall time: on a shared machine it moves less with other people's
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 
 from orcinus.bench.floor import DeviceRates, Floor, ModelDims, measure_device, static_batch_iterations, trace_floor
+from orcinus.bench.profile import profile_phases
 from orcinus.bench.report import fmt, markdown_table
 from orcinus.bench.workloads import BenchRequest
 from orcinus.config import EngineConfig
@@ -43,6 +45,7 @@ class BackendResult:
     cpu_s: float = math.nan
     output_tokens: int = 0  # useful tokens: what the requests asked for
     load_s: float = math.nan
+    profile: dict | None = None  # per-phase seconds of the timed run (--profile)
 
     @property
     def ok(self) -> bool:
@@ -104,6 +107,9 @@ class OfflineReport:
                 text += (f"\n\nIterations: {its} iteration-level, {static_its} request-level (batches of "
                          f"max_num_seqs): at a fixed cost per iteration, orca can beat a static policy that "
                          f"does not pad by at most {fmt(static_its / its)}×")
+        for r in self.results:
+            if r.profile:
+                text += f"\n\nPer-iteration breakdown, {r.backend}:\n\n{r.profile['markdown']}"
         return text
 
 
@@ -119,7 +125,8 @@ def _timed(fn, *args, **kwargs) -> tuple[object, float, float]:
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def run_orcinus(config: EngineConfig, policy: str, trace: Sequence[BenchRequest], progress: bool) -> BackendResult:
+def run_orcinus(config: EngineConfig, policy: str, trace: Sequence[BenchRequest], progress: bool,
+                profile: bool = False) -> BackendResult:
     from orcinus.engine.llm import LLM
     from orcinus.sampling_params import SamplingParams
 
@@ -133,7 +140,11 @@ def run_orcinus(config: EngineConfig, policy: str, trace: Sequence[BenchRequest]
         llm.generate([{"prompt_token_ids": trace[0].prompt_token_ids[:8]}], warm, use_tqdm=False)
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
         params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in trace]
-        outs, res.elapsed_s, res.cpu_s = _timed(llm.generate, prompts, params, use_tqdm=progress)
+        with contextlib.ExitStack() as stack:
+            prof = stack.enter_context(profile_phases()) if profile else None
+            outs, res.elapsed_s, res.cpu_s = _timed(llm.generate, prompts, params, use_tqdm=progress)
+        if prof is not None:
+            res.profile = dataclasses.asdict(prof) | {"markdown": prof.to_markdown()}
         got = [len(o.outputs[0].token_ids) for o in outs]
         wrong = [(g, r.output_len) for g, r in zip(got, trace) if g != r.output_len]
         if wrong:
@@ -185,7 +196,7 @@ def compute_floor(config: EngineConfig, trace: Sequence[BenchRequest], rates: De
 
 
 def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: Sequence[str], report: OfflineReport,
-                progress: bool = True, with_floor: bool = True) -> OfflineReport:
+                progress: bool = True, with_floor: bool = True, profile: bool = False) -> OfflineReport:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS}")
@@ -193,7 +204,7 @@ def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: S
         logger.info("bench offline: running %s", BACKEND_LABELS[backend])
         try:
             if backend in ("orca", "static"):
-                res = run_orcinus(config, backend, trace, progress)
+                res = run_orcinus(config, backend, trace, progress, profile=profile)
             else:
                 res = run_transformers(config, backend, trace, progress)
         except Exception as exc:  # one broken baseline must not lose the others' numbers
