@@ -81,7 +81,10 @@ class EngineConfig:
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            if device.type == "cuda":
+                return torch.bfloat16
+            from orcinus.cpu_features import auto_cpu_dtype
+            return auto_cpu_dtype(self.model).dtype
         return DTYPES[self.dtype]
 
     @classmethod

@@ -20,6 +20,26 @@ def add_bench_subparsers(sub: argparse._SubParsersAction, add_engine_args: AddEn
     _add_offline(sub, add_engine_args)
     _add_serve(sub)
     _add_sweep(sub, add_engine_args)
+    _add_bf16(sub)
+
+
+def _add_bf16(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bf16", help="float32 vs bfloat16 on CPU: speed and greedy agreement on reference prompts; "
+                                    "stores the verdict that dtype=auto follows")
+    p.add_argument("--model", default=None, help="checkpoint folder or .gguf file (default: the default model)")
+    p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per reference prompt")
+    p.set_defaults(func=_cmd_bf16)
+
+
+def _cmd_bf16(args: argparse.Namespace) -> int:
+    from orcinus.bench.bf16_check import check_bf16, verdict_path
+
+    v = check_bf16(args.model, max_tokens=args.max_tokens)
+    print(f"model: {v.model}\ncpu: {v.cpu}\nfloat32: {v.float32_tok_s:.1f} tok/s, bfloat16: {v.bfloat16_tok_s:.1f} "
+          f"tok/s\ngreedy agreement: {v.agreeing_prompts}/{v.prompts} prompts\n"
+          f"dtype=auto on this CPU will use: {'bfloat16' if v.use_bf16 else 'float32'}\n"
+          f"verdict stored in {verdict_path(v.model, v.cpu)}")
+    return 0
 
 
 def _quiet_http_logs() -> None:

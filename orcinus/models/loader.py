@@ -220,6 +220,9 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
         is_gguf = False
     arch = resolve(hf_config)
     cfg = arch.parse_config(hf_config)
+    if device.type == "cpu":
+        from orcinus.cpu_features import configure_cpu_threads
+        configure_cpu_threads()  # the cores this process may use, unless OMP_NUM_THREADS says
     check_tensor_parallel(arch.model_class, cfg, tensor_parallel().size, pipeline_stage().num_stages)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
