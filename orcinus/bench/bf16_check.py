@@ -74,7 +74,7 @@ def stored_verdict(model: str) -> Bf16Verdict | None:
         return None
 
 
-def _greedy(model: str, dtype: str, prompts: list[str], max_tokens: int) -> tuple[list[list[int]], float]:
+def _greedy(model: str, dtype: str, prompts: list, max_tokens: int) -> tuple[list[list[int]], float]:
     from orcinus.engine.llm import LLM
     from orcinus.sampling_params import SamplingParams
 
@@ -88,7 +88,7 @@ def _greedy(model: str, dtype: str, prompts: list[str], max_tokens: int) -> tupl
     return tokens, sum(map(len, tokens)) / elapsed
 
 
-def check_bf16(model: str | None, prompts: list[str] = REFERENCE_PROMPTS, max_tokens: int = 32,
+def check_bf16(model: str | None, prompts: list = REFERENCE_PROMPTS, max_tokens: int = 32,
                store: bool = True) -> Bf16Verdict:
     from orcinus.models.loader import resolve_model_path
 
