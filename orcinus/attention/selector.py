@@ -13,7 +13,7 @@ import torch
 
 from orcinus.attention.backend import AttentionBackend
 
-BACKEND_NAMES = ("auto", "reference", "batched", "triton")
+BACKEND_NAMES = ("auto", "reference", "batched", "paged", "triton")
 
 
 def auto_backend_name(device: torch.device) -> str:
@@ -31,6 +31,9 @@ def make_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "triton":
         from orcinus.attention.triton_paged import TritonPagedAttention
         return TritonPagedAttention()  # ImportError with the install hint when triton is missing
+    if name == "paged":
+        from orcinus.attention.paged_cpu import PagedCpuAttention
+        return PagedCpuAttention()
     if name == "batched":
         from orcinus.attention.batched import BatchedAttention
         return BatchedAttention()

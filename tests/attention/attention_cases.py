@@ -36,14 +36,15 @@ CASES = [
 ]
 
 
-def make_inputs(case: Case, seed: int = 0):
+def make_inputs(case: Case, seed: int = 0, consecutive: bool = False):
+    """consecutive: hand out blocks in order (each request's run is consecutive) instead of shuffled."""
     rng = np.random.default_rng(seed)
     bs = case.block_size
     q_lens = np.asarray(case.query_lens, dtype=np.int64)
     seq_lens = np.asarray(case.seq_lens, dtype=np.int64)
     blocks_needed = -(-seq_lens // bs)
     num_blocks = int(blocks_needed.sum()) + 3
-    perm = rng.permutation(num_blocks)
+    perm = np.arange(num_blocks) if consecutive else rng.permutation(num_blocks)
     table = np.zeros((len(q_lens), int(blocks_needed.max())), dtype=np.int64)
     used = 0
     for i, n in enumerate(blocks_needed):
@@ -64,17 +65,18 @@ def make_inputs(case: Case, seed: int = 0):
     return layout, q, k, v, k_cache, v_cache
 
 
-def run_backend(backend: AttentionBackend, case: Case, seed: int = 0):
+def run_backend(backend: AttentionBackend, case: Case, seed: int = 0, consecutive: bool = False):
     """(output, k_cache, v_cache) after one forward of `backend` on the case."""
-    layout, q, k, v, k_cache, v_cache = make_inputs(case, seed)
+    layout, q, k, v, k_cache, v_cache = make_inputs(case, seed, consecutive)
     meta = backend.build(layout, lambda a: torch.from_numpy(np.ascontiguousarray(a)))
     out = backend.forward(q, k, v, k_cache, v_cache, meta, case.head_dim ** -0.5, case.sliding_window)
     return out, k_cache, v_cache
 
 
-def assert_matches_reference(backend: AttentionBackend, case: Case, seed: int = 0, atol: float = 1e-5) -> None:
-    want, want_k, want_v = run_backend(ReferenceAttention(), case, seed)
-    got, got_k, got_v = run_backend(backend, case, seed)
+def assert_matches_reference(backend: AttentionBackend, case: Case, seed: int = 0, atol: float = 1e-5,
+                             consecutive: bool = False) -> None:
+    want, want_k, want_v = run_backend(ReferenceAttention(), case, seed, consecutive)
+    got, got_k, got_v = run_backend(backend, case, seed, consecutive)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=atol, rtol=1e-4, msg=lambda m: f"{case.name}: {m}")
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), f"{case.name}: KV writes differ"
