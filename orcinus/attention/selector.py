@@ -2,8 +2,11 @@
 correct one measured for the device (see docs/benchmarks-speed.md):
 
 - CUDA: the fused Triton kernel when triton imports, else the batched PyTorch backend.
-- CPU: the batched PyTorch backend. The Triton kernel runs on CPU only under the interpreter
-  (for tests), and block-granular gather variants measured no faster than its slot gather.
+- CPU: the paged backend (per-request attention over the pool's blocks, views where consecutive):
+  on one layer of the 64-request benchmark batch it measured 8.5 ms of CPU against 31.9 ms for
+  the batched backend (padded slot gather + masked SDPA) and 9.4 ms for the reference backend
+  (orcinus/bench/attention_micro.py; end-to-end numbers in docs/benchmarks-speed.md). The Triton
+  kernel runs on CPU only under its interpreter, for tests.
 
 The reference backend is never picked by `auto`; it stays the oracle the others are tested against.
 """
@@ -20,7 +23,7 @@ def auto_backend_name(device: torch.device) -> str:
     if device.type == "cuda":
         from orcinus.attention.triton_paged import AVAILABLE
         return "triton" if AVAILABLE else "batched"
-    return "batched"
+    return "paged"
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:

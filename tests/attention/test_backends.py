@@ -37,3 +37,14 @@ def test_paged_reads_consecutive_blocks_in_place(case):
     assert_matches_reference(PagedCpuAttention(), case, consecutive=True)
     shuffled = PagedCpuAttention().build(make_inputs(case)[0], lambda a: torch.from_numpy(np.ascontiguousarray(a)))
     assert any(r.ids is not None for r in shuffled.requests if r.num_blocks > 1)
+
+
+def test_auto_picks_paged_on_cpu_and_never_reference():
+    assert auto_backend_name(torch.device("cpu")) == "paged"
+    assert make_backend("auto", torch.device("cpu")).name == "paged"
+    assert make_backend("reference", torch.device("cpu")).name == "reference"
+
+
+def test_unknown_backend_name_says_what_to_choose():
+    with pytest.raises(ValueError, match="choose one of"):
+        make_backend("flash", torch.device("cpu"))
