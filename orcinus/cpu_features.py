@@ -91,8 +91,10 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def configure_cpu_threads() -> int:
-    """Size torch's thread pool to the usable cores unless the user chose (OMP_NUM_THREADS)."""
-    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() != cpu_threads():
-        torch.set_num_threads(cpu_threads())
+def configure_cpu_threads(local_ranks: int = 1) -> int:
+    """Size torch's thread pool to this process's share of the usable cores (the cores split evenly
+    among the `local_ranks` worker processes of one engine), unless the user chose OMP_NUM_THREADS."""
+    want = max(1, cpu_threads() // max(1, local_ranks))
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() != want:
+        torch.set_num_threads(want)
     return torch.get_num_threads()

@@ -69,6 +69,8 @@ def test_threads_follow_the_affinity_mask_unless_omp_num_threads_is_set(monkeypa
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert configure_cpu_threads() == cpu_threads() == len(os.sched_getaffinity(0))
+        assert configure_cpu_threads(local_ranks=cpu_threads() * 2) == 1  # never below one
+        assert configure_cpu_threads(local_ranks=2) == max(1, cpu_threads() // 2)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
         assert configure_cpu_threads() == 1
