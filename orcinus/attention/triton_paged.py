@@ -12,8 +12,8 @@ rows, so a KV block is read once for the whole group. It walks the request's blo
 tile's last query position (from the window's first block with a sliding window) with an online
 softmax in float32.
 
-Triton is optional: `AVAILABLE` says whether it imported, and `make_backend` only offers this
-backend when it did. Under `TRITON_INTERPRET=1` (set before this module is imported) the same
+Triton is optional: `AVAILABLE` says whether it imported; `auto` (orcinus/attention/selector.py)
+picks this backend on CUDA only when it did, and naming it without triton is an ImportError. Under `TRITON_INTERPRET=1` (set before this module is imported) the same
 kernel runs on CPU tensors, which is how CI checks it against the reference backend.
 """
 from __future__ import annotations
