@@ -35,7 +35,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None  # None: the model's own context length
     n_workers: int = 1  # pipeline depth: how many batches may be in flight at once
-    attention_backend: Literal["auto", "reference", "batched"] = "auto"
+    attention_backend: Literal["auto", "reference", "batched", "paged", "triton"] = "auto"
     seed: int = 0
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
@@ -85,8 +85,8 @@ class EngineConfig:
                               f"= {world} (each node runs the same number of ranks)")
         if self.distributed_timeout_s <= 0:
             raise ConfigError("distributed_timeout_s must be positive")
-        if self.attention_backend not in ("auto", "reference", "batched"):
-            raise ConfigError("attention_backend must be auto, reference or batched")
+        if self.attention_backend not in ("auto", "reference", "batched", "paged", "triton"):
+            raise ConfigError("attention_backend must be auto, reference, batched, paged or triton")
         if not self.generation_config:
             raise ConfigError("generation_config must be 'auto', 'vllm' or a folder holding generation_config.json")
         from orcinus.generation_config import check_mode, parse_override
@@ -119,7 +119,10 @@ class EngineConfig:
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            if device.type == "cuda":
+                return torch.bfloat16
+            from orcinus.cpu_features import auto_cpu_dtype
+            return auto_cpu_dtype(self.model).dtype
         return DTYPES[self.dtype]
 
     @classmethod

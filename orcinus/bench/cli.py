@@ -20,6 +20,26 @@ def add_bench_subparsers(sub: argparse._SubParsersAction, add_engine_args: AddEn
     _add_offline(sub, add_engine_args)
     _add_serve(sub)
     _add_sweep(sub, add_engine_args)
+    _add_bf16(sub)
+
+
+def _add_bf16(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bf16", help="float32 vs bfloat16 on CPU: speed and greedy agreement on reference prompts; "
+                                    "stores the verdict that dtype=auto follows")
+    p.add_argument("--model", default=None, help="checkpoint folder or .gguf file (default: the default model)")
+    p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per reference prompt")
+    p.set_defaults(func=_cmd_bf16)
+
+
+def _cmd_bf16(args: argparse.Namespace) -> int:
+    from orcinus.bench.bf16_check import check_bf16, verdict_path
+
+    v = check_bf16(args.model, max_tokens=args.max_tokens)
+    print(f"model: {v.model}\ncpu: {v.cpu}\nfloat32: {v.float32_tok_s:.1f} tok/s, bfloat16: {v.bfloat16_tok_s:.1f} "
+          f"tok/s\ngreedy agreement: {v.agreeing_prompts}/{v.prompts} prompts\n"
+          f"dtype=auto on this CPU will use: {'bfloat16' if v.use_bf16 else 'float32'}\n"
+          f"verdict stored in {verdict_path(v.model, v.cpu)}")
+    return 0
 
 
 def _quiet_http_logs() -> None:
@@ -50,6 +70,9 @@ def _add_offline(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the device and report throughput as a percentage of the trace's floor")
     p.add_argument("--output-json", default=None, help="write the report here")
+    p.add_argument("--profile", action="store_true",
+                   help="time each phase of orcinus' iterations (scheduling, input preparation, forward, "
+                        "sampling, output processing) and print the per-iteration breakdown")
     _progress_flag(p)
     add_trace_args(p, default_dataset="random", with_seed=False)
     add_engine_args(p)
@@ -73,7 +96,7 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor,
-                lengths_known=args.lengths_known)
+                lengths_known=args.lengths_known, profile=args.profile)
     report.machine["load_avg_1m_end"] = load_average()
     print(report.to_markdown())
     if args.kv_plot:

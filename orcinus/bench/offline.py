@@ -11,6 +11,7 @@ short for its ratio to mean much.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -22,6 +23,7 @@ from typing import Sequence
 import torch
 
 from orcinus.bench.floor import DeviceRates, Floor, ModelDims, measure_device, static_batch_iterations, trace_floor
+from orcinus.bench.profile import profile_phases
 from orcinus.bench.report import fmt, markdown_table
 from orcinus.bench.workloads import BenchRequest
 from orcinus.config import EngineConfig
@@ -60,6 +62,7 @@ class BackendResult:
     load_s: float = math.nan
     kv: dict | None = None  # orcinus only: KVUsageSummary of the timed run
     kv_samples: list | None = None  # orcinus only: per-iteration KVSample dicts
+    profile: dict | None = None  # per-phase seconds of the timed run (--profile)
 
     @property
     def ok(self) -> bool:
@@ -155,6 +158,9 @@ class OfflineReport:
                 text += (f"\n\nIterations: {its} iteration-level, {static_its} request-level (batches of "
                          f"max_num_seqs): at a fixed cost per iteration, orca can beat a static policy that "
                          f"does not pad by at most {fmt(static_its / its)}×")
+        for r in self.results:
+            if r.profile:
+                text += f"\n\nPer-iteration breakdown, {r.backend}:\n\n{r.profile['markdown']}"
         return text
 
 
@@ -177,7 +183,7 @@ def _warmup_requests(trace: Sequence[BenchRequest]) -> Sequence[BenchRequest]:
 
 
 def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest], progress: bool,
-                lengths_known: bool = True) -> BackendResult:
+                lengths_known: bool = True, profile: bool = False) -> BackendResult:
     from orcinus.bench.kv_usage import KVRecorder
     from orcinus.engine.llm import LLM
     from orcinus.sampling_params import SamplingParams
@@ -199,13 +205,17 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
         recorder.restart()
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
         params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in trace]
-        if lengths_known:
-            outs, res.elapsed_s, res.cpu_s = _timed(llm.generate, prompts, params, use_tqdm=progress)
-            got = [len(o.outputs[0].token_ids) for o in outs]
-        else:  # no max_tokens: each request ends at its trace length, unforeseen (see eos_emulation)
-            from orcinus.bench.eos_emulation import generate_until_trace_lengths
+        with contextlib.ExitStack() as stack:
+            prof = stack.enter_context(profile_phases()) if profile else None
+            if lengths_known:
+                outs, res.elapsed_s, res.cpu_s = _timed(llm.generate, prompts, params, use_tqdm=progress)
+                got = [len(o.outputs[0].token_ids) for o in outs]
+            else:  # no max_tokens: each request ends at its trace length, unforeseen (see eos_emulation)
+                from orcinus.bench.eos_emulation import generate_until_trace_lengths
 
-            got, res.elapsed_s, res.cpu_s = _timed(generate_until_trace_lengths, llm.engine, trace)
+                got, res.elapsed_s, res.cpu_s = _timed(generate_until_trace_lengths, llm.engine, trace)
+        if prof is not None:
+            res.profile = dataclasses.asdict(prof) | {"markdown": prof.to_markdown()}
         wrong = [(g, r.output_len) for g, r in zip(got, trace) if g != r.output_len]
         if wrong:
             res.status = f"error: generated/asked token counts differ, e.g. {wrong[:3]}"
@@ -259,7 +269,8 @@ def compute_floor(config: EngineConfig, trace: Sequence[BenchRequest], rates: De
 
 
 def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: Sequence[str], report: OfflineReport,
-                progress: bool = True, with_floor: bool = True, lengths_known: bool = True) -> OfflineReport:
+                progress: bool = True, with_floor: bool = True, lengths_known: bool = True,
+                profile: bool = False) -> OfflineReport:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS}")
@@ -267,7 +278,7 @@ def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: S
         logger.info("bench offline: running %s", BACKEND_LABELS[backend])
         try:
             if backend in ORCINUS_BACKENDS:
-                res = run_orcinus(config, backend, trace, progress, lengths_known)
+                res = run_orcinus(config, backend, trace, progress, lengths_known, profile=profile)
             else:
                 res = run_transformers(config, backend, trace, progress)
         except Exception as exc:  # one broken baseline must not lose the others' numbers

@@ -63,6 +63,14 @@ def _rows_of(result: SamplerOutput) -> list[tuple[int, float, dict | None]]:
     return list(zip(result.token_ids, result.logprobs, result.top_logprobs))
 
 
+def _dtype_note(config: EngineConfig, device: torch.device) -> str:
+    """Why `dtype=auto` chose what it did on CPU (bf16 only with native units that measure faster)."""
+    if config.dtype != "auto" or device.type != "cpu":
+        return ""
+    from orcinus.cpu_features import auto_cpu_dtype
+    return f" ({auto_cpu_dtype(config.model).reason}; threads={torch.get_num_threads()})"
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -110,9 +118,10 @@ class LLMEngine:
         self.iterations_total = 0
         self.last_step_time = time.monotonic()
         logger.info(
-            "orcinus engine: model=%s arch=%s dtype=%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
+            "orcinus engine: model=%s arch=%s dtype=%s%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
             "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s",
-            self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."), self.device,
+            self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."),
+            _dtype_note(config, self.device), self.device,
             self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
             config.max_num_seqs, self.max_model_len, self.scheduler.max_num_batched_tokens,
             "on" if self.kv_cache.enable_prefix_caching else "off",

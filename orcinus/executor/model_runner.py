@@ -14,6 +14,7 @@ import torch
 
 from orcinus.attention.backend import AttentionBackend
 from orcinus.attention.metadata import AttentionMetadata, BatchLayout
+from orcinus.attention.selector import make_backend  # noqa: F401  (re-exported: the backend factory)
 from orcinus.config import EngineConfig, ModelConfig
 from orcinus.distributed.parallel_state import kv_head_range
 from orcinus.executor.request_state import WorkerRequest
@@ -39,18 +40,6 @@ class ModelInput:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [S] flat index of the last token of each request that samples
     num_new_tokens: list[int]  # per request
-
-
-def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name in ("auto", "batched"):
-        try:
-            from orcinus.attention.batched import BatchedAttention
-            return BatchedAttention()
-        except ImportError:
-            if name == "batched":
-                raise
-    from orcinus.attention.reference import ReferenceAttention
-    return ReferenceAttention()
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_layers: int | None = None,

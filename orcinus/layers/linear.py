@@ -130,3 +130,49 @@ class ParallelLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = all_gather_last_dim(F.linear(hidden, self.weight))
         return logits[..., :self.vocab_size]
+
+
+class MergedColumnParallelLinear(nn.Module):
+    """Several column-parallel linears over the same input (q/k/v, gate/up) stored as one weight,
+    so the forward is one GEMM instead of several. Checkpoints keep the separate tensors: the
+    loader takes a shard id and writes this rank's rows of that part into its slice of the merged
+    weight (under tensor parallelism, each part is split on its own, then the slices concatenated).
+
+    parts: (full output features, this rank's (start, length) or None for an even split) per part.
+    `split(y)` cuts the merged output back into the parts (views, no copy)."""
+
+    def __init__(self, in_features: int, parts: list[tuple[int, tuple[int, int] | None]], bias: bool) -> None:
+        super().__init__()
+        ranges = []
+        for out_features, out_range in parts:
+            if out_range is None:
+                per = even_split(out_features, "an output dimension")
+                out_range = (tensor_parallel().rank * per, per)
+            ranges.append(out_range)
+        self.sizes = [length for _, length in ranges]
+        offsets = [sum(self.sizes[:i]) for i in range(len(parts))]
+        total = sum(self.sizes)
+        fulls = [out for out, _ in parts]
+        self.weight = _param((total, in_features), _merged_loader(ranges, offsets, [(o, in_features) for o in fulls]))
+        self.weight.shard_ids = tuple(range(len(parts)))
+        self.bias = None
+        if bias:
+            self.bias = _param((total,), _merged_loader(ranges, offsets, [(o,) for o in fulls]))
+            self.bias.shard_ids = tuple(range(len(parts)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return y.split(self.sizes, dim=-1)
+
+
+def _merged_loader(ranges: list[tuple[int, int]], offsets: list[int], full_shapes: list[tuple[int, ...]]):
+    def load(param: nn.Parameter, loaded: CheckpointTensor, shard_id: int) -> None:
+        if not 0 <= shard_id < len(ranges):
+            raise ValueError(f"shard id {shard_id} out of range for a merged linear of {len(ranges)} parts")
+        _check_shape(param, loaded, full_shapes[shard_id])
+        start, length = ranges[shard_id]
+        part = loaded.narrow(0, start, length) if loaded.shape[0] != length else loaded.full()
+        param.data[offsets[shard_id]:offsets[shard_id] + length].copy_(part.to(param.dtype))
+    return load

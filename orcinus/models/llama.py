@@ -4,6 +4,8 @@ Selective batching in one screen: every op below works on the flat [num_tokens, 
 only `PagedAttention` consults the per-request metadata. Parameter names follow the Hugging Face
 checkpoints so that weights load by name.
 
+q/k/v and gate/up are each one merged GEMM (the loader concatenates the checkpoint's tensors).
+
 Tensor parallelism (Megatron): q/k/v and gate/up are column-parallel (each rank holds some heads,
 some of the MLP's hidden units), o_proj and down_proj row-parallel (one all-reduce each), the
 embedding and LM head split the vocabulary. With fewer KV heads than ranks each KV head is
@@ -19,9 +21,20 @@ from orcinus.config import ModelConfig
 from orcinus.distributed.parallel_state import even_split, kv_head_range, pipeline_stage
 from orcinus.layers.attention import PagedAttention
 from orcinus.layers.context import ForwardContext
-from orcinus.layers.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from orcinus.layers.linear import (MergedColumnParallelLinear, ParallelLMHead, RowParallelLinear,
+                                   VocabParallelEmbedding)
 from orcinus.layers.norms import RMSNorm
 from orcinus.layers.rotary import RotaryEmbedding
+
+
+# Checkpoint module -> (merged module, part index): the loader concatenates at load time.
+MERGED_PARTS = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
 
 
 class LlamaAttention(nn.Module):
@@ -32,9 +45,10 @@ class LlamaAttention(nn.Module):
         heads = even_split(cfg.num_heads, "the number of attention heads")
         kv_start, kv_heads = kv_head_range(cfg.num_kv_heads)
         kv_range = (kv_start * d, kv_heads * d)
-        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, cfg.attention_bias)
-        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, kv_range)
-        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, kv_range)
+        # q, k and v in one GEMM; the checkpoint's q_proj/k_proj/v_proj load into its parts.
+        kv_part = (cfg.num_kv_heads * d, kv_range)
+        self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [(cfg.num_heads * d, None), kv_part, kv_part],
+                                                   cfg.attention_bias)
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -47,7 +61,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         if self.qk_norm:
             q = self.q_norm(q.view(t, -1, self.head_dim)).view(t, -1)
             k = self.k_norm(k.view(t, -1, self.head_dim)).view(t, -1)
@@ -59,12 +73,14 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         even_split(cfg.intermediate_size, "the MLP's intermediate_size")
-        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        # gate and up in one GEMM (checkpoint parts 0 and 1)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [(cfg.intermediate_size, None)] * 2,
+                                                       bias=False)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -123,8 +139,9 @@ class LlamaForCausalLM(nn.Module):
     def num_local_layers(self) -> int:
         return len(self.model.layers)
 
-    def checkpoint_name(self, name: str) -> str | None:
-        """Map a checkpoint tensor name to this module's parameter name (None: skip it)."""
+    def checkpoint_name(self, name: str) -> str | tuple[str, int] | None:
+        """Map a checkpoint tensor name to this module's parameter name (None: skip it), or to
+        (merged parameter, part) for q/k/v and gate/up."""
         if "rotary_emb" in name:
             return None
         has_embed, has_head = self.model.embed_tokens is not None, self.lm_head is not None
@@ -143,5 +160,9 @@ class LlamaForCausalLM(nn.Module):
             i = int(name.split(".")[2]) - self.model.first_layer
             if not 0 <= i < len(self.model.layers):
                 return None  # another stage's layer
-            return f"model.layers.{i}." + name.split(".", 3)[3]
+            module, _, param = name.split(".", 3)[3].rpartition(".")
+            if module in MERGED_PARTS:
+                merged, part = MERGED_PARTS[module]
+                return f"model.layers.{i}.{merged}.{param}", part
+            return f"model.layers.{i}.{module}.{param}"
         return name

@@ -107,13 +107,18 @@ def _safetensors_weights(folder: str) -> Iterator[tuple[str, FullTensor | Safete
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | FullTensor | SafetensorsSlice]]) -> None:
     """Fill the model's parameters by checkpoint name. A parameter with a `weight_loader` (the
-    tensor-parallel layers) reads its own shard; others take the whole tensor."""
+    tensor-parallel layers) reads its own shard; others take the whole tensor. `checkpoint_name`
+    may return (parameter, shard id) for one part of a merged parameter (fused q/k/v, gate/up)."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    parts: dict[str, set[int]] = {}  # merged parameters (q/k/v, gate/up): the parts read so far
     for name, tensor in weights:
         target = model.checkpoint_name(name)
         if target is None:
             continue
+        shard = None
+        if isinstance(target, tuple):  # one part of a merged parameter
+            target, shard = target
         if target not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         p = params[target]
@@ -122,7 +127,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | F
             loader = getattr(p, "weight_loader", None)
             if loader is not None:
                 try:
-                    loader(p, source)
+                    loader(p, source) if shard is None else loader(p, source, shard)
                 except ValueError as exc:
                     raise ValueError(f"checkpoint tensor {name!r}: {exc}") from None
             else:
@@ -131,7 +136,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | F
                                      f"expected {tuple(p.shape)}")
                 # Adopt the loaded tensor when it already has the right dtype and device (no copy).
                 p.data = source.full().to(device=p.device, dtype=p.dtype).contiguous()
-        loaded.add(target)
+        if shard is None:
+            loaded.add(target)
+        else:
+            parts.setdefault(target, set()).add(shard)
+            if parts[target] >= set(getattr(p, "shard_ids", ())):
+                loaded.add(target)
     tied = {n for n, p in model.named_parameters() if n not in loaded and any(p is params[l] for l in loaded)}
     missing = set(params) - loaded - tied
     if missing:
@@ -212,6 +222,11 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
         is_gguf = False
     arch = resolve(hf_config)
     cfg = arch.parse_config(hf_config)
+    if device.type == "cpu":
+        from orcinus.cpu_features import configure_cpu_threads
+        # This process's share of the cores it may use (tensor x pipeline ranks split them), unless
+        # OMP_NUM_THREADS says otherwise: ranks that each spin on every core slow each other down.
+        configure_cpu_threads(tensor_parallel().size * pipeline_stage().num_stages)
     check_tensor_parallel(arch.model_class, cfg, tensor_parallel().size, pipeline_stage().num_stages)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

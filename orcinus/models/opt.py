@@ -14,7 +14,8 @@ from orcinus.layers.activations import get_activation
 from orcinus.layers.attention import PagedAttention
 from orcinus.distributed.parallel_state import even_split
 from orcinus.layers.context import ForwardContext
-from orcinus.layers.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from orcinus.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead,
+                                   RowParallelLinear, VocabParallelEmbedding)
 from orcinus.models.registry import _eos_ids
 
 
@@ -28,15 +29,15 @@ class OPTAttention(nn.Module):
         super().__init__()
         h, bias = cfg.hidden_size, cfg.attention_bias
         heads = even_split(cfg.num_heads, "the number of attention heads")  # on this tensor-parallel rank
-        self.q_proj = ColumnParallelLinear(h, h, bias)
-        self.k_proj = ColumnParallelLinear(h, h, bias)
-        self.v_proj = ColumnParallelLinear(h, h, bias)
+        # q, k and v in one GEMM; the checkpoint's q_proj/k_proj/v_proj load into its parts.
+        self.qkv_proj = MergedColumnParallelLinear(h, [(h, None)] * 3, bias=bias)
         self.out_proj = RowParallelLinear(h, h, bias)
         # HF multiplies q_proj's output by head_dim**-0.5; scaling the scores instead is the same.
         self.attn = PagedAttention(layer_idx, heads, heads, cfg.head_dim, cfg.head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.out_proj(self.attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), ctx))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        return self.out_proj(self.attn(q, k, v, ctx))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -114,12 +115,18 @@ class OPTForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def checkpoint_name(self, name: str) -> str | None:
-        """Map a checkpoint tensor name to this module's parameter name (None: skip it)."""
+    def checkpoint_name(self, name: str) -> str | tuple[str, int] | None:
+        """Map a checkpoint tensor name to this module's parameter name (None: skip it), or to
+        (merged parameter, part) for q/k/v."""
         if name == "lm_head.weight":
             return None if self.config.tie_word_embeddings else name
         # OPTModel checkpoints (e.g. some facebook/opt-* files) name tensors `decoder.…`.
-        return "model." + name if name.startswith("decoder.") else name
+        name = "model." + name if name.startswith("decoder.") else name
+        module, _, param = name.rpartition(".")
+        for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            if module.endswith(".self_attn." + proj):
+                return f"{module.removesuffix(proj)}qkv_proj.{param}", part
+        return name
 
 
 def parse_opt_config(hf: dict) -> ModelConfig:

@@ -1,0 +1,87 @@
+"""The CPU backend: each request attends over its own blocks of the pool, read in place where the
+blocks are consecutive.
+
+Measured on CPU (orcinus/bench/attention_micro.py, docs/benchmarks-speed.md), a batched SDPA over
+a padded, gathered copy of every decode context loses to per-request attention: the per-slot
+gather, the padding, the key mask and the GQA expansion cost more than one small SDPA call per
+request. This backend keeps per-request calls and removes their overheads:
+
+- `build` (once per iteration, on the host) finds each request's block run: when its blocks are
+  consecutive in the pool (a prompt's blocks usually are) the context is a view of the pool, no
+  copy; otherwise one index_select of whole blocks (never of single slots).
+- A decode's query heads of one KV group become rows of one [G, D] query, so GQA needs no
+  expanded keys and no mask; a sliding window is a slice of the keys, not a mask.
+- Prefill chunks use the causal (and window) mask like the reference backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from orcinus.attention.backend import AttentionBackend
+from orcinus.attention.metadata import AttentionMetadata, BatchLayout, Upload
+from orcinus.attention.reference import causal_mask
+
+
+@dataclass
+class RequestBlocks:
+    query_start: int
+    query_len: int
+    seq_len: int
+    first_block: int  # valid when ids is None: the context is blocks [first_block, first_block + n)
+    num_blocks: int
+    ids: torch.Tensor | None  # block ids when they are not consecutive
+
+
+@dataclass
+class PagedCpuMetadata(AttentionMetadata):
+    requests: list[RequestBlocks]
+
+
+class PagedCpuAttention(AttentionBackend):
+    name = "paged"
+
+    def build(self, layout: BatchLayout, upload: Upload) -> PagedCpuMetadata:
+        bs, table = layout.block_size, layout.block_table
+        nblocks = -(-layout.seq_lens // bs)
+        cols = np.arange(table.shape[1] - 1)
+        step_ok = (np.diff(table, axis=1) == 1) | (cols[None, :] >= nblocks[:, None] - 1)
+        consecutive = step_ok.all(axis=1) if table.shape[1] > 1 else np.ones(len(table), dtype=bool)
+        starts = layout.query_start_loc
+        requests = []
+        for i, (ql, sl, n, run) in enumerate(zip(layout.query_lens.tolist(), layout.seq_lens.tolist(),
+                                                 nblocks.tolist(), consecutive.tolist())):
+            ids = None if run else upload(np.ascontiguousarray(table[i, :n]))
+            requests.append(RequestBlocks(int(starts[i]), ql, sl, int(table[i, 0]), n, ids))
+        return PagedCpuMetadata(**AttentionMetadata.common(layout, upload), requests=requests)
+
+    def attend(self, q, k_cache, v_cache, meta: PagedCpuMetadata, scale, sliding_window=None):
+        num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[2], k_cache.shape[3]
+        group = num_heads // num_kv_heads
+        out = q.new_empty(q.shape)
+        for r in meta.requests:
+            if r.ids is None:
+                kb, vb = k_cache.narrow(0, r.first_block, r.num_blocks), v_cache.narrow(0, r.first_block, r.num_blocks)
+            else:
+                kb, vb = k_cache.index_select(0, r.ids), v_cache.index_select(0, r.ids)
+            k = kb.view(-1, num_kv_heads, head_dim)[:r.seq_len]
+            v = vb.view(-1, num_kv_heads, head_dim)[:r.seq_len]
+            qr = q[r.query_start:r.query_start + r.query_len]
+            if r.query_len == 1:
+                if sliding_window is not None and r.seq_len > sliding_window:
+                    k, v = k[r.seq_len - sliding_window:], v[r.seq_len - sliding_window:]
+                # [Hkv, G, D] queries over [Hkv, L, D] keys: GQA without expanding the keys
+                o = F.scaled_dot_product_attention(qr.view(1, num_kv_heads, group, head_dim),
+                                                   k.transpose(0, 1)[None].to(q.dtype),
+                                                   v.transpose(0, 1)[None].to(q.dtype), scale=scale)
+                out[r.query_start] = o.reshape(num_heads, head_dim)
+            else:
+                mask = causal_mask(r.query_len, r.seq_len, sliding_window, q.device)
+                o = F.scaled_dot_product_attention(qr.transpose(0, 1)[None], k.transpose(0, 1)[None].to(q.dtype),
+                                                   v.transpose(0, 1)[None].to(q.dtype), attn_mask=mask, scale=scale,
+                                                   enable_gqa=group != 1)
+                out[r.query_start:r.query_start + r.query_len] = o[0].transpose(0, 1)
+        return out
