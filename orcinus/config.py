@@ -27,7 +27,7 @@ class EngineConfig:
     tokenizer: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # paged: same throughput as orca when memory is plentiful, more when it binds (docs/benchmarks-memory.md)
+    # paged: same throughput as orca when memory is plentiful, more when it binds (docs/benchmarks.md, "Memory")
     scheduler_policy: Literal["orca", "static", "paged"] = "paged"
     max_num_seqs: int = 32  # Orca's max_bs
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: a default per device

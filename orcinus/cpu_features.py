@@ -2,7 +2,7 @@
 
 bfloat16 on CPU pays only with native bf16 matrix units: Intel AMX (`amx_bf16`) multiplies bf16
 tiles in hardware; without it PyTorch converts to float32 around every GEMM and runs slower than
-float32 (measured on this project's AMD EPYC without avx512_bf16: see docs/benchmarks-speed.md).
+float32 (measurements on this project's AMD EPYC: docs/benchmarks.md, "Speed").
 So `auto` considers bf16 only when /proc/cpuinfo lists amx_bf16 or avx512_bf16, and then only if
 `orcinus bench bf16` (orcinus/bench/bf16_check.py) has measured, for this model on this CPU, that
 bf16 is faster end to end AND gives the same greedy tokens as float32 on the reference prompts.

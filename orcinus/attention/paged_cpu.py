@@ -1,7 +1,7 @@
 """The CPU backend: each request attends over its own blocks of the pool, read in place where the
 blocks are consecutive.
 
-Measured on CPU (orcinus/bench/attention_micro.py, docs/benchmarks-speed.md), a batched SDPA over
+Measured on CPU (orcinus/bench/attention_micro.py, docs/benchmarks.md "Speed"), a batched SDPA over
 a padded, gathered copy of every decode context loses to per-request attention: the per-slot
 gather, the padding, the key mask and the GQA expansion cost more than one small SDPA call per
 request. This backend keeps per-request calls and removes their overheads:

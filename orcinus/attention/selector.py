@@ -1,11 +1,11 @@
 """Which attention backend an engine uses: the name the user gave, or for `auto` the fastest
-correct one measured for the device (see docs/benchmarks-speed.md):
+correct one measured for the device (see docs/benchmarks.md, "Speed"):
 
 - CUDA: the fused Triton kernel when triton imports, else the batched PyTorch backend.
 - CPU: the paged backend (per-request attention over the pool's blocks, views where consecutive):
   on one layer of the 64-request benchmark batch it measured 8.5 ms of CPU against 31.9 ms for
   the batched backend (padded slot gather + masked SDPA) and 9.4 ms for the reference backend
-  (orcinus/bench/attention_micro.py; end-to-end numbers in docs/benchmarks-speed.md). The Triton
+  (orcinus/bench/attention_micro.py; end-to-end numbers in docs/benchmarks.md, "Speed"). The Triton
   kernel runs on CPU only under its interpreter, for tests.
 
 The reference backend is never picked by `auto`; it stays the oracle the others are tested against.
