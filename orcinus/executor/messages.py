@@ -4,7 +4,7 @@ One `BatchMessage` per iteration carries the scheduler's decision. A request is 
 (`NewRequestData`) only the first time a worker sees it; afterwards the message carries the one
 token the engine appended since (`CachedRequestData`) and any KV blocks added since. Workers keep
 everything else (token history, seeded generators, block tables) and drop it when a later message
-lists the id in `finished_ids`. See docs/contract.md.
+lists the id in `finished_ids`. See docs/design.md, "Engine ↔ worker contract".
 """
 from __future__ import annotations
 
