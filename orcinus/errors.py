@@ -20,8 +20,8 @@ class EngineStepError(RuntimeError):
             # Name a request only when it is the only one: one user's error must not reveal
             # another's request id.
             request_ids = list(message_or_ids)
-            if len(request_ids) == 1:
-                message = _failed(request_ids[0], cause)
+            if len(request_ids) == 1:  # for the caller who owns it (offline, CLI): with the cause
+                message = f"request {request_ids[0]!r} failed and was aborted ({type(cause).__name__}: {cause})"
             else:
                 message = f"{len(request_ids)} requests failed and were aborted ({type(cause).__name__}: {cause})"
         super().__init__(message)
@@ -30,9 +30,11 @@ class EngineStepError(RuntimeError):
         self.whole_batch = False  # set by the engine when every request of a batch of several failed
 
     def message_for(self, request_id: str) -> str:
-        """The failure worded for one of its requests (names that request only)."""
+        """The failure worded for one client: names its request only, and not the cause's text."""
         return _failed(request_id, self.cause)
 
 
 def _failed(request_id: str, cause: BaseException | None) -> str:
-    return f"request {request_id!r} failed and was aborted ({type(cause).__name__}: {cause})"
+    # The kind of failure only: a cause's text may name other requests of the batch (a device
+    # error often does), and this message goes to one client. The log has the whole cause.
+    return f"request {request_id!r} failed and was aborted ({type(cause).__name__}; see the server log)"

@@ -38,6 +38,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16  # None: up to the context length
+    # With max_tokens None: stop after at most this many (a server's default bound; it never asks
+    # for more than the context has room for, unlike an explicit max_tokens, which is refused then).
+    max_tokens_cap: int | None = None
     min_tokens: int = 0
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
@@ -61,7 +64,7 @@ class SamplingParams:
         def bad(msg: str, param: str) -> None:
             raise SamplingParamsError(msg, param)
 
-        for name in ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs"):
+        for name in ("n", "top_k", "max_tokens", "max_tokens_cap", "min_tokens", "seed", "logprobs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 bad(f"{name} must be an integer, got {value!r}", name)
@@ -93,6 +96,8 @@ class SamplingParams:
             bad(f"max_tokens must be in [1, {INT32_MAX}], got {self.max_tokens}", "max_tokens")
         if not 0 <= self.min_tokens <= INT32_MAX:
             bad(f"min_tokens must be in [0, {INT32_MAX}], got {self.min_tokens}", "min_tokens")
+        if self.max_tokens_cap is not None and not 1 <= self.max_tokens_cap <= INT32_MAX:
+            bad(f"max_tokens_cap must be in [1, {INT32_MAX}], got {self.max_tokens_cap}", "max_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:

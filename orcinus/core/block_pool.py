@@ -57,6 +57,10 @@ class BlockPool:
         """Blocks a request could take now (cached but unreferenced blocks count: they evict)."""
         return len(self._free_plain) + len(self._free_cached)
 
+    def free_blocks(self) -> list[int]:
+        """Every block no request references (plain and cached alike), for invariant checks."""
+        return self._free_plain + list(self._free_cached)
+
     @property
     def num_cached(self) -> int:
         return len(self._by_hash)

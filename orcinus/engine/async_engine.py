@@ -331,7 +331,9 @@ class AsyncEngine:
                 # Only these requests failed (the engine isolated them); the rest go on. When every
                 # request of a batch failed alone, the device or model is at fault: repeated, fatal.
                 self._fail_requests(exc)
-                failures = failures + 1 if exc.whole_batch else 0
+                # A lone request failing says nothing either way: the count stays.
+                if exc.whole_batch:
+                    failures += 1
                 if failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
                     return f"{failures} iterations failed in a row ({type(exc.cause).__name__})"
                 continue

@@ -176,7 +176,10 @@ class LLMEngine:
             raise RequestRejected(
                 f"the prompt has {len(ids)} tokens but the model's context length is {self.max_model_len}; "
                 "shorten the prompt", "prompt")
-        max_new = params.max_tokens if params.max_tokens is not None else room
+        if params.max_tokens is not None:
+            max_new = params.max_tokens
+        else:  # up to the context, or a default bound that fits what the context has room for
+            max_new = room if params.max_tokens_cap is None else min(room, params.max_tokens_cap)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         children = []
         for i in range(params.n):

@@ -48,10 +48,12 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     top = (body.top_logprobs or 0) if body.logprobs else None
     defaults = ctx.engine.engine.generation_defaults
     max_tokens = body.max_new_tokens()
-    if max_tokens is None:  # the model's default, capped by the server's (None: no bound)
-        bounds = [b for b in (defaults.get("max_tokens"), ctx.settings.default_max_tokens) if b is not None]
-        max_tokens = min(bounds) if bounds else None
     params = body.sampling_params(max_tokens, top, defaults.values)
+    if max_tokens is None:
+        # Left out: the model's default, bounded by the server's (None: no bound), and never more
+        # than the context has room for after the prompt (as vLLM does without a bound).
+        bounds = [b for b in (defaults.get("max_tokens"), ctx.settings.default_max_tokens) if b is not None]
+        params.max_tokens_cap = min(bounds) if bounds else None
     ctx.check_text_length(sum(len(m.text()) for m in body.messages), "messages")
     stream = await ctx.submit(request, [GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)

@@ -48,7 +48,7 @@ def test_not_a_gguf_at_all(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--max-tokens", "0"], ["--max-tokens", "at least 1"]),
+    (["--max-tokens", "0"], ["--max-tokens", "[1, ", "got 0"]),
     (["--temperature", "-1"], ["--temperature", "non-negative"]),
     (["--top-p", "0"], ["--top-p", "(0, 1]"]),
     (["--max-num-seqs", "0"], ["max_num_seqs must be at least 1"]),

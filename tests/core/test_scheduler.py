@@ -36,7 +36,7 @@ def check_invariants(sched: Scheduler, kv: KVCacheManager) -> None:
     tables = dict(kv._tables)
     # No block is owned twice, none is both owned and free, and none is lost.
     owned = [b for t in tables.values() for b in t]
-    free = list(kv._free)
+    free = kv.pool.free_blocks()
     assert len(owned) == len(set(owned)), "a block is in two block tables"
     assert len(free) == len(set(free)), "a block is free twice"
     assert not set(owned) & set(free), "a block is both owned and free"
@@ -136,7 +136,14 @@ def simulate(plan: Plan, max_iterations: int = 5_000):
             ordinal = n_returned_batches
             n_returned_batches += 1
             for req, n in zip(batch.requests, batch.num_new_tokens):
-                assert n == (req.num_prompt_tokens if req.num_computed_tokens == 0 else 1)
+                # Past its prompt a request brings one token; a prompt comes whole, or in chunks
+                # under a token budget (never more than what is left of it).
+                left = req.num_tokens - req.num_computed_tokens
+                assert 1 <= n <= left, (n, left)
+                if plan.budget is None:
+                    assert n == left
+                if req.num_computed_tokens >= req.num_prompt_tokens:
+                    assert n == 1
             if ordinal in plan.failing_batches:
                 done = sched.fail_batch(batch)
                 assert {r.request_id for r in done} == {r.request_id for r in batch.requests}
@@ -148,6 +155,8 @@ def simulate(plan: Plan, max_iterations: int = 5_000):
                 for req, n in zip(batch.requests, batch.num_new_tokens):
                     req.num_computed_tokens += n
                     req.num_iterations += 1
+                    if req.num_computed_tokens < req.num_tokens:
+                        continue  # a prompt chunk short of the end samples nothing
                     req.output_token_ids.append(7)
                     if len(req.output_token_ids) >= req.max_new_tokens:
                         req.state = RequestState.FINISHED
@@ -225,7 +234,7 @@ def test_invariant_checker_catches_a_missing_reservation() -> None:
     sched.add_request(make_request(0, 6, 6))
     sched.schedule()
     check_invariants(sched, kv)
-    kv._free.append(kv._tables["r000"].pop())  # simulate a scheduler that under-reserves
+    kv.pool.release(kv._tables["r000"].pop())  # simulate a scheduler that under-reserves
     with pytest.raises(AssertionError, match="reserved"):
         check_invariants(sched, kv)
 

@@ -3,6 +3,7 @@ greedy reply as one process, stops gracefully, and leaves no worker process behi
 from __future__ import annotations
 
 import os
+import time
 
 import openai
 import pytest
@@ -71,4 +72,8 @@ def test_serve_with_tensor_parallel_answers_chat(tiny_chat_model, tmp_path):
         assert srv.proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert reply.choices[0].message.content == expected[0].outputs[0].text
     assert reply.usage.completion_tokens == len(expected[0].outputs[0].token_ids)
+    # Orphaned workers would stay for ever; exiting ones may take a moment after the server is gone.
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not any(_alive(w) for w in workers)

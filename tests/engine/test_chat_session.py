@@ -42,7 +42,7 @@ def _chat(engine: LLMEngine, text: str, system: str | None = None) -> tuple[int,
 
 
 def test_ctrl_c_during_a_reply_stops_it_and_the_next_question_is_answered(engine: LLMEngine) -> None:
-    original = engine.runner.execute
+    original = engine.executor.driver_worker.execute
     calls = {"n": 0}
 
     def interrupted_once(*args, **kwargs):
@@ -51,11 +51,11 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_next_question_is_answered(engine
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    engine.runner.execute = interrupted_once
+    engine.executor.driver_worker.execute = interrupted_once
     try:
         code, shown, inp = _chat(engine, f"{QUESTION}\n{QUESTION}\n/exit\n")
     finally:
-        engine.runner.execute = original
+        engine.executor.driver_worker.execute = original
     assert code == 0
     first, _, rest = shown.partition(INTERRUPTED)
     assert rest, shown  # the first reply was cut off...

@@ -63,14 +63,16 @@ def _sigint() -> None:
 def test_interrupt_mid_iteration_raises_and_leaves_the_engine_consistent(llm: LLM, where: str, how) -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     reference = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    target, name = (llm.engine.runner, "execute") if where == "forward" else (llm.engine.outputs, "append_token")
+    target, name = (llm.engine.executor.driver_worker, "execute") if where == "forward" else (llm.engine.outputs, "append_token")
     seen = _interrupt_on_call(target, name, 3, how)
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     finally:
         seen["restore"]()
-    assert seen["calls"] == 3  # it stopped at the interrupt, mid-generation (8 tokens would take more calls)
+    # it stopped at the interrupt, mid-generation (8 tokens take more calls); a 4th call may be the
+    # drops-only message that tells the worker to forget the aborted requests
+    assert seen["calls"] in (3, 4)
     assert_consistent(llm)
     again = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert again == reference
@@ -81,7 +83,7 @@ def test_interrupt_with_two_batches_in_flight(checkpoint_factory) -> None:
     folder, _ = checkpoint_factory("llama")
     llm = LLM(folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22, block_size=4,
               n_workers=2, max_num_seqs=1)
-    seen = _interrupt_on_call(llm.engine.runner, "execute", 4, _raise)
+    seen = _interrupt_on_call(llm.engine.executor.driver_worker, "execute", 4, _raise)
     try:
         with pytest.raises(KeyboardInterrupt):
             llm.generate(PROMPTS, GREEDY, use_tqdm=False)

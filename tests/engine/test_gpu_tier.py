@@ -21,14 +21,14 @@ def _run_capturing(engine: LLMEngine, prompts: list[list[int]]) -> tuple[dict[st
     """All prompts join at once (initiations and increments share iterations); returns each
     request's tokens and, per iteration, (request ids, logits on the CPU in float32)."""
     captured: list[torch.Tensor] = []
-    original = engine.runner.forward_logits
+    original = engine.executor.driver_worker.runner.forward_logits
 
     def wrapped(inp):
         out = original(inp)
         captured.append(out.detach().float().cpu())
         return out
 
-    engine.runner.forward_logits = wrapped
+    engine.executor.driver_worker.runner.forward_logits = wrapped
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", {"prompt_token_ids": p}, GREEDY)
     batches, done = [], {}
@@ -53,7 +53,7 @@ def test_every_backend_on_cuda_matches_transformers(backend: str, arch: str, che
     folder, hf_model = checkpoint_factory(arch)
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cuda",
                                    kv_cache_memory=1 << 22, block_size=8, attention_backend=backend)
-    assert next(engine.runner.model.parameters()).device.type == "cuda"
+    assert next(engine.executor.driver_worker.runner.model.parameters()).device.type == "cuda"
     prompts = _prompts()
     done, iterations = _run_capturing(engine, prompts)
     steps: dict[str, int] = {}
@@ -72,7 +72,7 @@ def test_bfloat16_on_cuda_is_close_to_transformers(arch: str, checkpoint_factory
     folder, hf_model = checkpoint_factory(arch)
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, device="cuda", kv_cache_memory=1 << 22,
                                    block_size=8)  # dtype auto: bfloat16 on CUDA
-    assert next(engine.runner.model.parameters()).dtype == torch.bfloat16
+    assert next(engine.executor.driver_worker.runner.model.parameters()).dtype == torch.bfloat16
     prompts = _prompts()
     done, iterations = _run_capturing(engine, prompts)
     first = {}

@@ -49,14 +49,14 @@ def _logits_every_position_match(folder: str, hf_model, prompt_len: int, max_new
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu",
                                    kv_cache_memory=1 << 23, block_size=8, attention_backend="reference")
     captured: list[torch.Tensor] = []
-    original = engine.runner.forward_logits
+    original = engine.executor.driver_worker.runner.forward_logits
 
     def wrapped(inp):
         out = original(inp)
         captured.append(out.detach().cpu())
         return out
 
-    engine.runner.forward_logits = wrapped
+    engine.executor.driver_worker.runner.forward_logits = wrapped
     prompt = torch.randint(3, 320, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     engine.add_request("r", {"prompt_token_ids": prompt},
                        SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True))
