@@ -2,6 +2,8 @@
 built. With one rank every collective is a no-op, so the layers have one code path."""
 from __future__ import annotations
 
+from orcinus.config import ConfigError
+
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +49,7 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 def even_split(total: int, what: str, setting: str = "tensor_parallel_size") -> int:
     """Per-rank share of `total`; refuses a split that is not exact."""
     if total % _TP.size:
-        raise ValueError(f"{what} ({total}) is not divisible by {setting}={_TP.size}; choose a {setting} "
+        raise ConfigError(f"{what} ({total}) is not divisible by {setting}={_TP.size}; choose a {setting} "
                          f"that divides it")
     return total // _TP.size
 

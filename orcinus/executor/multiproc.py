@@ -68,7 +68,9 @@ class MultiprocExecutor(Executor):
         else:
             self._start_local(ctx, config)
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
-        atexit.register(self._finalizer)
+        # At interpreter exit, shut down as shutdown() does (marked closed first), so that the
+        # reader thread does not take the workers' orderly exit for a death.
+        atexit.register(_shutdown_if_alive, weakref.ref(self))
         try:
             ready = [self._first_reply(rank, start_timeout_s) for rank in range(self.world_size)]
         except BaseException:
@@ -239,6 +241,8 @@ class MultiprocExecutor(Executor):
 
     def _die(self, reason: str) -> None:
         with self._lock:
+            if self._closed:
+                return  # shutting down: workers ending now are not a failure
             if self._dead is None:
                 self._dead = reason
                 logger.error(reason)
@@ -256,6 +260,12 @@ class MultiprocExecutor(Executor):
             if self._dead is None:
                 self._dead = "the executor was shut down"
         self._finalizer()
+
+
+def _shutdown_if_alive(ref: "weakref.ref[MultiprocExecutor]") -> None:
+    executor = ref()
+    if executor is not None:
+        executor.shutdown()
 
 
 @contextlib.contextmanager

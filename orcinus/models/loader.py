@@ -2,6 +2,8 @@
 or from a GGUF file (dequantised with the `gguf` package)."""
 from __future__ import annotations
 
+from orcinus.config import ConfigError
+
 import contextlib
 import glob
 import importlib.util
@@ -192,12 +194,12 @@ def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: in
             f"{cfg.architecture} models do not support pipeline parallelism yet (pipeline_parallel_size={pp}); "
             "use pipeline_parallel_size=1, or a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model")
     if pp > cfg.num_layers:
-        raise ValueError(f"pipeline_parallel_size={pp} exceeds the model's {cfg.num_layers} layers; "
+        raise ConfigError(f"pipeline_parallel_size={pp} exceeds the model's {cfg.num_layers} layers; "
                          "choose at most one stage per layer")
     for what, n in (("the number of attention heads", cfg.num_heads),
                     ("the MLP's intermediate_size", cfg.intermediate_size)):
         if n % tp:
-            raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel_size={tp}; choose a "
+            raise ConfigError(f"{what} ({n}) is not divisible by tensor_parallel_size={tp}; choose a "
                              "tensor_parallel_size that divides it")
     kv = cfg.num_kv_heads
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
