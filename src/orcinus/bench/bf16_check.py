@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
+
+from orcinus.bench.report import cpu_model
 
 REFERENCE_PROMPTS = [
     "The capital of France is",
@@ -47,17 +48,6 @@ class Bf16Verdict:
     @property
     def use_bf16(self) -> bool:
         return self.faster and self.agrees
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def verdict_path(model: str, cpu: str) -> str:

@@ -173,13 +173,17 @@ def inspect_model(model: str | None) -> tuple[type[nn.Module], ModelConfig]:
 
         hf_config, _ = _build_config(read_gguf_header(path), path)
     else:
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise ModelNotFound(f"{path} is neither a .gguf file nor a folder with config.json")
-        with open(cfg_file) as f:
-            hf_config = json.load(f)
+        hf_config = _read_config_json(path)
     arch = resolve(hf_config)
     return arch.model_class, arch.parse_config(hf_config)
+
+
+def _read_config_json(path: str) -> dict:
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ModelNotFound(f"{path} is neither a .gguf file nor a folder with config.json")
+    with open(cfg_file) as f:
+        return json.load(f)
 
 
 def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: int, pp: int = 1) -> None:
@@ -203,7 +207,7 @@ def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: in
                              "tensor_parallel_size that divides it")
     kv = cfg.num_kv_heads
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-        raise ValueError(f"tensor_parallel_size={tp} is neither a divisor nor a multiple of the model's "
+        raise ConfigError(f"tensor_parallel_size={tp} is neither a divisor nor a multiple of the model's "
                          f"{kv} key/value heads; choose one that is")
 
 
@@ -215,11 +219,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
         hf_config, weights = read_gguf(path)
         is_gguf = True
     else:
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise ModelNotFound(f"{path} is neither a .gguf file nor a folder with config.json")
-        with open(cfg_file) as f:
-            hf_config = json.load(f)
+        hf_config = _read_config_json(path)
         weights = _safetensors_weights(path)
         is_gguf = False
     arch = resolve(hf_config)
