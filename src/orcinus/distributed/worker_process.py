@@ -108,9 +108,6 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = 
         conn, prev_conn, next_conn = connect_rank(info.rank, tp, pp, info.master_addr, info.master_port,
                                                   info.timeout_s)
     try:
-        if "OMP_NUM_THREADS" not in os.environ:
-            # The ranks share this machine's cores: one intra-op pool per rank would oversubscribe it.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
         device = config.resolved_device()
         if device.type == "cuda":
             device = torch.device("cuda", info.rank % max(torch.cuda.device_count(), 1))

@@ -8,6 +8,7 @@ from collections import OrderedDict
 import torch
 
 from orcinus.config import EngineConfig, ModelConfig
+from orcinus.cpu_features import configure_cpu_threads
 from orcinus.distributed.parallel_state import pipeline_stage, recv_from_prev_stage, send_to_next_stage
 from orcinus.executor.messages import BatchMessage, SamplingSettings
 from orcinus.executor.model_runner import ModelRunner, default_cpu_kv_bytes
@@ -25,6 +26,12 @@ class Worker:
         self.config = config
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
+        local_ranks = max(1, config.tensor_parallel_size * config.pipeline_parallel_size // config.nnodes)
+        if self.device.type == "cpu" or local_ranks > 1:
+            # This process's share of the cores it may use (the ranks on this machine split them),
+            # unless OMP_NUM_THREADS says otherwise: ranks that each spin on every core slow each
+            # other down.
+            configure_cpu_threads(local_ranks)
         loaded = load_model(config.model, self.dtype, self.device)
         self.model_path = loaded.path
         self.model_config: ModelConfig = loaded.config

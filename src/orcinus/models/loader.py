@@ -224,11 +224,6 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
         is_gguf = False
     arch = resolve(hf_config)
     cfg = arch.parse_config(hf_config)
-    if device.type == "cpu":
-        from orcinus.cpu_features import configure_cpu_threads
-        # This process's share of the cores it may use (tensor x pipeline ranks split them), unless
-        # OMP_NUM_THREADS says otherwise: ranks that each spin on every core slow each other down.
-        configure_cpu_threads(tensor_parallel().size * pipeline_stage().num_stages)
     check_tensor_parallel(arch.model_class, cfg, tensor_parallel().size, pipeline_stage().num_stages)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -19,6 +19,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import parse_qsl, quote
 
 from starlette.datastructures import Headers
@@ -49,7 +50,6 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _send_error(send, _as_openai(_BodyTooLarge(self.max_bytes)))
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -60,18 +60,7 @@ class BodySizeLimit:
                     raise _BodyTooLarge(self.max_bytes)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge as exc:
-            if started:
-                raise
-            await _send_error(send, _as_openai(exc))
+        await _run_or_answer(self.app, scope, limited_receive, send, _BodyTooLarge, _as_openai)
 
 
 class _BodyTooSlow(HTTPException):
@@ -89,7 +78,6 @@ class BodyTimeout:
             return await self.app(scope, receive, send)
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         body_done = False
-        started = False
 
         async def timed_receive() -> Message:
             nonlocal body_done
@@ -104,18 +92,8 @@ class BodyTimeout:
                 body_done = True
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, timed_receive, tracking_send)
-        except _BodyTooSlow as exc:
-            if started:
-                raise
-            await _send_error(send, OpenAIError(408, str(exc.detail), code="request_timeout"))
+        await _run_or_answer(self.app, scope, timed_receive, send, _BodyTooSlow,
+                             lambda exc: OpenAIError(408, str(exc.detail), code="request_timeout"))
 
 
 @dataclass
@@ -230,6 +208,26 @@ def redact_query(query: str) -> str:
 
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
+
+
+async def _run_or_answer(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
+                         error_type: type[HTTPException], render: Callable[[HTTPException], OpenAIError]) -> None:
+    """Run the app; if it raises `error_type` before its response started, answer with the
+    rendered OpenAI error instead (after the start, the connection can only be dropped)."""
+    started = False
+
+    async def tracking_send(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, receive, tracking_send)
+    except error_type as exc:
+        if started:
+            raise
+        await _send_error(send, render(exc))
 
 
 def _as_openai(exc: HTTPException) -> OpenAIError:
