@@ -20,6 +20,29 @@ Adjust = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
 
 
 @torch.no_grad()
+def hf_generate_greedy(hf_model, prompt: list[int], max_new: int) -> list[int]:
+    """transformers' own `generate`, greedy, exactly `max_new` tokens (EOS ignored)."""
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def capture_logits(engine) -> list[torch.Tensor]:
+    """Record the logits of every forward pass of an engine's (single-process) model runner."""
+    captured: list[torch.Tensor] = []
+    runner = engine.executor.driver_worker.runner
+    original = runner.forward_logits
+
+    def wrapped(inp):
+        out = original(inp)
+        captured.append(out.detach().cpu())
+        return out
+
+    runner.forward_logits = wrapped
+    return captured
+
+
+@torch.no_grad()
 def reference_greedy(hf_model, prompt: list[int], max_new: int, adjust: Adjust | None = None,
                      stop_ids: tuple[int, ...] = ()) -> list[int]:
     """Greedy decoding one token at a time over transformers' logits; `adjust(logits, prompt,

@@ -12,6 +12,7 @@ from orcinus.config import EngineConfig
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.models.registry import UnsupportedModel
 from orcinus.sampling_params import SamplingParams
+from references import hf_generate_greedy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28], [30, 31], [40, 41, 42, 43]]
@@ -37,13 +38,6 @@ def _generate(engine: LLMEngine) -> dict[str, list[int]]:
     return results
 
 
-def _hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("arch, tp, pp", [("llama", 1, 2), ("qwen3", 1, 2), ("llama", 2, 2)])
 def test_pipeline_greedy_equals_single_process_and_transformers(arch, tp, pp, checkpoint_factory):
     folder, hf_model = checkpoint_factory(arch)  # qwen3: tied embeddings split across stages
@@ -56,7 +50,7 @@ def test_pipeline_greedy_equals_single_process_and_transformers(arch, tp, pp, ch
     assert not multiprocessing.active_children()
     assert got == _generate(_engine(folder))
     for i, p in enumerate(PROMPTS):
-        assert got[f"r{i}"] == _hf_greedy(hf_model, p, MAX_NEW[i])
+        assert got[f"r{i}"] == hf_generate_greedy(hf_model, p, MAX_NEW[i])
     assert {stage for stage, *_ in timings} == set(range(pp))
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
-import torch
 
 from orcinus.config import EngineConfig
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.sampling_params import SamplingParams
+from references import hf_generate_greedy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32]]
@@ -36,13 +36,6 @@ def _generate(engine: LLMEngine, params: list[SamplingParams]) -> dict[str, list
     return results
 
 
-def _hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 # llama: GQA split 2+2 heads; mistral: one KV head replicated on both ranks, sliding window;
 # qwen3: q/k norms, tied embeddings; gpt2: fused q/k/v in [in, out] layout; opt: biases, narrower
 # word embeddings with projections.
@@ -62,7 +55,7 @@ def test_tp2_greedy_equals_single_process_and_transformers(arch, checkpoint_fact
     single = _engine(folder, 1)
     assert tp_greedy == _generate(single, greedy)
     for i, p in enumerate(PROMPTS):
-        assert tp_greedy[f"r{i}"] == [_hf_greedy(hf_model, p, greedy[i].max_tokens)]
+        assert tp_greedy[f"r{i}"] == [hf_generate_greedy(hf_model, p, greedy[i].max_tokens)]
     if tp_seeded is not None:
         assert tp_seeded == _generate(single, seeded)
         assert len({tuple(t) for t in tp_seeded["r1"]}) == 2  # the two samples differ: sampling happened

@@ -8,6 +8,7 @@ import torch
 
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.sampling_params import SamplingParams
+from references import hf_generate_greedy
 
 BLOCK = 4
 
@@ -33,13 +34,6 @@ def _generate(engine: LLMEngine, prompts, params) -> list[list[list[int]]]:
     return [done[f"r{i}"] for i in range(len(prompts))]
 
 
-def _hf_greedy(hf_model, prompt: list[int], max_new: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
 
@@ -54,7 +48,7 @@ def test_prompt_several_times_the_budget_matches_transformers(policy, checkpoint
     engine = _engine(folder, scheduler_policy=policy, max_num_batched_tokens=16, enable_prefix_caching=False)
     got = _generate(engine, prompts, params)
     for p, sp, out in zip(prompts, params, got):
-        assert out[0] == _hf_greedy(hf_model, p, sp.max_tokens)
+        assert out[0] == hf_generate_greedy(hf_model, p, sp.max_tokens)
     assert engine.generation_tokens_total == 28  # chunks that stop short of the end sample nothing
 
 
@@ -78,7 +72,7 @@ def test_shared_system_prompt_hits_the_cache_and_matches(checkpoint_factory):
     rest = _generate(engine, prompts[1:], [greedy(6), greedy(6)])  # arrive after the first finished
     assert engine.kv_cache.prefix_hits - hits == 2 * 20
     for p, out in zip(prompts, first + rest):
-        assert out[0] == _hf_greedy(hf_model, p, 6)
+        assert out[0] == hf_generate_greedy(hf_model, p, 6)
     off = _engine(folder, scheduler_policy="paged", enable_prefix_caching=False)
     assert _generate(off, prompts, [greedy(6)] * 3) == first + rest
     assert off.kv_cache.prefix_hits == 0
@@ -95,7 +89,7 @@ def test_multi_turn_chat_reuses_the_previous_turn(checkpoint_factory):
     # the first turn's prompt and answer were computed: every full block of them is reused
     # (its last token was sampled, never computed, so 22 of 23 tokens are cached: 5 blocks)
     assert engine.stats().prefix_cache_hits_total - stats.prefix_cache_hits_total == 20
-    assert answer2 == _hf_greedy(hf_model, turn2, 7)
+    assert answer2 == hf_generate_greedy(hf_model, turn2, 7)
 
 
 def test_n2_siblings_share_their_prompt_blocks(checkpoint_factory):

@@ -8,7 +8,7 @@ from orcinus.engine.llm import LLM
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.request import RequestRejected
 from orcinus.sampling_params import SamplingParams, SamplingParamsError
-from references import ban_until, reference_greedy
+from references import ban_until, hf_generate_greedy, reference_greedy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -17,13 +17,6 @@ def _prompts(n: int, seed: int = 0, lo: int = 2, hi: int = 40) -> list[list[int]
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi, (n,), generator=g).tolist()
     return [torch.randint(3, 320, (k,), generator=g).tolist() for k in lens]
-
-
-def _hf_greedy(hf_model, prompt: list[int], max_new: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def _run_staggered(engine: LLMEngine, prompts, max_new, arrive_at) -> dict[str, list[int]]:
@@ -56,7 +49,7 @@ def test_staggered_mixed_batch_equals_alone_and_transformers(arch, policy, check
     for i, p in enumerate(prompts):
         alone = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=4)
         assert _run_staggered(alone, [p], [max_new[i]], [0])["r0"] == together[f"r{i}"]
-        assert together[f"r{i}"] == _hf_greedy(hf_model, p, max_new[i])
+        assert together[f"r{i}"] == hf_generate_greedy(hf_model, p, max_new[i])
 
 
 @pytest.mark.parametrize("n_workers", [2, 3])
@@ -68,7 +61,7 @@ def test_pipelined_batches_in_flight_give_the_same_tokens(n_workers, checkpoint_
               n_workers=n_workers)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for p, sp, out in zip(prompts, params, outs):
-        assert out.outputs[0].token_ids == _hf_greedy(hf_model, p, sp.max_tokens)
+        assert out.outputs[0].token_ids == hf_generate_greedy(hf_model, p, sp.max_tokens)
     assert llm.engine.free_all_check()
 
 
@@ -224,7 +217,7 @@ def test_abort_mid_generation_frees_blocks_and_others_continue(checkpoint_factor
             assert out.request_id == "keep"
             if out.finished:
                 result = out.outputs[0].token_ids
-    assert result == _hf_greedy(hf_model, p[0], 10)
+    assert result == hf_generate_greedy(hf_model, p[0], 10)
     assert engine.free_all_check()
 
 

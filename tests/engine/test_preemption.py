@@ -9,6 +9,7 @@ import torch
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.executor.model_runner import kv_bytes_per_block
 from orcinus.sampling_params import SamplingParams
+from references import hf_generate_greedy
 
 BLOCK = 4
 
@@ -50,13 +51,6 @@ def _run(engine: LLMEngine, prompts, params: list[SamplingParams]) -> dict[str, 
     return done
 
 
-def _hf_greedy(hf_model, prompt: list[int], max_new: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("n_workers", [1, 2])
 def test_greedy_outputs_survive_many_preemptions(n_workers, checkpoint_factory):
     folder, hf_model = checkpoint_factory("llama")
@@ -69,7 +63,7 @@ def test_greedy_outputs_survive_many_preemptions(n_workers, checkpoint_factory):
     assert small.stats().num_preemptions_total == small.scheduler.num_preemptions
     assert got == plenty
     for i in (0, 5):
-        assert got[f"r{i}"][0] == _hf_greedy(hf_model, prompts[i], params[i].max_tokens)
+        assert got[f"r{i}"][0] == hf_generate_greedy(hf_model, prompts[i], params[i].max_tokens)
 
 
 @pytest.mark.parametrize("n_workers", [1, 2])

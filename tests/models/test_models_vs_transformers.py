@@ -8,19 +8,7 @@ import torch
 from checkpoints import ARCHS
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.sampling_params import SamplingParams
-
-
-def _capture_logits(engine: LLMEngine) -> list[torch.Tensor]:
-    captured: list[torch.Tensor] = []
-    original = engine.executor.driver_worker.runner.forward_logits
-
-    def wrapped(inp):
-        out = original(inp)
-        captured.append(out.detach().cpu())
-        return out
-
-    engine.executor.driver_worker.runner.forward_logits = wrapped
-    return captured
+from references import capture_logits
 
 
 @torch.no_grad()
@@ -34,7 +22,7 @@ def test_mixed_batch_logits_match_transformers(arch, backend, checkpoint_factory
     folder, hf_model = checkpoint_factory(arch)
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22,
                                    block_size=8, attention_backend=backend)
-    logits = _capture_logits(engine)
+    logits = capture_logits(engine)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 37, 12, 30, 1)]
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -16,6 +16,7 @@ from checkpoints import build_from_config
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.models.registry import UnsupportedModel
 from orcinus.sampling_params import SamplingParams
+from references import capture_logits
 
 _ROPE = {
     "linear": {"rope_type": "linear", "factor": 4.0},
@@ -48,15 +49,7 @@ def _qwen2_window(**kw):
 def _logits_every_position_match(folder: str, hf_model, prompt_len: int, max_new: int = 6) -> None:
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu",
                                    kv_cache_memory=1 << 23, block_size=8, attention_backend="reference")
-    captured: list[torch.Tensor] = []
-    original = engine.executor.driver_worker.runner.forward_logits
-
-    def wrapped(inp):
-        out = original(inp)
-        captured.append(out.detach().cpu())
-        return out
-
-    engine.executor.driver_worker.runner.forward_logits = wrapped
+    captured = capture_logits(engine)
     prompt = torch.randint(3, 320, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     engine.add_request("r", {"prompt_token_ids": prompt},
                        SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True))
