@@ -9,7 +9,7 @@ import pytest
 
 from orcinus.models.loader import default_model_path
 
-from orcinus.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerNotFound
+from orcinus.tokenizer import IncrementalDetokenizer, StreamDetokenizer, Tokenizer, TokenizerNotFound
 
 REPLACEMENT = "\ufffd"
 TEXTS = [
@@ -31,8 +31,18 @@ def tok(gguf_path: str) -> Tokenizer:
     return Tokenizer.from_model_path(gguf_path)
 
 
-def _stream(tok: Tokenizer, prompt: list[int], ids: list[int], skip: bool = True) -> list[str]:
-    detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+# Both detokenizers must give decode's text: the Rust one (DecodeStream) and the Python fallback.
+DETOKENIZERS = [StreamDetokenizer, IncrementalDetokenizer]
+
+
+@pytest.fixture(params=DETOKENIZERS, ids=lambda c: c.__name__)
+def detok_cls(request) -> type:
+    return request.param
+
+
+def _stream(tok: Tokenizer, prompt: list[int], ids: list[int], skip: bool = True,
+            cls: type = IncrementalDetokenizer) -> list[str]:
+    detok = cls(tok, prompt, skip_special_tokens=skip)
     deltas = [detok.add_token(i) for i in ids]
     deltas.append(detok.flush())
     assert detok.text == "".join(deltas)
@@ -153,37 +163,37 @@ def test_hf_folder_with_generation_config(tok: Tokenizer, tmp_path) -> None:
 
 @pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("with_prompt", [False, True])
-def test_incremental_equals_full_decode(tok: Tokenizer, text: str, with_prompt: bool) -> None:
+def test_incremental_equals_full_decode(tok: Tokenizer, text: str, with_prompt: bool, detok_cls: type) -> None:
     prompt = tok.encode_chat([{"role": "user", "content": "Say something."}]) if with_prompt else []
     ids = tok.encode(text)
-    deltas = _stream(tok, prompt, ids)
+    deltas = _stream(tok, prompt, ids, cls=detok_cls)
     assert "".join(deltas) == tok.decode(ids) == text
     for delta in deltas:
         assert REPLACEMENT not in delta  # never a half character on the wire
 
 
-def test_split_characters_are_held_back(tok: Tokenizer) -> None:
+def test_split_characters_are_held_back(tok: Tokenizer, detok_cls: type) -> None:
     ids = tok.encode("🦀")
     assert len(ids) > 1  # byte-level BPE spreads the crab over several tokens
-    deltas = _stream(tok, [], ids)
+    deltas = _stream(tok, [], ids, cls=detok_cls)
     assert deltas[:-2] == [""] * (len(ids) - 1) and deltas[-2] == "🦀" and deltas[-1] == ""
 
 
-def test_invalid_bytes_are_flushed_like_decode(tok: Tokenizer) -> None:
+def test_invalid_bytes_are_flushed_like_decode(tok: Tokenizer, detok_cls: type) -> None:
     ids = tok.encode("ok 🚀")[:-1]  # drop the rocket's last byte token: an incomplete sequence
-    deltas = _stream(tok, [], ids)
+    deltas = _stream(tok, [], ids, cls=detok_cls)
     assert all(REPLACEMENT not in d for d in deltas[:-1])
     assert "".join(deltas) == tok.decode(ids)
     assert deltas[-1].endswith(REPLACEMENT)  # released only by flush(), as decode renders it
     # an invalid byte followed by normal text goes out as soon as the text completes it
     ids = tok.encode("🚀")[:1] + tok.encode(" done")
-    assert "".join(_stream(tok, [], ids)) == tok.decode(ids)
+    assert "".join(_stream(tok, [], ids, cls=detok_cls)) == tok.decode(ids)
 
 
-def test_skip_special_tokens(tok: Tokenizer) -> None:
+def test_skip_special_tokens(tok: Tokenizer, detok_cls: type) -> None:
     ids = tok.encode("Hi there") + [2] + tok.encode("<|im_start|>user\nmore", add_special_tokens=False)
-    skipped = "".join(_stream(tok, [], ids, skip=True))
-    kept = "".join(_stream(tok, [], ids, skip=False))
+    skipped = "".join(_stream(tok, [], ids, skip=True, cls=detok_cls))
+    kept = "".join(_stream(tok, [], ids, skip=False, cls=detok_cls))
     assert skipped == tok.decode(ids, skip_special_tokens=True) == "Hi thereuser\nmore"
     assert kept == tok.decode(ids, skip_special_tokens=False) == "Hi there<|im_end|><|im_start|>user\nmore"
 
@@ -205,3 +215,58 @@ def test_decode_window_stays_small(gguf_path: str, tok: Tokenizer) -> None:
     deltas = _stream(counting, prompt, ids)
     assert "".join(deltas) == tok.decode(ids)
     assert longest <= 16
+
+
+def test_random_token_streams_equal_full_decode(tok: Tokenizer, detok_cls: type) -> None:
+    """Arbitrary ids (special tokens, byte tokens, fragments of characters) in arbitrary order: the
+    streamed text is decode's text, whatever the model emits."""
+    import random
+
+    rng = random.Random(0)
+    byte_heavy = tok.encode("".join(TEXTS[2:4]))  # ids that hold parts of multi-byte characters
+    for trial in range(40):
+        skip = trial % 2 == 0
+        ids = [rng.choice(byte_heavy) if rng.random() < 0.6 else rng.randrange(tok.vocab_size)
+               for _ in range(rng.randrange(1, 40))]
+        prompt = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 8))]
+        streamed = "".join(_stream(tok, prompt, ids, skip=skip, cls=detok_cls))
+        assert streamed == tok.decode(ids, skip_special_tokens=skip), (prompt, ids, skip)
+        # and a prompt that may stop inside a character gives what the Python detokenizer gives
+        prompt = [rng.choice(byte_heavy) for _ in range(rng.randrange(1, 4))]
+        assert "".join(_stream(tok, prompt, ids, skip=skip, cls=detok_cls)) == \
+            "".join(_stream(tok, prompt, ids, skip=skip, cls=IncrementalDetokenizer)), (prompt, ids, skip)
+
+
+def test_prompt_ending_inside_a_character(tok: Tokenizer, detok_cls: type) -> None:
+    """A token-id prompt may stop halfway through a character; the output's text is still its own
+    decode (DecodeStream refuses this case and the Python detokenizer takes over)."""
+    crab = tok.encode("🦀")
+    prompt = tok.encode("look: ") + crab[:1]
+    ids = crab[1:] + tok.encode(" and then 你好")
+    text = "".join(_stream(tok, prompt, ids, cls=detok_cls))
+    assert text == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+
+
+def test_fast_tokenizer_streams_in_rust(tok: Tokenizer) -> None:
+    assert tok.backend_tokenizer is not None
+    assert type(tok.incremental_detokenizer([1, 2, 3])) is StreamDetokenizer
+
+    class PostProcessing(type(tok.hf)):  # a class that rewrites decode's text: Python path only
+        def _decode(self, *args, **kwargs):
+            return super()._decode(*args, **kwargs).upper()
+
+    custom = Tokenizer(copy.copy(tok.hf))
+    custom.hf.__class__ = PostProcessing
+    assert custom.backend_tokenizer is None
+    assert type(custom.incremental_detokenizer([1, 2, 3])) is IncrementalDetokenizer
+    ids = tok.encode("Hello there")
+    assert "".join(_stream(custom, [], ids, cls=type(custom.incremental_detokenizer([])))) == "HELLO THERE"
+
+
+def test_token_pieces_are_single_token_decodes(tok: Tokenizer) -> None:
+    ids = tok.encode(TEXTS[3]) + [0, 1, 2, 19556, 19556]
+    fresh = Tokenizer(tok.hf, tok.eos_token_ids)
+    assert fresh.token_pieces(ids) == [tok.decode([i], skip_special_tokens=False) for i in ids]
+    assert set(fresh._pieces) == set(ids)  # cached, one entry per distinct id
+    fresh._pieces[19556] = "cached"  # a second call reads the cache, it does not decode again
+    assert fresh.token_pieces([19556]) == ["cached"]

@@ -1,7 +1,9 @@
-"""Tokenizer (text <-> ids, chat template) and incremental detokenizer for streaming.
+"""Tokenizer (text <-> ids, chat template) and incremental detokenizers for streaming.
 
 The tokenizer comes from `transformers`, built either from a Hugging Face folder or from the
-vocabulary, merges and chat template stored in a GGUF file's metadata.
+vocabulary, merges and chat template stored in a GGUF file's metadata. Streaming detokenisation
+runs in Rust (`tokenizers`' DecodeStream) when the tokenizer is a plain fast tokenizer, and in
+Python over `decode` otherwise; both give the text `decode` gives for the whole output.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ _GGUF_EXTRA_EOS_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token
 # as a continuation (SentencePiece drops the leading space of the first token of a string).
 _PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
+# transformers' decode methods that hand ids straight to the Rust tokenizer (no Python post-processing
+# besides the clean-up we switch off): only then does DecodeStream give the same text as `decode`.
+_PLAIN_FAST_DECODES = ("TokenizersBackend._decode", "PreTrainedTokenizerFast._decode")
 
 
 class TokenizerNotFound(FileNotFoundError):
@@ -41,6 +46,8 @@ class Tokenizer:
         self._hf = hf
         eos = _ids(hf.eos_token_id) + [int(i) for i in extra_eos_token_ids]
         self._eos_token_ids = list(dict.fromkeys(eos))  # dedupe, keep order
+        # id -> decode([id]) for logprob entries; filled on demand, at most one entry per vocabulary id
+        self._pieces: dict[int, str] = {}
 
     @classmethod
     def from_model_path(cls, path: str, trust_remote_code: bool = False) -> "Tokenizer":
@@ -100,6 +107,37 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
         return self._hf.convert_ids_to_tokens(ids)
+
+    def token_pieces(self, ids: Sequence[int]) -> list[str]:
+        """`decode([id], skip_special_tokens=False)` for each id (the text of a logprob entry),
+        cached: a token's piece never changes, and the same few thousand ids come up again and again."""
+        cache = self._pieces
+        missing = list(dict.fromkeys(i for i in ids if i not in cache))
+        if missing:
+            backend = self.backend_tokenizer
+            if backend is not None:  # one call into Rust for all of them
+                pieces = backend.decode_batch([[i] for i in missing], skip_special_tokens=False)
+            else:
+                pieces = [self.decode([i], skip_special_tokens=False) for i in missing]
+            cache.update(zip(missing, pieces))
+        return [cache[i] for i in ids]
+
+    @property
+    def backend_tokenizer(self):
+        """The Rust `tokenizers.Tokenizer` when decoding through it gives exactly what `decode`
+        gives (a fast tokenizer whose class adds no Python post-processing), else None."""
+        if not getattr(self._hf, "is_fast", False):
+            return None
+        if getattr(type(self._hf)._decode, "__qualname__", "") not in _PLAIN_FAST_DECODES:
+            return None
+        return getattr(self._hf, "backend_tokenizer", None)
+
+    def incremental_detokenizer(self, prompt_token_ids: Sequence[int],
+                                skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
+        """The fastest detokenizer that gives `decode`'s text for this tokenizer."""
+        if self.backend_tokenizer is not None:
+            return StreamDetokenizer(self, prompt_token_ids, skip_special_tokens)
+        return IncrementalDetokenizer(self, prompt_token_ids, skip_special_tokens)
 
     # -- chat ---------------------------------------------------------------------------------
 
@@ -208,3 +246,73 @@ class IncrementalDetokenizer:
         if self._read_offset == len(self._ids):
             return ""
         return self._emit(force=True)
+
+
+class StreamDetokenizer(IncrementalDetokenizer):
+    """IncrementalDetokenizer's contract on `tokenizers.decoders.DecodeStream`: the same two-window
+    algorithm (emit the new text once it does not end in U+FFFD), done in Rust, about six times
+    cheaper per token than two `decode` calls through transformers.
+
+    DecodeStream starts from the last few prompt ids (word spacing of the first output token) and
+    has no flush; it raises when a window's text does not extend the previous one, and repeats the
+    prompt's text when the prompt stops inside a character. There the Python detokenizer takes
+    over (from the last emitted token, with the same context), so the text is always what the
+    Python detokenizer gives: `decode` of the whole output.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._backend = tokenizer.backend_tokenizer
+        self._context = [int(i) for i in prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:]]
+        self._stream = DecodeStream(self._context, skip_special_tokens=skip_special_tokens)
+        self._out: list[int] = []  # output ids
+        self._emitted = 0  # output ids whose text has gone out
+        self._python: IncrementalDetokenizer | None = None  # after a refusal: the rest in Python
+        self._text = ""
+        if self._context and self._backend.decode(self._context, skip_special_tokens=skip_special_tokens
+                                                  ).endswith(_REPLACEMENT_CHAR):
+            # The prompt stops inside a character: DecodeStream would repeat the prompt's text
+            # once the output completes it, so this request streams in Python.
+            self._python = IncrementalDetokenizer(tokenizer, self._context, skip_special_tokens)
+
+    def _take_over(self) -> IncrementalDetokenizer:
+        """A Python detokenizer positioned at the last emitted token, fed the held-back ones."""
+        python = IncrementalDetokenizer(self.tokenizer, self._context + self._out[:self._emitted],
+                                        self.skip_special_tokens)
+        self._text += "".join(python.add_token(t) for t in self._out[self._emitted:])
+        return python
+
+    def add_token(self, token_id: int) -> str:
+        token_id = int(token_id)
+        self._out.append(token_id)
+        before = len(self._text)
+        if self._python is not None:
+            delta = self._python.add_token(token_id)
+            self._text += delta
+            return delta
+        try:
+            piece = self._stream.step(self._backend, token_id)
+        except Exception:  # DecodeStream's "invalid prefix": see the class docstring
+            self._python = self._take_over()
+            return self._text[before:]
+        if piece is None:
+            return ""
+        self._emitted = len(self._out)
+        self._text += piece
+        return piece
+
+    def flush(self) -> str:
+        if self._python is None:
+            if self._emitted == len(self._out):
+                return ""
+            before = len(self._text)
+            self._python = self._take_over()
+            tail = self._python.flush()
+            self._text += tail
+            return self._text[before:]
+        tail = self._python.flush()
+        self._text += tail
+        return tail
