@@ -57,6 +57,9 @@ class Request:
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     output_text: str = ""
+    # the stop string its text reached while it was already in the next launched batch: it finishes
+    # when that batch returns, whose token for it is discarded
+    stop_string_hit: str | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
     # filled by the engine: per-request random generator for a fixed seed

@@ -1,8 +1,10 @@
 """LLMEngine: one `step()` is one iteration of Orca's loop.
 
 step(): launch batches chosen by the scheduler until `n_workers` are in flight, wait for the
-oldest, append each request's token, detect finished requests and return their outputs that
-same iteration. New requests added between steps join at the next iteration.
+oldest, append each request's token and decide the stops that need no text, launch the next
+iteration, and only then do the text work (detokenisation, log-prob text, stop strings) while
+that iteration runs; return the outputs, finished requests in that same iteration. New requests
+added between steps join at the next launch.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import torch
 from orcinus.config import EngineConfig
 from orcinus.core.kv_cache import KVCacheManager
 from orcinus.core.scheduler import ScheduledBatch, make_scheduler
+from orcinus.engine.background_executor import BackgroundLauncher
 from orcinus.engine.batch_messages import MessageBuilder
 from orcinus.executor.messages import BatchMessage
-from orcinus.engine.output_processor import OutputProcessor, RequestGroup
+from orcinus.engine.output_processor import OutputProcessor, RequestGroup, finish_request
 from orcinus.errors import EngineStepError
 from orcinus.generation_config import GenerationDefaults, load_generation_defaults
 from orcinus.executor.executor import Executor, WorkerDied, make_executor
-from orcinus.request import Request, RequestOutput, RequestRejected
+from orcinus.request import FinishReason, Request, RequestOutput, RequestRejected, RequestState
 from orcinus.sampler import SamplerOutput
 from orcinus.sampling_params import SamplingParams
 
@@ -79,6 +82,9 @@ class LLMEngine:
         # The executor loads the model on every rank and sizes the KV pool; the engine only
         # learns the model's shape and how many blocks it may hand out.
         self.executor: Executor = make_executor(config)
+        # Every message goes through here: an in-process executor then runs iterations on a
+        # thread of its own, so text work overlaps the next iteration.
+        self._launcher = BackgroundLauncher(self.executor)
         self.model_path = self.executor.model_path
         self.model_config = model_config = self.executor.model_config
         self.tokenizer = None
@@ -110,6 +116,8 @@ class LLMEngine:
             _gguf_metadata(self.model_path) if self.model_path.endswith(".gguf") else None)
         self.outputs = OutputProcessor(self.tokenizer)
         self._in_flight: deque[_InFlight] = deque()
+        # requests aborted while in a launched batch: their token from it is discarded
+        self._aborted_in_flight: set[str] = set()
         # outputs of an iteration whose step() raised EngineStepError for other requests
         self._deferred: list[RequestOutput] = []
         self._ids = itertools.count()
@@ -202,10 +210,11 @@ class LLMEngine:
         if group is None:
             return
         for child in group.children:
+            if child.state == RequestState.RUNNING:
+                self._aborted_in_flight.add(child.request_id)
             aborted = self.scheduler.abort(child.request_id)
             if aborted is not None:
                 self.messages.forget(aborted.request_id)
-                self.outputs.on_finished(aborted)
         self.outputs.drop_if_done(request_id)
         self._flush_drops_if_idle()
 
@@ -229,7 +238,7 @@ class LLMEngine:
         flight = self._in_flight.popleft()
         failed: dict[str, BaseException] = {}
         try:
-            result = flight.future.result()
+            result = self._wait_for(flight)
             tokens = dict(zip(flight.message.sampled_ids, _rows_of(result)))
         except WorkerDied:
             self._abort_all_in_flight(flight)
@@ -246,12 +255,22 @@ class LLMEngine:
             self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
             raise
         try:
-            outputs = self._process(flight.batch, tokens, set(failed))
+            progressed, finished = self._append_tokens(flight.batch, tokens, set(failed))
         except BaseException:
             # Ctrl-C while tokens are appended: abort the whole batch rather than leave some of it
             # RUNNING with nobody to return it.
             self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests
                                               if not r.is_finished or r.request_id in self.scheduler.pool})
+            raise
+        # Who runs next is decided: launch it now, and do the text work while it runs.
+        self._launch()
+        try:
+            outputs = self._text_outputs(progressed, finished)
+        except BaseException:
+            # Ctrl-C (or a tokenizer error) halfway through the text: abort these requests; those
+            # already in the batch just launched leave when it returns.
+            for gid in {self.outputs.group_id_of(r.request_id) for r in flight.batch.requests} - {None}:
+                self.abort_request(gid)
             raise
         self.last_step_time = time.monotonic()
         if failed:
@@ -267,6 +286,10 @@ class LLMEngine:
         self._flush_drops_if_idle()
         return outputs
 
+    def _wait_for(self, flight: _InFlight) -> SamplerOutput:
+        """Wait for a launched iteration (its own method so that `bench offline --profile` times it)."""
+        return flight.future.result()
+
     def _abort_all_in_flight(self, flight: _InFlight) -> None:
         """Nothing can run any more: fail every batch in flight, leaving the engine consistent."""
         self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
@@ -281,7 +304,7 @@ class LLMEngine:
             return
         msg = self.messages.drops_only()
         try:
-            self.executor.execute_async(msg).result()
+            self._launcher.execute_async(msg).result()
         except Exception:  # not worth failing anyone over: the next message carries them again
             logger.warning("could not tell the workers to drop finished requests", exc_info=True)
             self.messages.requeue_drops(msg.finished_ids)
@@ -294,7 +317,7 @@ class LLMEngine:
             if batch is None:
                 break
             msg = self.messages.build(batch)
-            self._in_flight.append(_InFlight(batch, msg, self.executor.execute_async(msg)))
+            self._in_flight.append(_InFlight(batch, msg, self._launcher.execute_async(msg)))
 
     def _rerun_isolated(self, flight: _InFlight, exc: Exception
                         ) -> tuple[dict[str, tuple[int, float, dict | None]], dict[str, BaseException]]:
@@ -313,15 +336,18 @@ class LLMEngine:
             for half in (entries[:len(entries) // 2], entries[len(entries) // 2:]):
                 msg = self.messages.retry(flight.batch.batch_id, half)
                 try:
-                    tokens.update(zip(msg.sampled_ids, _rows_of(self.executor.execute_async(msg).result())))
+                    tokens.update(zip(msg.sampled_ids, _rows_of(self._launcher.execute_async(msg).result())))
                 except WorkerDied:
                     raise
                 except Exception as sub_exc:
                     pending.append((half, sub_exc))
         return tokens, failed
 
-    def _process(self, batch: ScheduledBatch, tokens: dict, failed: set[str]) -> list[RequestOutput]:
-        """Append each request's token, retire the batch and collect the outputs."""
+    def _append_tokens(self, batch: ScheduledBatch, tokens: dict, failed: set[str]
+                       ) -> tuple[list[Request], list[Request]]:
+        """The critical path: append each request's token, decide the stops that need no text,
+        retire the batch (finished requests leave, blocks freed). Returns (requests that
+        progressed, requests that left)."""
         if len(failed) < len(batch.requests):
             self.iterations_total += 1
         now = time.monotonic()
@@ -331,8 +357,16 @@ class LLMEngine:
                 continue
             req.num_computed_tokens += n
             req.num_iterations += 1
+            if req.stop_string_hit is not None:
+                # Its text reached a stop string after this batch was launched: a token from this
+                # batch is past the end, never emitted or counted; the request finishes now.
+                finish_request(req, FinishReason.STOP, req.stop_string_hit)
+                progressed.append(req)
+                continue
             if req.request_id not in tokens:
                 continue  # a prompt chunk short of the end: its KV is written, no token yet
+            if req.request_id in self._aborted_in_flight:
+                continue  # aborted after this batch was launched: its token goes nowhere
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.prompt_tokens_total += req.num_prompt_tokens
@@ -346,8 +380,29 @@ class LLMEngine:
         finished = self.scheduler.finish_batch(survivors)
         for req in finished:
             self.messages.forget(req.request_id)
-            self.outputs.on_finished(req)
-        return self.outputs.collect(progressed)
+            self._aborted_in_flight.discard(req.request_id)
+        return progressed, finished
+
+    def _text_outputs(self, progressed: list[Request], finished: list[Request]) -> list[RequestOutput]:
+        """Off the critical path (the next iteration is already running): text, stop strings,
+        outputs."""
+        for req in self.outputs.process_text(progressed):
+            self._finish_stopped(req)
+        outputs = self.outputs.collect(progressed)
+        for req in finished:  # groups of requests that left with no output (aborted in flight)
+            gid = self.outputs.group_id_of(req.request_id)
+            if gid is not None:
+                self.outputs.drop_if_done(gid)
+        return outputs
+
+    def _finish_stopped(self, req: Request) -> None:
+        """A running request whose text reached a stop string. If the batch just launched holds
+        it, it finishes when that batch returns (its token there is discarded); otherwise now."""
+        if req.state == RequestState.RUNNING:
+            return
+        if self.scheduler.abort(req.request_id) is not None:  # releases its blocks at once
+            self.messages.forget(req.request_id)
+        finish_request(req, FinishReason.STOP, req.stop_string_hit)
 
     def _abort_failed(self, batch: ScheduledBatch, failed: set[str]) -> list[str]:
         """Abort the failed requests (and their sibling samples), free their blocks; returns the
@@ -356,6 +411,7 @@ class LLMEngine:
         n = [n for r, n in zip(batch.requests, batch.num_new_tokens) if r.request_id in failed]
         for req in self.scheduler.fail_batch(ScheduledBatch(batch.batch_id, doomed, n)):
             self.messages.forget(req.request_id)
+            self._aborted_in_flight.discard(req.request_id)
         groups = {self.outputs.group_id_of(r.request_id) for r in doomed}
         groups.discard(None)
         for gid in groups:
@@ -364,6 +420,7 @@ class LLMEngine:
         return sorted(groups)
 
     def shutdown(self) -> None:
+        self._launcher.shutdown()
         self.executor.shutdown()
 
     def stats(self) -> EngineStats:

@@ -1,5 +1,12 @@
 """After each iteration: append tokens, detokenise incrementally, detect stops, build outputs.
 
+The work is split in two so that the engine can launch the next iteration in between:
+`append_token` (token ids, log-prob numbers, and the stops that need no text: EOS, stop token
+ids, max_tokens, the context length) decides who runs next and stays on the critical path;
+`process_text` (detokenisation, the text of log-prob entries, stop strings) runs while the next
+iteration computes. A stop string found there is reported back to the engine, which finishes the
+request (see `LLMEngine._finish_stopped`).
+
 A user request with n > 1 is a group of n child requests that the scheduler treats as
 independent; their completions are gathered back into one RequestOutput here.
 """
@@ -21,12 +28,14 @@ class RequestGroup:
     params: SamplingParams
     children: list[Request]
     detokenizers: list = field(default_factory=list)
+    # per child: output tokens whose text (and log-prob entry text) has been produced
+    text_tokens: list[int] = field(default_factory=list)
 
     def finished(self) -> bool:
         return all(c.is_finished for c in self.children)
 
 
-def _finish(req: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+def finish_request(req: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
     req.state = RequestState.FINISHED
     req.finish_reason = reason
     req.stop_reason = stop_reason
@@ -49,67 +58,112 @@ class OutputProcessor:
         if group.params.stop and self.tokenizer is None:
             raise RequestRejected("stop strings need a tokenizer; use stop_token_ids instead", "stop")
         if self.tokenizer is not None:
-            from orcinus.tokenizer import IncrementalDetokenizer
-
             group.detokenizers = [
-                IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids, group.params.skip_special_tokens)
+                self.tokenizer.incremental_detokenizer(group.prompt_token_ids, group.params.skip_special_tokens)
                 for _ in group.children
             ]
+        group.text_tokens = [0] * len(group.children)
         self._groups[group.request_id] = group
         for child in group.children:
             self._group_of[child.request_id] = group
 
-    # ------------------------------------------------------------------ per token
+    # ------------------------------------------------------------------ per token (critical path)
     def append_token(self, req: Request, token: int, logprob: float, top: dict[int, float] | None,
                      max_model_len: int) -> None:
+        """Append a sampled token and decide the stops that need no text. The text of the token,
+        of its log-prob entries and the stop strings wait for `process_text`."""
         params = req.sampling_params
         req.output_token_ids.append(token)
         req.cumulative_logprob += logprob
         if params.logprobs is not None:
-            entry = {token: Logprob(token, logprob, self._piece(token))}
+            entry = {token: Logprob(token, logprob)}
             for tid, lp in (top or {}).items():
                 if tid not in entry:
-                    entry[tid] = Logprob(tid, lp, self._piece(tid))
+                    entry[tid] = Logprob(tid, lp)
             req.logprobs.append(entry)
-        group = self._group_of[req.request_id]
-        before = len(req.output_text)
-        if group.detokenizers:
-            idx = group.children.index(req)
-            req.output_text += group.detokenizers[idx].add_token(token)
-        self._check_stop(req, token, before, max_model_len)
-
-    def _piece(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
-
-    def _check_stop(self, req: Request, token: int, text_before: int, max_model_len: int) -> None:
-        params = req.sampling_params
         n_out = len(req.output_token_ids)
         if n_out >= params.min_tokens:
             if token in params.stop_token_ids:
-                return _finish(req, FinishReason.STOP, token)
+                return finish_request(req, FinishReason.STOP, token)
             if not params.ignore_eos and token in req.eos_token_ids:
-                return _finish(req, FinishReason.STOP, None)
-            if params.stop:
-                longest = max(len(s) for s in params.stop)
-                start = max(0, text_before - longest + 1)
-                hits = [(req.output_text.find(s, start), s) for s in params.stop]
-                hits = [(pos, s) for pos, s in hits if pos >= 0]
-                if hits:
-                    pos, s = min(hits)
-                    req.output_text = req.output_text[:pos + len(s)] if params.include_stop_str_in_output \
-                        else req.output_text[:pos]
-                    return _finish(req, FinishReason.STOP, s)
+                return finish_request(req, FinishReason.STOP, None)
         if n_out >= req.max_new_tokens or req.num_tokens >= max_model_len:
-            _finish(req, FinishReason.LENGTH)
+            finish_request(req, FinishReason.LENGTH)
 
-    def on_finished(self, req: Request) -> None:
-        """A request left the scheduler (finished or aborted); flush held-back text."""
-        group = self._group_of.get(req.request_id)
-        if group is None or not group.detokenizers:
+    # ------------------------------------------------------------------ text (off the critical path)
+    def process_text(self, requests: list[Request]) -> list[Request]:
+        """Text for the tokens appended since the last call: detokenise, name the log-prob entries,
+        look for stop strings, flush what finished requests held back. Returns the requests that
+        were still running when their text reached a stop string: their text is cut and
+        `stop_string_hit` set; the engine finishes them."""
+        stopped: list[Request] = []
+        self._name_logprobs(requests)
+        for req in requests:
+            group = self._group_of.get(req.request_id)
+            if group is None:
+                continue
+            i = group.children.index(req)
+            done = group.text_tokens[i]
+            new = req.output_token_ids[done:]
+            group.text_tokens[i] = len(req.output_token_ids)
+            if not group.detokenizers or not new:
+                continue
+            detok = group.detokenizers[i]
+            for k, token in enumerate(new, start=done + 1):
+                before = len(req.output_text)
+                req.output_text += detok.add_token(token)
+                hit = self._find_stop(req, k, before)
+                if hit is not None:
+                    if k < len(req.output_token_ids):  # (one token per iteration: never, but exact)
+                        del req.output_token_ids[k:]
+                        del req.logprobs[k:]
+                    if req.is_finished:  # by length on this very token: the stop string wins, as it always did
+                        finish_request(req, FinishReason.STOP, hit)
+                    else:
+                        req.stop_string_hit = hit
+                        stopped.append(req)
+                    break
+            else:
+                if req.finish_reason == FinishReason.LENGTH or (req.finish_reason == FinishReason.STOP and
+                                                                not isinstance(req.stop_reason, str)):
+                    req.output_text += detok.flush()  # e.g. invalid bytes at the end, as decode renders them
+        return stopped
+
+    def _name_logprobs(self, requests: list[Request]) -> None:
+        """The text of every new log-prob entry, from the tokenizer's piece cache in one call."""
+        if self.tokenizer is None:
             return
-        if req.finish_reason == FinishReason.LENGTH or (req.finish_reason == FinishReason.STOP and
-                                                        not isinstance(req.stop_reason, str)):
-            req.output_text += group.detokenizers[group.children.index(req)].flush()
+        entries = []
+        for req in requests:
+            group = self._group_of.get(req.request_id)
+            if group is None or req.sampling_params.logprobs is None:
+                continue
+            done = group.text_tokens[group.children.index(req)]
+            for entry in req.logprobs[done:]:
+                entries.extend(entry.values())
+        if entries:
+            for lp, piece in zip(entries, self.tokenizer.token_pieces([lp.token_id for lp in entries])):
+                lp.decoded = piece
+
+    def _find_stop(self, req: Request, n_out: int, text_before: int) -> str | None:
+        """The stop string the text reached with output token n_out, cutting the text there.
+        Not when that token ended the request by EOS or a stop token id (those come first)."""
+        params = req.sampling_params
+        if not params.stop or n_out < params.min_tokens:
+            return None
+        if (n_out == len(req.output_token_ids) and req.finish_reason is not None
+                and req.finish_reason != FinishReason.LENGTH):
+            return None
+        longest = max(len(s) for s in params.stop)
+        start = max(0, text_before - longest + 1)
+        hits = [(req.output_text.find(s, start), s) for s in params.stop]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        if not hits:
+            return None
+        pos, s = min(hits)
+        req.output_text = req.output_text[:pos + len(s)] if params.include_stop_str_in_output \
+            else req.output_text[:pos]
+        return s
 
     # ------------------------------------------------------------------ outputs
     def _completion(self, group: RequestGroup, i: int, req: Request) -> CompletionOutput:
