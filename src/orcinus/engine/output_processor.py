@@ -168,8 +168,9 @@ class OutputProcessor:
     # ------------------------------------------------------------------ outputs
     def _completion(self, group: RequestGroup, i: int, req: Request) -> CompletionOutput:
         text = req.output_text
-        if not req.is_finished and group.params.stop:
+        if not req.is_finished and group.params.stop and req.stop_string_hit is None:
             # Hold back a possible stop-string prefix so that streamed text is never retracted.
+            # (Text cut at a stop string is final, even while the request waits to finish.)
             hold = max(len(s) for s in group.params.stop) - 1
             text = text[:max(0, len(text) - hold)]
         return CompletionOutput(
