@@ -25,3 +25,37 @@ def test_phases_count_each_iteration_once_and_are_restored(checkpoint_factory):
     assert prof.engine_thread_s() <= prof.total_s  # the forward thread's phases overlap it
     assert prof.calls["waiting for the iteration"] == iterations
     assert [r[0] for r in prof.rows()][-1] == "other"
+
+
+def test_offline_detokenize_times_the_text_work(tmp_path, monkeypatch, capsys):
+    """`bench offline --detokenize --profile`: the tokenizer is loaded and every output token is
+    detokenised, inside the profile's text phase."""
+    import json
+
+    import transformers as tf
+    from checkpoints import build_from_config
+
+    from orcinus.cli import main
+    from orcinus.models.loader import default_model_path
+    from orcinus.tokenizer import StreamDetokenizer, Tokenizer
+
+    tok = Tokenizer.from_model_path(default_model_path())
+    folder = str(tmp_path / "model")
+    build_from_config(tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                     max_position_embeddings=256, bos_token_id=1, eos_token_id=2), folder)
+    tok.hf.save_pretrained(folder)
+    detokenised = []
+    original = StreamDetokenizer.add_token
+    monkeypatch.setattr(StreamDetokenizer, "add_token", lambda self, t: detokenised.append(t) or original(self, t))
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--model", folder, "--num-requests", "3", "--prompt-len", "4:8", "--output-len", "3:5",
+            "--backends", "orca", "--profile", "--detokenize", "--no-floor", "--no-progress", "--output-json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    (result,) = report["results"]
+    assert result["status"] == "ok" and report["settings"]["detokenize"] is True
+    # every timed token, and the warm-up's: the trace's 3 requests, 4 tokens each
+    assert len(detokenised) == result["output_tokens"] + 3 * 4
+    assert result["profile"]["calls"]["output processing (detokenisation)"] > 0
+    assert "output processing (detokenisation)" in capsys.readouterr().out

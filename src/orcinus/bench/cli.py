@@ -73,6 +73,8 @@ def _add_offline(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs
     p.add_argument("--profile", action="store_true",
                    help="time each phase of orcinus' iterations (scheduling, input preparation, forward, "
                         "sampling, output processing) and print the per-iteration breakdown")
+    p.add_argument("--detokenize", action="store_true",
+                   help="orcinus backends: load the tokenizer and detokenise every output token, as a server does")
     _progress_flag(p)
     add_trace_args(p, default_dataset="random", with_seed=False)
     add_engine_args(p)
@@ -92,11 +94,11 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     settings = {"model": config.model or "default (SmolLM2-135M-Instruct GGUF)", "dtype": config.dtype,
                 "resolved_dtype": str(config.resolved_dtype(config.resolved_device())).removeprefix("torch."),
                 "device": device, "max_num_seqs": config.max_num_seqs, "kv_cache_memory": config.kv_cache_memory,
-                "trace": spec.describe()}
+                "trace": spec.describe(), "detokenize": args.detokenize}
     report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor,
-                lengths_known=args.lengths_known, profile=args.profile)
+                lengths_known=args.lengths_known, profile=args.profile, detokenize=args.detokenize)
     report.machine["load_avg_1m_end"] = load_average()
     print(report.to_markdown())
     if args.kv_plot:

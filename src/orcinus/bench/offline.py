@@ -183,7 +183,7 @@ def _warmup_requests(trace: Sequence[BenchRequest]) -> Sequence[BenchRequest]:
 
 
 def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest], progress: bool,
-                lengths_known: bool = True, profile: bool = False) -> BackendResult:
+                lengths_known: bool = True, profile: bool = False, detokenize: bool = False) -> BackendResult:
     from orcinus.bench.kv_usage import KVRecorder
     from orcinus.engine.llm import LLM
     from orcinus.sampling_params import SamplingParams
@@ -192,11 +192,15 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
     policy, chunked = backend.removesuffix("-chunked"), backend.endswith("-chunked")
     # unchunked backends: a budget no prompt reaches, unless --max-num-batched-tokens gives one
     budget = (config.max_num_batched_tokens or CHUNKED_BUDGET) if chunked else (config.max_num_batched_tokens or 1 << 30)
-    kwargs = dataclasses.asdict(dataclasses.replace(config, scheduler_policy=policy, skip_tokenizer_init=True,
+    # Without --detokenize no tokenizer is loaded, so output processing does no text work (as
+    # transformers' baselines, which return ids); with it every token is detokenised, as a server does.
+    kwargs = dataclasses.asdict(dataclasses.replace(config, scheduler_policy=policy, skip_tokenizer_init=not detokenize,
                                                     max_num_batched_tokens=budget))
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     res.load_s = time.perf_counter() - t0
+    if detokenize and llm.engine.tokenizer is None:
+        raise ValueError(f"--detokenize needs a tokenizer, and {config.model} has none; give --tokenizer")
     try:
         warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids[:16]} for r in _warmup_requests(trace)], warm,
@@ -270,7 +274,7 @@ def compute_floor(config: EngineConfig, trace: Sequence[BenchRequest], rates: De
 
 def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: Sequence[str], report: OfflineReport,
                 progress: bool = True, with_floor: bool = True, lengths_known: bool = True,
-                profile: bool = False) -> OfflineReport:
+                profile: bool = False, detokenize: bool = False) -> OfflineReport:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS}")
@@ -278,7 +282,8 @@ def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: S
         logger.info("bench offline: running %s", BACKEND_LABELS[backend])
         try:
             if backend in ORCINUS_BACKENDS:
-                res = run_orcinus(config, backend, trace, progress, lengths_known, profile=profile)
+                res = run_orcinus(config, backend, trace, progress, lengths_known, profile=profile,
+                                  detokenize=detokenize)
             else:
                 res = run_transformers(config, backend, trace, progress)
         except Exception as exc:  # one broken baseline must not lose the others' numbers
