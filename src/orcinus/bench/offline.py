@@ -205,12 +205,14 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
         warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids[:16]} for r in _warmup_requests(trace)], warm,
                      use_tqdm=False)
-        recorder = KVRecorder(llm.engine)
-        recorder.restart()
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
         params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in trace]
         with contextlib.ExitStack() as stack:
             prof = stack.enter_context(profile_phases()) if profile else None
+            # After the profiler: the recorder wraps the engine's step as it is now, so that the
+            # profiler's timing of LLMEngine.step is inside it (the step total was 0 s otherwise).
+            recorder = KVRecorder(llm.engine)
+            recorder.restart()
             if lengths_known:
                 outs, res.elapsed_s, res.cpu_s = _timed(llm.generate, prompts, params, use_tqdm=progress)
                 got = [len(o.outputs[0].token_ids) for o in outs]
