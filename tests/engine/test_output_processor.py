@@ -315,3 +315,39 @@ def test_iterations_run_on_the_forward_thread_while_text_is_made(folder: str, to
     assert forwards and all(name.startswith("orcinus-forward") for name in forwards)
     # every iteration but the last had its successor in flight when its text was made
     assert launched_before_text == [1] * (len(s) - 1) + [0]
+
+
+def test_streams_through_the_async_engine(folder: str, tok: Tokenizer) -> None:
+    """The server's path: outputs handed to an asyncio stream by the engine thread. Streamed text
+    is decode's, a stop string ends it exactly, and the stream's token count is what was emitted."""
+    import asyncio
+
+    from orcinus.engine.async_engine import AsyncEngine
+
+    engine = make_engine(folder)
+    prompts = {"plain": tok.encode("Plain:"), "stop": tok.encode("Stop:")}
+    ids, k, before = _stop_case(tok, TEXTS[1], "你好")
+    scripts = {tuple(prompts["plain"]): tok.encode(TEXTS[2]), tuple(prompts["stop"]): ids}
+    sampler = script(engine, scripts)
+
+    async def consume(ae: AsyncEngine, rid: str, params: SamplingParams) -> list:
+        return [o async for o in ae.generate(rid, {"prompt_token_ids": prompts[rid]}, params)]
+
+    async def main():
+        ae = AsyncEngine(engine)
+        ae.start()
+        plain, stopped = await asyncio.gather(
+            consume(ae, "plain", SamplingParams(max_tokens=len(scripts[tuple(prompts["plain"])]), ignore_eos=True,
+                                                **GREEDY)),
+            consume(ae, "stop", SamplingParams(max_tokens=100, ignore_eos=True, stop="你好", **GREEDY)))
+        free = await ae.call(lambda e: e.free_all_check())
+        await ae.shutdown()
+        return plain, stopped, free
+
+    plain, stopped, free = asyncio.run(asyncio.wait_for(main(), 120))
+    assert plain[-1].finished and assert_streamed_consistently(plain) == tok.decode(scripts[tuple(prompts["plain"])])
+    last = stopped[-1].outputs[0]
+    assert stopped[-1].finished and not any(o.finished for o in stopped[:-1])
+    assert (last.text, last.finish_reason, last.stop_reason, last.token_ids) == (before, "stop", "你好", ids[:k])
+    assert assert_streamed_consistently(stopped) == before
+    assert sampler.sampled[tuple(prompts["stop"])] == k + 1 and free
