@@ -250,7 +250,7 @@ class IncrementalDetokenizer:
 
 class StreamDetokenizer(IncrementalDetokenizer):
     """IncrementalDetokenizer's contract on `tokenizers.decoders.DecodeStream`: the same two-window
-    algorithm (emit the new text once it does not end in U+FFFD), done in Rust, about six times
+    algorithm (emit the new text once it does not end in U+FFFD), done in Rust, about five times
     cheaper per token than two `decode` calls through transformers.
 
     DecodeStream starts from the last few prompt ids (word spacing of the first output token) and
