@@ -109,24 +109,19 @@ class OutputProcessor:
             if not group.detokenizers or not new:
                 continue
             detok = group.detokenizers[i]
-            for k, token in enumerate(new, start=done + 1):
-                before = len(req.output_text)
+            before = len(req.output_text)
+            for token in new:  # one per iteration (a request is in one batch at a time)
                 req.output_text += detok.add_token(token)
-                hit = self._find_stop(req, k, before)
-                if hit is not None:
-                    if k < len(req.output_token_ids):  # (one token per iteration: never, but exact)
-                        del req.output_token_ids[k:]
-                        del req.logprobs[k:]
-                    if req.is_finished:  # by length on this very token: the stop string wins, as it always did
-                        finish_request(req, FinishReason.STOP, hit)
-                    else:
-                        req.stop_string_hit = hit
-                        stopped.append(req)
-                    break
-            else:
+            hit = self._find_stop(req, before)
+            if hit is None:
                 if req.finish_reason == FinishReason.LENGTH or (req.finish_reason == FinishReason.STOP and
                                                                 not isinstance(req.stop_reason, str)):
                     req.output_text += detok.flush()  # e.g. invalid bytes at the end, as decode renders them
+            elif req.is_finished:  # by length on this very token: the stop string wins, as it always did
+                finish_request(req, FinishReason.STOP, hit)
+            else:
+                req.stop_string_hit = hit
+                stopped.append(req)
         return stopped
 
     def _name_logprobs(self, requests: list[Request]) -> None:
@@ -145,14 +140,13 @@ class OutputProcessor:
             for lp, piece in zip(entries, self.tokenizer.token_pieces([lp.token_id for lp in entries])):
                 lp.decoded = piece
 
-    def _find_stop(self, req: Request, n_out: int, text_before: int) -> str | None:
-        """The stop string the text reached with output token n_out, cutting the text there.
-        Not when that token ended the request by EOS or a stop token id (those come first)."""
+    def _find_stop(self, req: Request, text_before: int) -> str | None:
+        """The stop string the text after `text_before` reached, cutting the text there. Not when
+        the newest token ended the request by EOS or a stop token id (those come first)."""
         params = req.sampling_params
-        if not params.stop or n_out < params.min_tokens:
+        if not params.stop or len(req.output_token_ids) < params.min_tokens:
             return None
-        if (n_out == len(req.output_token_ids) and req.finish_reason is not None
-                and req.finish_reason != FinishReason.LENGTH):
+        if req.finish_reason is not None and req.finish_reason != FinishReason.LENGTH:
             return None
         longest = max(len(s) for s in params.stop)
         start = max(0, text_before - longest + 1)
