@@ -223,7 +223,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the iteration
     def step(self) -> list[RequestOutput]:
-        """One iteration: launch what may run, wait for the oldest batch, return progress.
+        """One iteration: launch what may run, wait for the oldest batch, append its tokens,
+        launch the next iteration, then make the text while that runs; return progress.
 
         A request whose own parameters make its iteration fail is aborted alone (its blocks
         freed) and reported by EngineStepError; the rest of its batch still gets its token,
