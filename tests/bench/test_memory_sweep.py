@@ -56,20 +56,26 @@ def test_poisson_arrivals_unknown_lengths_small_pool(tiny, tmp_path, capsys):
 
 def test_shared_prefix_trace_with_and_without_prefix_caching(tiny, tmp_path):
     out = tmp_path / "sweep"
+    # prompts: the shared 32 tokens + 8..12 of their own, i.e. at least 2 full blocks of 4 of their own
     argv = ["bench", "sweep", "--target", "engine", "--model", tiny, "--configs",
-            "cache=--enable-prefix-caching", "nocache=--no-enable-prefix-caching", "--rates", "inf",
-            "--dataset", "random", "--shared-prefix-len", "32", "--num-requests", "5", "--prompt-len", "4:8",
+            "cache=--enable-prefix-caching", "nocache=--no-enable-prefix-caching", "--rates", "inf,200",
+            "--dataset", "random", "--shared-prefix-len", "32", "--num-requests", "5", "--prompt-len", "8:12",
             "--output-len", "2:4", "--block-size", "4", "--output-dir", str(out), "--no-progress"]
     assert main(argv) == 0
-    data, pts = _points(out)
+    data = json.loads((out / "sweep.json").read_text())
     prompt_tokens = data["trace"]["prompt_tokens"]
     assert data["trace"]["shared_prefix_len"] == 32
-    on, off = pts["cache"]["kv"], pts["nocache"]["kv"]
-    assert off["prefix_cache_hits"] == 0 and off["prompt_tokens_computed"] == prompt_tokens
-    # with caching, the shared system prompt's blocks are computed once and found by the others
-    assert on["prefix_cache_hits"] >= 4 * 32 and on["prefix_cache_hit_rate"] > 0
-    assert on["prompt_tokens_computed"] == prompt_tokens - on["prefix_cache_hits"]
-    assert pts["cache"]["completed"] == pts["nocache"]["completed"] == 5
+    pts = {(p["config"], p["rate"]): p for p in data["points"]}
+    assert len(pts) == 4 and all(p["completed"] == 5 for p in pts.values())
+    for rate in ("inf", 200):
+        on, off = pts["cache", rate]["kv"], pts["nocache", rate]["kv"]
+        assert off["prefix_cache_hits"] == 0 and off["prompt_tokens_computed"] == prompt_tokens
+        # with caching, the shared system prompt's blocks are computed once and found by the others
+        assert on["prefix_cache_hits"] >= 4 * 32 and on["prefix_cache_hit_rate"] > 0
+        assert on["prompt_tokens_computed"] == prompt_tokens - on["prefix_cache_hits"]
+        # ... and only those: the second rate replays the same prompts, yet finds none of their own
+        # blocks, because every rate starts with an empty cache
+        assert on["prefix_cache_hits"] <= 5 * 32
 
 
 def test_server_target_refuses_engine_only_flags(tiny, tmp_path, capsys):
@@ -77,3 +83,16 @@ def test_server_target_refuses_engine_only_flags(tiny, tmp_path, capsys):
             "--no-lengths-known", "--output-dir", str(tmp_path), "--no-progress"]
     assert main(argv) == 2
     assert "--target engine" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_server_target_starts_a_fresh_server_per_rate(tiny, tmp_path):
+    # each rate replays the same prompts: one server for all rates would answer the later ones
+    # from the prefix cache the earlier ones filled
+    argv = ["bench", "sweep", "--target", "server", "--model", tiny, "--configs", "paged", "--rates", "inf,100",
+            "--num-requests", "2", "--prompt-len", "4:8", "--output-len", "2:3", "--output-dir", str(tmp_path),
+            "--no-progress"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.glob("server_*.log")) == ["server_paged_100.log", "server_paged_inf.log"]
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert [p["completed"] for p in data["points"]] == [2, 2]

@@ -101,8 +101,8 @@ def sweep_engine(base: EngineConfig, cfg: SweepConfig, rates: Sequence[float], t
                  mode: ArrivalMode, seed: int, add_engine_args: Callable, slos_ms: dict[str, float],
                  progress: bool, lengths_known: bool = True) -> list[SweepPoint]:
     """Each rate replayed on one in-process engine, with its KV use sampled every iteration and the
-    process CPU time beside the wall time. The engine is kept across rates, so a later rate may
-    find prefix-cache blocks an earlier one left (the first rate starts cold)."""
+    process CPU time beside the wall time. Every rate starts with an empty prefix cache: each rate
+    replays the same prompts, which would otherwise be found whole in the cache of the one before."""
     from orcinus.bench.engine_driver import replay_on_engine
     from orcinus.bench.kv_usage import KVRecorder
     from orcinus.engine.llm_engine import LLMEngine
@@ -113,6 +113,7 @@ def sweep_engine(base: EngineConfig, cfg: SweepConfig, rates: Sequence[float], t
         _warm_up(engine, trace)
         points = []
         for rate in rates:
+            engine.kv_cache.reset_prefix_cache()  # idle here: every block is free
             recorder = KVRecorder(engine)
             recorder.restart()
             c0 = time.process_time()
@@ -137,19 +138,19 @@ def sweep_server(base: EngineConfig, cfg: SweepConfig, rates: Sequence[float], t
     from orcinus.bench.load_generator import run_load
     from orcinus.bench.server_process import ServerProcess
 
-    log_path = None
-    if log_dir:
-        safe = "".join(c if c.isalnum() else "_" for c in cfg.label)
-        log_path = os.path.join(log_dir, f"server_{safe}.log")
+    safe = "".join(c if c.isalnum() else "_" for c in cfg.label)
     points = []
-    with ServerProcess(engine_args=[*engine_flags(base), *cfg.engine_args], log_path=log_path) as server:
-        ep = EndpointConfig(server.base_url, model="")
-        run_load([BenchRequest(trace[0].prompt_token_ids[:8], 2)], ep, progress=False)  # warm-up
-        for rate in rates:
+    # A fresh server per rate: each rate replays the same prompts, which a server with prefix caching
+    # (paged's default) would otherwise find whole in the cache the previous rate left.
+    for rate in rates:
+        log_path = os.path.join(log_dir, f"server_{safe}_{rate:g}.log") if log_dir else None
+        with ServerProcess(engine_args=[*engine_flags(base), *cfg.engine_args], log_path=log_path) as server:
+            ep = EndpointConfig(server.base_url, model="")
+            run_load([BenchRequest(trace[0].prompt_token_ids[:8], 2)], ep, progress=False)  # warm-up
             run = run_load(with_arrivals(trace, rate, mode, seed), ep, max_concurrency, slos_ms, progress,
                            desc=f"{cfg.label} @ {rate:g} req/s")
-            _log_run(cfg.label, rate, run)
-            points.append(point_of(cfg.label, rate, run))
+        _log_run(cfg.label, rate, run)
+        points.append(point_of(cfg.label, rate, run))
     return points
 
 
