@@ -86,13 +86,22 @@ def test_server_target_refuses_engine_only_flags(tiny, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_server_target_starts_a_fresh_server_per_rate(tiny, tmp_path):
+def test_server_target_fresh_server_per_rate_and_kv_from_metrics(tiny, tmp_path, capsys):
     # each rate replays the same prompts: one server for all rates would answer the later ones
     # from the prefix cache the earlier ones filled
+    png = tmp_path / "kv.png"
     argv = ["bench", "sweep", "--target", "server", "--model", tiny, "--configs", "paged", "--rates", "inf,100",
-            "--num-requests", "2", "--prompt-len", "4:8", "--output-len", "2:3", "--output-dir", str(tmp_path),
+            "--dataset", "random", "--shared-prefix-len", "32", "--num-requests", "3", "--prompt-len", "8:12",
+            "--output-len", "4:6", "--block-size", "4", "--kv-plot", str(png), "--output-dir", str(tmp_path),
             "--no-progress"]
     assert main(argv) == 0
+    assert "/metrics, polled" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.glob("server_*.log")) == ["server_paged_100.log", "server_paged_inf.log"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((tmp_path / "sweep.json").read_text())
-    assert [p["completed"] for p in data["points"]] == [2, 2]
+    assert [p["completed"] for p in data["points"]] == [3, 3]
+    for p in data["points"]:
+        kv = p["kv"]  # polled from the server's /metrics
+        assert kv["samples"] == len(p["kv_samples"]) >= 2 and kv["iterations"] >= 6
+        # later requests find the shared 32 tokens, but never their own blocks from an earlier rate
+        assert 32 <= kv["prefix_cache_hits"] <= 3 * 32

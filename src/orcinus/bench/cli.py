@@ -133,6 +133,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--result-json", default=None, help="write the report here")
     p.add_argument("--save-detailed", action="store_true", help="include every request's timings in the JSON")
+    p.add_argument("--scrape-metrics", type=float, default=None, metavar="SECONDS",
+                   help="poll the server's /metrics every SECONDS during the run and report its KV use (mean "
+                        "running sequences, KV utilisation, preemptions, prefix-cache hits); orcinus servers only")
     _progress_flag(p)
     add_trace_args(p, default_dataset="orca")
     p.set_defaults(func=_cmd_serve)
@@ -153,7 +156,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     trace = with_arrivals(build_trace(spec, args.tokenizer), args.request_rate, args.arrival, args.seed)
     extra = json.loads(args.extra_body) if args.extra_body else {}
     ep = EndpointConfig(base_url, args.served_model_name or "", args.ignore_eos, args.api_key, extra)
-    run = run_load(trace, ep, args.max_concurrency, slos, args.progress)
+    if args.scrape_metrics is not None and not args.scrape_metrics > 0:
+        raise ValueError("--scrape-metrics must be a positive number of seconds")
+    run = run_load(trace, ep, args.max_concurrency, slos, args.progress, metrics_interval_s=args.scrape_metrics)
     settings = {"base_url": base_url, "model": ep.model, "request_rate": args.request_rate, "arrival": args.arrival,
                 "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos, "trace": spec.describe(),
                 "prompt_format": "text" if spec.dataset == "sharegpt" else "token ids"}
@@ -185,7 +190,8 @@ def _add_sweep(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) 
                    help="(engine target) requests give max_tokens = their output length (default); with "
                         "--no-lengths-known they give none and end at their length unforeseen, like EOS")
     p.add_argument("--kv-plot", default=None,
-                   help="(engine target) PNG of KV utilisation over time, one line per config and rate")
+                   help="PNG of KV utilisation over time, one line per config and rate (engine target: every "
+                        "iteration; server target: the server's /metrics, polled every 0.5 s)")
     p.add_argument("--output-dir", default="bench_results/sweep", help="sweep.json, sweep.md and figure10.png go here")
     p.add_argument("--title", default="", help="plot title")
     _progress_flag(p)
@@ -203,9 +209,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from orcinus.cli import engine_config_from_args
 
     _quiet_http_logs()
-    if args.target == "server" and (args.kv_plot or not args.lengths_known):
-        # the KV samples and the unforeseen end need the engine in this process
-        raise ValueError("--kv-plot and --no-lengths-known need --target engine")
+    if args.target == "server" and not args.lengths_known:
+        # the unforeseen end needs the engine in this process
+        raise ValueError("--no-lengths-known needs --target engine")
     base = engine_config_from_args(args)
     configs = [parse_config(c, base.max_num_batched_tokens) for c in args.configs]
     slos = parse_slos(args.goodput)
@@ -224,7 +230,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     table = sweep_table(points)
     memory = memory_table(points)
     if memory:
-        table += "\n\nKV memory (sampled every iteration) and work done:\n\n" + memory
+        how = "sampled every iteration" if args.target == "engine" else "the servers' /metrics, polled every 0.5 s"
+        table += f"\n\nKV memory ({how}) and work done:\n\n" + memory
     png = os.path.join(args.output_dir, "figure10.png")
     title = args.title or f"{spec.dataset} trace, {len(trace)} requests, target {args.target}"
     plot_figure10(points, png, title)

@@ -77,7 +77,8 @@ def sweep_table(points: Sequence[SweepPoint]) -> str:
 
 
 def memory_table(points: Sequence[SweepPoint]) -> str:
-    """What the engine did with its KV memory at each point (engine target); empty when unknown."""
+    """What the engine did with its KV memory at each point (engine target: sampled every iteration;
+    server target: from the server's /metrics, polled); empty when unknown."""
     rows = []
     for config, pts in by_config(points).items():
         for p in pts:
@@ -85,7 +86,8 @@ def memory_table(points: Sequence[SweepPoint]) -> str:
                 k = p.kv
                 rows.append([config, p.rate, p.output_throughput, p.duration_s, p.cpu_s, k["mean_running"],
                              100.0 * k["mean_utilisation"], 100.0 * k["mean_allocated_fraction"], k["preemptions"],
-                             100.0 * k["prefix_cache_hit_rate"], k["prompt_tokens_computed"], k["tokens_computed"]])
+                             100.0 * k["prefix_cache_hit_rate"], k.get("prompt_tokens_computed"),
+                             k.get("tokens_computed")])
     if not rows:
         return ""
     headers = ["config", "rate (req/s)", "output tok/s", "wall s", "CPU s", "mean running seqs",

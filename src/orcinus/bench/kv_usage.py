@@ -131,7 +131,8 @@ def plot_kv_utilisation(series: dict[str, list[KVSample]], path: str, title: str
     ax.set_ylabel("KV utilisation: real tokens / allocated slots (%)")
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:  # a run too short for any sample with KV allocated draws nothing
+        ax.legend()
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -34,6 +34,8 @@ class SweepConfig:
     engine_args: list[str]  # engine flags on top of the sweep's common ones
 
 
+# How often the server target polls each server's /metrics for its KV use.
+METRICS_INTERVAL_S = 0.5
 # A budget no prompt reaches: the unchunked backends, as in `bench offline`.
 NO_BUDGET = 1 << 30
 
@@ -148,9 +150,10 @@ def sweep_server(base: EngineConfig, cfg: SweepConfig, rates: Sequence[float], t
             ep = EndpointConfig(server.base_url, model="")
             run_load([BenchRequest(trace[0].prompt_token_ids[:8], 2)], ep, progress=False)  # warm-up
             run = run_load(with_arrivals(trace, rate, mode, seed), ep, max_concurrency, slos_ms, progress,
-                           desc=f"{cfg.label} @ {rate:g} req/s")
+                           desc=f"{cfg.label} @ {rate:g} req/s", metrics_interval_s=METRICS_INTERVAL_S)
         _log_run(cfg.label, rate, run)
-        points.append(point_of(cfg.label, rate, run))
+        points.append(dataclasses.replace(point_of(cfg.label, rate, run), kv=run.server_kv,
+                                          kv_samples=run.server_kv_samples))
     return points
 
 
