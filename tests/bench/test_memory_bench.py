@@ -28,3 +28,20 @@ def test_memory_backends_record_kv_use_and_plot(checkpoint_factory, tmp_path, ca
     assert max(s["running"] for s in res["orca"]["kv_samples"]) <= 2
     assert max(s["running"] for s in res["paged"]["kv_samples"]) > 2
     assert res["paged"]["kv"]["mean_utilisation"] > res["orca"]["kv"]["mean_utilisation"]
+
+
+def test_offline_shared_prefix_with_prefix_caching(checkpoint_factory, tmp_path):
+    tiny = checkpoint_factory("llama")[0]
+    out = tmp_path / "prefix.json"
+    argv = ["bench", "offline", "--model", tiny, "--num-requests", "4", "--dataset", "random",
+            "--shared-prefix-len", "24", "--prompt-len", "8:12", "--output-len", "2:4", "--block-size", "4",
+            "--backends", "paged", "--enable-prefix-caching", "--no-floor", "--output-json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    kv = report["results"][0]["kv"]
+    prompt_tokens = report["trace"]["prompt_tokens"]
+    assert report["settings"]["trace"]["shared_prefix_len"] == 24
+    # the three requests after the first find the shared 24 tokens (the warm-up's 16-token prompt
+    # may leave up to 16 of them cached for the first one too)
+    assert 3 * 24 <= kv["prefix_cache_hits"] <= 4 * 24
+    assert kv["prompt_tokens_computed"] == prompt_tokens - kv["prefix_cache_hits"]

@@ -17,9 +17,11 @@ def test_bench_serve_report_matches_the_server(server, tmp_path, capsys):
     out = tmp_path / "serve.json"
     argv = ["bench", "serve", "--base-url", server.base_url, "--dataset", "random", "--num-requests", "3",
             "--prompt-len", "4:12", "--output-len", "2:5", "--seed", "3", "--request-rate", "50",
-            "--goodput", "e2el:600000", "--result-json", str(out), "--save-detailed", "--no-progress"]
+            "--goodput", "e2el:600000", "--result-json", str(out), "--save-detailed", "--no-progress",
+            "--scrape-metrics", "0.05"]
     assert main(argv) == 0
-    assert "bench serve result" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "bench serve result" in printed and "server KV use" in printed
     report = json.loads(out.read_text())
     assert set(report) >= {"settings", "trace", "machine", "command", "metrics", "errors", "requests"}
     m = report["metrics"]
@@ -28,6 +30,10 @@ def test_bench_serve_report_matches_the_server(server, tmp_path, capsys):
         assert set(m[key]) >= {"mean", "median", "p90", "p99"}
     assert m["request_throughput"] > 0 and m["output_throughput"] > 0 and m["goodput"] > 0
     assert report["settings"]["model"]  # discovered from /v1/models
+    # the server's own counters, polled from /metrics: a request takes one iteration per token
+    kv = report["server_kv"]
+    assert kv["samples"] >= 2 and kv["iterations"] >= max(r["output_len"] for r in report["requests"])
+    assert kv["preemptions"] == 0 and 0 <= kv["mean_running"] <= 3
 
     # The same trace, rebuilt from its seed; ask the server again without streaming.
     trace = build_trace(TraceSpec("random", 3, LengthRange(4, 12), LengthRange(2, 5), 3), None)

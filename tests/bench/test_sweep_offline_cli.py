@@ -15,7 +15,12 @@ def test_parse_config_specs():
     c = parse_config("big batch=--max-num-seqs 64 --block-size 32")
     assert c.label == "big batch" and c.engine_args == ["--max-num-seqs", "64", "--block-size", "32"]
     with pytest.raises(ValueError):
-        parse_config("orca")
+        parse_config("orca16")
+    # bench offline's backend names: no budget, or the chunked budget
+    assert parse_config("orca").engine_args == ["--scheduler-policy", "orca", "--max-num-batched-tokens", str(1 << 30)]
+    assert parse_config("paged-chunked").engine_args[-1] == "512"
+    assert parse_config("paged-chunked", 64).engine_args == ["--scheduler-policy", "paged",
+                                                             "--max-num-batched-tokens", "64"]
 
 
 def test_engine_flags_round_trip():

@@ -74,3 +74,30 @@ def test_with_arrivals_leaves_the_trace_alone():
     assert [r.arrival_offset for r in timed] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert all(r.arrival_offset == 0.0 for r in trace)
     assert [r.prompt_token_ids for r in timed] == [r.prompt_token_ids for r in trace]
+
+
+def test_shared_prefix_trace_shares_its_prefix_token_for_token():
+    sampler = TokenSampler(500, frozenset({0, 1}))
+    make = lambda seed: random_trace(40, LengthRange(8, 32), LengthRange(4, 16), sampler, seed, shared_prefix_len=64)
+    a, b, c = make(5), make(5), make(6)
+    prefix = a[0].prompt_token_ids[:64]
+    assert all(r.prompt_token_ids[:64] == prefix for r in a)  # every prompt starts with the same 64 ids
+    assert len(set(prefix)) > 30 and not {0, 1} & set(prefix)  # random, and without the special ids
+    # after the prefix the prompts differ from each other (their own part)
+    assert len({tuple(r.prompt_token_ids[64:]) for r in a}) == len(a)
+    assert all(64 + 8 <= r.prompt_len <= 64 + 32 and 4 <= r.output_len <= 16 for r in a)
+    # deterministic given the seed; another seed gives another prefix
+    assert [(r.prompt_token_ids, r.output_len) for r in a] == [(r.prompt_token_ids, r.output_len) for r in b]
+    assert c[0].prompt_token_ids[:64] != prefix
+    # the per-request parts and lengths are exactly those of the same trace without a prefix
+    plain = random_trace(40, LengthRange(8, 32), LengthRange(4, 16), sampler, 5)
+    assert [(r.prompt_token_ids[64:], r.output_len) for r in a] == [(r.prompt_token_ids, r.output_len) for r in plain]
+
+
+def test_shared_prefix_is_refused_where_it_cannot_work():
+    from orcinus.bench.trace_builder import TraceSpec, build_trace
+
+    with pytest.raises(ValueError, match="random or orca"):
+        build_trace(TraceSpec("sharegpt", 4, shared_prefix_len=32), None)
+    with pytest.raises(ValueError, match="0 or more"):
+        build_trace(TraceSpec("random", 4, shared_prefix_len=-1), None)

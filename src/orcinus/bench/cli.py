@@ -135,6 +135,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--result-json", default=None, help="write the report here")
     p.add_argument("--save-detailed", action="store_true", help="include every request's timings in the JSON")
+    p.add_argument("--scrape-metrics", type=float, default=None, metavar="SECONDS",
+                   help="poll the server's /metrics every SECONDS during the run and report its KV use (mean "
+                        "running sequences, KV utilisation, preemptions, prefix-cache hits); orcinus servers only")
     _progress_flag(p)
     add_trace_args(p, default_dataset="orca")
     p.set_defaults(func=_cmd_serve)
@@ -155,7 +158,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     trace = with_arrivals(build_trace(spec, args.tokenizer), args.request_rate, args.arrival, args.seed)
     extra = json.loads(args.extra_body) if args.extra_body else {}
     ep = EndpointConfig(base_url, args.served_model_name or "", args.ignore_eos, args.api_key, extra)
-    run = run_load(trace, ep, args.max_concurrency, slos, args.progress)
+    if args.scrape_metrics is not None and not args.scrape_metrics > 0:
+        raise ValueError("--scrape-metrics must be a positive number of seconds")
+    run = run_load(trace, ep, args.max_concurrency, slos, args.progress, metrics_interval_s=args.scrape_metrics)
     settings = {"base_url": base_url, "model": ep.model, "request_rate": args.request_rate, "arrival": args.arrival,
                 "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos, "trace": spec.describe(),
                 "prompt_format": "text" if spec.dataset == "sharegpt" else "token ids"}
@@ -174,13 +179,21 @@ def _add_sweep(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) 
 
     p = sub.add_parser("sweep", help="configurations x request rates; draws the paper's Figure 10")
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
-                   help="each POLICY:MAX_NUM_SEQS or 'LABEL=ENGINE FLAGS' (default: %(default)s)")
+                   help="each POLICY:MAX_NUM_SEQS, 'LABEL=ENGINE FLAGS', or a `bench offline` backend (orca, "
+                        "paged, paged-chunked, ...: no token budget, or 512 / --max-num-batched-tokens for "
+                        "-chunked) (default: %(default)s)")
     p.add_argument("--rates", type=_rates, default=[0.5, 1.0, 2.0, 4.0], help="request rates, e.g. '0.5,1,2,inf'")
     p.add_argument("--arrival", choices=ARRIVAL_MODES, default="poisson")
     p.add_argument("--target", choices=("server", "engine"), default="server",
                    help="server: start `orcinus serve` per config and load it over HTTP; engine: replay in-process")
     p.add_argument("--max-concurrency", type=int, default=None, help="(server target) most requests in flight")
     p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS")
+    p.add_argument("--lengths-known", action=argparse.BooleanOptionalAction, default=True,
+                   help="(engine target) requests give max_tokens = their output length (default); with "
+                        "--no-lengths-known they give none and end at their length unforeseen, like EOS")
+    p.add_argument("--kv-plot", default=None,
+                   help="PNG of KV utilisation over time, one line per config and rate (engine target: every "
+                        "iteration; server target: the server's /metrics, polled every 0.5 s)")
     p.add_argument("--output-dir", default="bench_results/sweep", help="sweep.json, sweep.md and figure10.png go here")
     p.add_argument("--title", default="", help="plot title")
     _progress_flag(p)
@@ -190,39 +203,55 @@ def _add_sweep(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) 
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from orcinus.bench.figure import plot_figure10, sweep_table
+    from orcinus.bench.figure import memory_table, plot_figure10, sweep_table
     from orcinus.bench.metrics import parse_slos
-    from orcinus.bench.report import command_line, machine_info, write_json
+    from orcinus.bench.report import command_line, load_average, machine_info, write_json
     from orcinus.bench.sweep import parse_config, sweep_engine, sweep_server
     from orcinus.bench.workloads import trace_summary
     from orcinus.cli import engine_config_from_args
 
     _quiet_http_logs()
+    if args.target == "server" and not args.lengths_known:
+        # the unforeseen end needs the engine in this process
+        raise ValueError("--no-lengths-known needs --target engine")
     base = engine_config_from_args(args)
-    configs = [parse_config(c) for c in args.configs]
+    configs = [parse_config(c, base.max_num_batched_tokens) for c in args.configs]
     slos = parse_slos(args.goodput)
     spec = trace_spec_from_args(args)
     trace = build_trace(spec, base.model)
     os.makedirs(args.output_dir, exist_ok=True)
+    machine = machine_info(str(base.resolved_device()))  # load average at the start
     points = []
     for cfg in configs:
         if args.target == "engine":
             points += sweep_engine(base, cfg, args.rates, trace, args.arrival, args.seed, args.add_engine_args,
-                                   slos, args.progress)
+                                   slos, args.progress, args.lengths_known)
         else:
             points += sweep_server(base, cfg, args.rates, trace, args.arrival, args.seed, slos, args.progress,
                                    args.max_concurrency, args.output_dir)
     table = sweep_table(points)
+    memory = memory_table(points)
+    if memory:
+        how = "sampled every iteration" if args.target == "engine" else "the servers' /metrics, polled every 0.5 s"
+        table += f"\n\nKV memory ({how}) and work done:\n\n" + memory
     png = os.path.join(args.output_dir, "figure10.png")
     title = args.title or f"{spec.dataset} trace, {len(trace)} requests, target {args.target}"
     plot_figure10(points, png, title)
-    machine = machine_info(str(base.resolved_device()))
     write_json(os.path.join(args.output_dir, "sweep.json"),
-               {"command": command_line(), "machine": machine, "target": args.target, "arrival": args.arrival,
+               {"command": command_line(), "machine": machine | {"load_avg_1m_end": load_average()},
+                "target": args.target, "arrival": args.arrival, "lengths_known": args.lengths_known,
                 "trace": spec.describe() | trace_summary(trace), "configs": [c.__dict__ for c in configs],
                 "points": points})
     with open(os.path.join(args.output_dir, "sweep.md"), "w") as f:
         f.write(f"Command: `{command_line()}`\n\nMachine: {machine}\n\n{table}\n\n![Figure 10]({os.path.basename(png)})\n")
     print(table)
     print(f"figure: {png}")
+    if args.kv_plot:
+        from orcinus.bench.kv_usage import KVSample, plot_kv_utilisation
+
+        series = {f"{p.config} @ {p.rate:g} req/s": [KVSample(**x) for x in p.kv_samples]
+                  for p in points if p.kv_samples}
+        plot_kv_utilisation(series, args.kv_plot, f"{title}, {args.arrival} arrivals, KV pool "
+                                                  f"{base.kv_cache_memory or 'default'} bytes")
+        print(f"KV plot: {args.kv_plot}")
     return 0 if all(p.failed == 0 for p in points) else 1

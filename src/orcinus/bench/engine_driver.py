@@ -4,6 +4,10 @@ This is the sweep's `--target engine`: the same arrival schedule and the same me
 `bench serve`, without HTTP, JSON and detokenisation in the way. It shows what the scheduling
 policy itself does to latency and throughput; `--target server` shows what a client sees.
 A request is "sent" when it is added to the engine; its tokens are timed when `step()` returns.
+
+With `lengths_known=False` a request gives no `max_tokens` and ends when it has its trace length,
+as if the model had emitted EOS there (see `eos_emulation.py`): Orca must then reserve the whole
+context for it.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ class _Live:
 
 
 def replay_on_engine(engine, trace: Sequence[BenchRequest], slos_ms: dict[str, float] | None = None,
-                     progress: bool = True, desc: str = "engine replay") -> LoadRun:
+                     progress: bool = True, desc: str = "engine replay", lengths_known: bool = True) -> LoadRun:
     """Runs the trace to completion on `engine` (an idle `orcinus.engine.llm_engine.LLMEngine`)."""
     from orcinus.sampling_params import SamplingParams
 
@@ -46,7 +50,8 @@ def replay_on_engine(engine, trace: Sequence[BenchRequest], slos_ms: dict[str, f
                 i = pending.popleft()
                 req = trace[i]
                 rid = f"bench-{i}"
-                params = SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=True)
+                params = SamplingParams(temperature=0.0, max_tokens=req.output_len if lengths_known else None,
+                                        ignore_eos=True)
                 res = RequestResult(prompt_len=req.prompt_len, expected_output_len=req.output_len, send_time=now)
                 try:
                     engine.add_request(rid, {"prompt_token_ids": req.prompt_token_ids}, params)
@@ -75,7 +80,11 @@ def replay_on_engine(engine, trace: Sequence[BenchRequest], slos_ms: dict[str, f
                         st.result.itl.append(t - st.last)
                     st.result.num_chunks += 1
                     st.tokens, st.last = n, t
-                if out.finished:
+                # lengths unknown: the trace length is the "EOS" the scheduler could not foresee
+                ends = out.finished or (not lengths_known and n >= trace[index_of[out.request_id]].output_len)
+                if ends and not out.finished:
+                    engine.abort_request(out.request_id)
+                if ends:
                     st.result.latency = t - st.sent
                     st.result.output_len = n
                     st.result.success = n > 0

@@ -6,6 +6,7 @@ A good system's line stays low further to the right.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,6 +27,10 @@ class SweepPoint:
     completed: int
     failed: int
     duration_s: float
+    # engine target only: process CPU seconds, the run's KVUsageSummary and its per-iteration samples
+    cpu_s: float = math.nan
+    kv: dict | None = None
+    kv_samples: list | None = None
 
 
 def by_config(points: Sequence[SweepPoint]) -> dict[str, list[SweepPoint]]:
@@ -68,4 +73,24 @@ def sweep_table(points: Sequence[SweepPoint]) -> str:
                          f"{p.completed}/{p.completed + p.failed}"])
     headers = ["config", "rate (req/s)", "throughput (req/s)", "output tok/s", "median norm. latency (ms/tok)",
                "p90 norm. latency (ms/tok)", "median TTFT (ms)", "median E2EL (ms)", "completed"]
+    return markdown_table(headers, rows)
+
+
+def memory_table(points: Sequence[SweepPoint]) -> str:
+    """What the engine did with its KV memory at each point (engine target: sampled every iteration;
+    server target: from the server's /metrics, polled); empty when unknown."""
+    rows = []
+    for config, pts in by_config(points).items():
+        for p in pts:
+            if p.kv:
+                k = p.kv
+                rows.append([config, p.rate, p.output_throughput, p.duration_s, p.cpu_s, k["mean_running"],
+                             100.0 * k["mean_utilisation"], 100.0 * k["mean_allocated_fraction"], k["preemptions"],
+                             100.0 * k["prefix_cache_hit_rate"], k.get("prompt_tokens_computed"),
+                             k.get("tokens_computed")])
+    if not rows:
+        return ""
+    headers = ["config", "rate (req/s)", "output tok/s", "wall s", "CPU s", "mean running seqs",
+               "KV utilisation % (real / allocated)", "allocated % of pool", "preemptions", "prefix-cache hit %",
+               "prompt tokens computed", "tokens computed"]
     return markdown_table(headers, rows)

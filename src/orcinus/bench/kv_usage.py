@@ -4,6 +4,10 @@ After every `step()` the recorder reads the engine's stats: how many sequences h
 how many KV slots requests hold (Orca: reserved worst cases; paged: blocks as they fill) and how
 many of those hold a computed token. Utilisation is real / allocated, the vLLM paper's measure
 of how much of the memory given to requests does useful work.
+
+It also counts the tokens the model really computed, from each scheduled batch: prompt tokens
+(fewer than the trace's when a cached prefix is reused) and all tokens (more than prompt + output
+when preempted requests are recomputed).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ class KVSample:
     running: int  # sequences holding KV space
     real_slots: int
     allocated_slots: int
+    tokens: int = 0  # tokens computed by the batches scheduled since the previous sample
 
     @property
     def utilisation(self) -> float:
@@ -32,6 +37,9 @@ class KVUsageSummary:
     mean_allocated_fraction: float  # allocated slots / pool, mean over iterations
     preemptions: int
     prefix_cache_hit_rate: float
+    prefix_cache_hits: int = 0  # prompt tokens whose KV was found cached
+    prompt_tokens_computed: int = 0  # prompt positions run through the model (cache hits skip theirs)
+    tokens_computed: int = 0  # every position run through the model (prompts, decodes, recomputation)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -49,17 +57,35 @@ class KVRecorder:
         self._step = self.engine.step
 
         def step():
+            before = self.tokens_computed
             out = self._step()
             s = self.engine.stats()
             self.samples.append(KVSample(time.perf_counter() - self._t0, s.num_running, s.kv_real_token_slots,
-                                         s.kv_allocated_slots))
+                                         s.kv_allocated_slots, self.tokens_computed - before))
             return out
 
         self.engine.step = step
+        self.prompt_tokens_computed = 0
+        self.tokens_computed = 0
+        scheduler = self.engine.scheduler
+        self._schedule = scheduler.schedule
+
+        def schedule():
+            batch = self._schedule()
+            if batch is not None:
+                # num_computed_tokens already counts a cached prefix found at admission
+                for req, n in zip(batch.requests, batch.num_new_tokens):
+                    start = req.num_computed_tokens
+                    self.prompt_tokens_computed += max(0, min(start + n, req.num_prompt_tokens) - start)
+                    self.tokens_computed += n
+            return batch
+
+        scheduler.schedule = schedule
 
     def restart(self) -> None:
         """Forget samples so far (e.g. those of a warm-up) and restart the clock."""
         self.samples.clear()
+        self.prompt_tokens_computed = self.tokens_computed = 0
         self._t0 = time.perf_counter()
         s = self.engine.stats()
         self._preempt0, self._q0, self._h0 = (s.num_preemptions_total, s.prefix_cache_queries_total,
@@ -67,6 +93,7 @@ class KVRecorder:
 
     def detach(self) -> None:
         self.engine.step = self._step
+        self.engine.scheduler.schedule = self._schedule
 
     def summary(self) -> KVUsageSummary:
         s = self.engine.stats()
@@ -82,6 +109,9 @@ class KVRecorder:
                                      if self.samples else math.nan),
             preemptions=s.num_preemptions_total - base[0],
             prefix_cache_hit_rate=(s.prefix_cache_hits_total - base[2]) / queries if queries else 0.0,
+            prefix_cache_hits=s.prefix_cache_hits_total - base[2],
+            prompt_tokens_computed=self.prompt_tokens_computed,
+            tokens_computed=self.tokens_computed,
         )
 
 
@@ -101,7 +131,8 @@ def plot_kv_utilisation(series: dict[str, list[KVSample]], path: str, title: str
     ax.set_ylabel("KV utilisation: real tokens / allocated slots (%)")
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:  # a run too short for any sample with KV allocated draws nothing
+        ax.legend()
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -7,6 +7,7 @@ delays the sending of the next one: the offered load is the trace's, not the ser
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from orcinus.bench.client import EndpointConfig, discover_model, send_request
 from orcinus.bench.metrics import BenchmarkMetrics, RequestResult, compute_metrics
+from orcinus.bench.server_kv import MetricsSampler
 from orcinus.bench.workloads import BenchRequest
 
 
@@ -25,21 +27,29 @@ class LoadRun:
     duration_s: float
     metrics: BenchmarkMetrics
     errors: list[str] = field(default_factory=list)  # distinct error messages, for the report
+    # with metrics_interval_s, against an orcinus server: its KV use polled from /metrics
+    server_kv: dict | None = None
+    server_kv_samples: list | None = None
 
 
 async def run_load_async(trace: Sequence[BenchRequest], ep: EndpointConfig, max_concurrency: int | None = None,
                          slos_ms: dict[str, float] | None = None, progress: bool = True,
-                         desc: str = "bench serve") -> LoadRun:
+                         desc: str = "bench serve", metrics_interval_s: float | None = None) -> LoadRun:
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError("max_concurrency must be at least 1")
     n_conn = min(len(trace), max_concurrency or len(trace)) or 1
-    # httpx caps a pool at 100 connections by default, which would silently cap concurrency.
-    limits = httpx.Limits(max_connections=n_conn, max_keepalive_connections=n_conn)
+    # httpx caps a pool at 100 connections by default, which would silently cap concurrency;
+    # one more for the metrics poller, which must not wait for a stream to end
+    limits = httpx.Limits(max_connections=n_conn + 1, max_keepalive_connections=n_conn + 1)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not progress, dynamic_ncols=True)
     async with httpx.AsyncClient(limits=limits, timeout=ep.timeout_s) as client:
         if not ep.model:
             ep.model = await discover_model(client, ep.base_url, ep.headers())
+        sampler = poll = None
+        if metrics_interval_s:
+            sampler = MetricsSampler(client, ep.base_url, ep.headers(), metrics_interval_s)
+            poll = asyncio.create_task(sampler.run())
         start = time.perf_counter()
 
         async def one(req: BenchRequest) -> RequestResult:
@@ -58,11 +68,19 @@ async def run_load_async(trace: Sequence[BenchRequest], ep: EndpointConfig, max_
             results = list(await asyncio.gather(*(one(r) for r in trace)))
         finally:
             bar.close()
-        duration = time.perf_counter() - start
+            duration = time.perf_counter() - start
+            if sampler is not None:
+                sampler.stop()
+                await poll
     errors = sorted({r.error for r in results if not r.success})
-    return LoadRun(results, duration, compute_metrics(results, duration, slos_ms), errors)
+    run = LoadRun(results, duration, compute_metrics(results, duration, slos_ms), errors)
+    if sampler is not None and (summary := sampler.summary()) is not None:
+        run.server_kv = summary
+        run.server_kv_samples = [dataclasses.asdict(x) for x in sampler.samples]
+    return run
 
 
 def run_load(trace: Sequence[BenchRequest], ep: EndpointConfig, max_concurrency: int | None = None,
-             slos_ms: dict[str, float] | None = None, progress: bool = True, desc: str = "bench serve") -> LoadRun:
-    return asyncio.run(run_load_async(trace, ep, max_concurrency, slos_ms, progress, desc))
+             slos_ms: dict[str, float] | None = None, progress: bool = True, desc: str = "bench serve",
+             metrics_interval_s: float | None = None) -> LoadRun:
+    return asyncio.run(run_load_async(trace, ep, max_concurrency, slos_ms, progress, desc, metrics_interval_s))

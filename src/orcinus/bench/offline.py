@@ -128,11 +128,13 @@ class OfflineReport:
                    "wall s", "CPU s", "% of floor"]
         text = markdown_table(headers, rows)
         kv_rows = [[r.backend, r.kv["mean_running"], 100.0 * r.kv["mean_utilisation"],
-                    100.0 * r.kv["mean_allocated_fraction"], r.kv["preemptions"], 100.0 * r.kv["prefix_cache_hit_rate"]]
+                    100.0 * r.kv["mean_allocated_fraction"], r.kv["preemptions"], 100.0 * r.kv["prefix_cache_hit_rate"],
+                    r.kv.get("prompt_tokens_computed"), r.kv.get("tokens_computed")]
                    for r in self.results if r.kv]
         if kv_rows:
             text += "\n\n" + markdown_table(["backend", "mean running seqs", "KV utilisation % (real / allocated)",
-                                              "allocated % of pool", "preemptions", "prefix-cache hit %"], kv_rows)
+                                              "allocated % of pool", "preemptions", "prefix-cache hit %",
+                                              "prompt tokens computed", "tokens computed"], kv_rows)
         bound = self.static_bound()
         checks = []
         for a, b in RATIOS:

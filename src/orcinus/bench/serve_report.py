@@ -18,6 +18,7 @@ class ServeReport:
     metrics: BenchmarkMetrics
     errors: list[str] = field(default_factory=list)
     requests: list[dict] | None = None  # per-request details with --save-detailed
+    server_kv: dict | None = None  # the server's KV use polled from /metrics (--scrape-metrics)
 
     @classmethod
     def from_run(cls, run: LoadRun, settings: dict, trace: dict, machine: dict, command: str,
@@ -29,7 +30,7 @@ class ServeReport:
                 d = dataclasses.asdict(r)
                 d["tpot"], d["normalized_latency"] = r.tpot, r.normalized_latency
                 requests.append(d)
-        return cls(settings, trace, machine, command, run.metrics, run.errors, requests)
+        return cls(settings, trace, machine, command, run.metrics, run.errors, requests, run.server_kv)
 
     def summary(self) -> str:
         m = self.metrics
@@ -50,6 +51,14 @@ class ServeReport:
         for name, stats in (("TTFT", m.ttft_ms), ("TPOT", m.tpot_ms), ("ITL", m.itl_ms), ("E2E latency", m.e2el_ms),
                             ("normalized latency (ms/token)", m.normalized_latency_ms)):
             lines.append(_stats_line(name, stats))
+        if self.server_kv:
+            k = self.server_kv
+            lines += [f"server KV use ({k['source']}, {k['samples']} samples):",
+                      f"{'  mean running sequences:':<42}{fmt(k['mean_running'])}",
+                      f"{'  KV utilisation (real / allocated, %):':<42}{fmt(100.0 * k['mean_utilisation'], 1)}",
+                      f"{'  KV blocks in use (% of pool):':<42}{fmt(100.0 * k['mean_allocated_fraction'], 1)}",
+                      f"{'  preemptions:':<42}{k['preemptions']}",
+                      f"{'  prefix-cache hit rate (%):':<42}{fmt(100.0 * k['prefix_cache_hit_rate'], 1)}"]
         for e in self.errors[:5]:
             lines.append(f"error: {e}")
         lines.append("=" * 60)

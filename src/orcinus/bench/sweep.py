@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -33,14 +34,29 @@ class SweepConfig:
     engine_args: list[str]  # engine flags on top of the sweep's common ones
 
 
-def parse_config(spec: str) -> SweepConfig:
-    """`POLICY:MAX_NUM_SEQS` (e.g. `orca:16`) or `LABEL=ENGINE FLAGS` (e.g. `big=--max-num-seqs 64`)."""
+# How often the server target polls each server's /metrics for its KV use.
+METRICS_INTERVAL_S = 0.5
+# A budget no prompt reaches: the unchunked backends, as in `bench offline`.
+NO_BUDGET = 1 << 30
+
+
+def parse_config(spec: str, chunked_budget: int | None = None) -> SweepConfig:
+    """`POLICY:MAX_NUM_SEQS` (e.g. `orca:16`), `LABEL=ENGINE FLAGS` (e.g. `big=--max-num-seqs 64`), or
+    one of `bench offline`'s orcinus backends (`orca`, `paged`, `paged-chunked`, ...): that policy
+    without a token budget, or with `chunked_budget` (default 512) for the `-chunked` ones."""
+    from orcinus.bench.offline import CHUNKED_BUDGET, ORCINUS_BACKENDS
+
+    if spec in ORCINUS_BACKENDS:
+        budget = (chunked_budget or CHUNKED_BUDGET) if spec.endswith("-chunked") else NO_BUDGET
+        return SweepConfig(spec, ["--scheduler-policy", spec.removesuffix("-chunked"),
+                                  "--max-num-batched-tokens", str(budget)])
     if "=" in spec:
         label, flags = spec.split("=", 1)
         return SweepConfig(label.strip(), flags.split())
     policy, sep, seqs = spec.partition(":")
     if not sep or not seqs.isdigit():
-        raise ValueError(f"config {spec!r}: expected POLICY:MAX_NUM_SEQS or LABEL=FLAGS")
+        raise ValueError(f"config {spec!r}: expected POLICY:MAX_NUM_SEQS, LABEL=FLAGS or one of "
+                         f"orca, static, paged, paged-chunked, orca-chunked")
     return SweepConfig(f"{policy} max_num_seqs={seqs}", ["--scheduler-policy", policy, "--max-num-seqs", seqs])
 
 
@@ -85,20 +101,36 @@ def _warm_up(engine, trace: Sequence[BenchRequest]) -> None:
 
 def sweep_engine(base: EngineConfig, cfg: SweepConfig, rates: Sequence[float], trace: Sequence[BenchRequest],
                  mode: ArrivalMode, seed: int, add_engine_args: Callable, slos_ms: dict[str, float],
-                 progress: bool) -> list[SweepPoint]:
+                 progress: bool, lengths_known: bool = True) -> list[SweepPoint]:
+    """Each rate replayed on one in-process engine, with its KV use sampled every iteration and the
+    process CPU time beside the wall time. Every rate starts with an empty prefix cache: each rate
+    replays the same prompts, which would otherwise be found whole in the cache of the one before."""
     from orcinus.bench.engine_driver import replay_on_engine
+    from orcinus.bench.kv_usage import KVRecorder
     from orcinus.engine.llm_engine import LLMEngine
 
     config = dataclasses.replace(apply_flags(base, cfg.engine_args, add_engine_args), skip_tokenizer_init=True)
     engine = LLMEngine(config)
-    _warm_up(engine, trace)
-    points = []
-    for rate in rates:
-        run = replay_on_engine(engine, with_arrivals(trace, rate, mode, seed), slos_ms, progress,
-                               desc=f"{cfg.label} @ {rate:g} req/s")
-        _log_run(cfg.label, rate, run)
-        points.append(point_of(cfg.label, rate, run))
-    return points
+    try:
+        _warm_up(engine, trace)
+        points = []
+        for rate in rates:
+            engine.kv_cache.reset_prefix_cache()  # idle here: every block is free
+            recorder = KVRecorder(engine)
+            recorder.restart()
+            c0 = time.process_time()
+            try:
+                run = replay_on_engine(engine, with_arrivals(trace, rate, mode, seed), slos_ms, progress,
+                                       desc=f"{cfg.label} @ {rate:g} req/s", lengths_known=lengths_known)
+            finally:
+                recorder.detach()
+            _log_run(cfg.label, rate, run)
+            points.append(dataclasses.replace(point_of(cfg.label, rate, run), cpu_s=time.process_time() - c0,
+                                              kv=recorder.summary().as_dict(),
+                                              kv_samples=[dataclasses.asdict(x) for x in recorder.samples]))
+        return points
+    finally:
+        engine.shutdown()
 
 
 def sweep_server(base: EngineConfig, cfg: SweepConfig, rates: Sequence[float], trace: Sequence[BenchRequest],
@@ -108,19 +140,20 @@ def sweep_server(base: EngineConfig, cfg: SweepConfig, rates: Sequence[float], t
     from orcinus.bench.load_generator import run_load
     from orcinus.bench.server_process import ServerProcess
 
-    log_path = None
-    if log_dir:
-        safe = "".join(c if c.isalnum() else "_" for c in cfg.label)
-        log_path = os.path.join(log_dir, f"server_{safe}.log")
+    safe = "".join(c if c.isalnum() else "_" for c in cfg.label)
     points = []
-    with ServerProcess(engine_args=[*engine_flags(base), *cfg.engine_args], log_path=log_path) as server:
-        ep = EndpointConfig(server.base_url, model="")
-        run_load([BenchRequest(trace[0].prompt_token_ids[:8], 2)], ep, progress=False)  # warm-up
-        for rate in rates:
+    # A fresh server per rate: each rate replays the same prompts, which a server with prefix caching
+    # (paged's default) would otherwise find whole in the cache the previous rate left.
+    for rate in rates:
+        log_path = os.path.join(log_dir, f"server_{safe}_{rate:g}.log") if log_dir else None
+        with ServerProcess(engine_args=[*engine_flags(base), *cfg.engine_args], log_path=log_path) as server:
+            ep = EndpointConfig(server.base_url, model="")
+            run_load([BenchRequest(trace[0].prompt_token_ids[:8], 2)], ep, progress=False)  # warm-up
             run = run_load(with_arrivals(trace, rate, mode, seed), ep, max_concurrency, slos_ms, progress,
-                           desc=f"{cfg.label} @ {rate:g} req/s")
-            _log_run(cfg.label, rate, run)
-            points.append(point_of(cfg.label, rate, run))
+                           desc=f"{cfg.label} @ {rate:g} req/s", metrics_interval_s=METRICS_INTERVAL_S)
+        _log_run(cfg.label, rate, run)
+        points.append(dataclasses.replace(point_of(cfg.label, rate, run), kv=run.server_kv,
+                                          kv_samples=run.server_kv_samples))
     return points
 
 

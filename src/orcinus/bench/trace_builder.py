@@ -27,11 +27,13 @@ class TraceSpec:
     prompt_len: LengthRange | None = None  # random only; None: the dataset's habit
     output_len: LengthRange | None = None
     seed: int = 0
+    shared_prefix_len: int = 0  # random/orca: tokens every prompt starts with (a shared system prompt)
 
     def describe(self) -> dict:
         return {"dataset": self.dataset, "num_requests": self.resolved_num_requests(),
                 "prompt_len": str(self.prompt_len) if self.prompt_len else None,
-                "output_len": str(self.output_len) if self.output_len else None, "seed": self.seed}
+                "output_len": str(self.output_len) if self.output_len else None, "seed": self.seed,
+                "shared_prefix_len": self.shared_prefix_len}
 
     def resolved_num_requests(self) -> int:
         if self.num_requests is not None:
@@ -53,12 +55,16 @@ def add_trace_args(parser: argparse.ArgumentParser, default_dataset: str = "rand
     g.add_argument("--output-len", type=LengthRange.parse, default=None,
                    help=f"LO:HI output tokens, uniform, EOS ignored (default {RANDOM_OUTPUT_LEN}, "
                         f"orca {ORCA_OUTPUT_LEN})")
+    g.add_argument("--shared-prefix-len", type=int, default=0, metavar="N",
+                   help="random/orca: every prompt starts with the same N random tokens (a shared system "
+                        "prompt, for prefix caching), followed by its own --prompt-len tokens (default 0)")
     if with_seed:
         g.add_argument("--seed", type=int, default=0, help="trace and arrival seed")
 
 
 def trace_spec_from_args(args: argparse.Namespace) -> TraceSpec:
-    return TraceSpec(args.dataset, args.num_requests, args.prompt_len, args.output_len, args.seed)
+    return TraceSpec(args.dataset, args.num_requests, args.prompt_len, args.output_len, args.seed,
+                     args.shared_prefix_len)
 
 
 def read_model_config(model: str | None):
@@ -93,6 +99,11 @@ def load_tokenizer(model: str | None):
 def build_trace(spec: TraceSpec, model: str | None) -> list[BenchRequest]:
     """The trace of `spec` for `model`'s vocabulary (all requests at offset 0)."""
     n = spec.resolved_num_requests()
+    if spec.shared_prefix_len < 0:
+        raise ValueError(f"--shared-prefix-len must be 0 or more, got {spec.shared_prefix_len}")
+    if spec.shared_prefix_len and spec.dataset == "sharegpt":
+        # ShareGPT prompts are real text: random prefix tokens would not survive a text round trip
+        raise ValueError("--shared-prefix-len works with --dataset random or orca, not sharegpt")
     tokenizer = load_tokenizer(model)
     if spec.dataset == "sharegpt":
         from orcinus.bench.sharegpt import sharegpt_trace
@@ -112,4 +123,4 @@ def build_trace(spec: TraceSpec, model: str | None) -> list[BenchRequest]:
     else:
         prompt_len = spec.prompt_len or RANDOM_PROMPT_LEN
         output_len = spec.output_len or RANDOM_OUTPUT_LEN
-    return random_trace(n, prompt_len, output_len, sampler, spec.seed)
+    return random_trace(n, prompt_len, output_len, sampler, spec.seed, spec.shared_prefix_len)

@@ -91,17 +91,31 @@ def random_trace(
     output_len: LengthRange,
     tokens: TokenSampler,
     seed: int = 0,
+    shared_prefix_len: int = 0,
 ) -> list[BenchRequest]:
-    """Independent uniform prompt and output lengths; random token ids; no arrival times yet."""
+    """Independent uniform prompt and output lengths; random token ids; no arrival times yet.
+
+    shared_prefix_len > 0: every prompt starts with the same that many tokens (a system prompt
+    all requests share), followed by its own part of `prompt_len` tokens. The prefix comes from a
+    generator of its own, so the per-request parts are exactly those of the trace without it.
+    """
     if num_requests < 1:
         raise ValueError("num_requests must be at least 1")
+    prefix = shared_prefix(shared_prefix_len, tokens, seed)
     rng = random.Random(seed)
     trace: list[BenchRequest] = []
     for _ in range(num_requests):
         p = prompt_len.draw(rng)
         o = output_len.draw(rng)
-        trace.append(BenchRequest(prompt_token_ids=tokens.sample(rng, p), output_len=o))
+        trace.append(BenchRequest(prompt_token_ids=prefix + tokens.sample(rng, p), output_len=o))
     return trace
+
+
+def shared_prefix(length: int, tokens: TokenSampler, seed: int = 0) -> list[int]:
+    """The system prompt of a shared-prefix trace: `length` random token ids, a function of the seed."""
+    if length < 0:
+        raise ValueError("shared prefix length must be non-negative")
+    return tokens.sample(random.Random(f"shared-prefix:{seed}"), length)
 
 
 def orca_trace(num_requests: int, tokens: TokenSampler, seed: int = 0) -> list[BenchRequest]:
