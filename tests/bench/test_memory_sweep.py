@@ -49,8 +49,8 @@ def test_poisson_arrivals_unknown_lengths_small_pool(tiny, tmp_path, capsys):
     assert max(s["running"] for s in pts["paged"]["kv_samples"]) > 2
     assert pts["paged"]["kv"]["mean_utilisation"] > pts["orca"]["kv"]["mean_utilisation"]
     # the chunked config's iterations keep to its 16-token budget; without one a 20+-token prompt runs whole
-    assert max(s["tokens"] for s in pts["paged-chunked"]["kv_samples"]) <= 16
-    assert max(s["tokens"] for s in pts["paged"]["kv_samples"]) > 16
+    assert max(s["max_batch_tokens"] for s in pts["paged-chunked"]["kv_samples"]) <= 16
+    assert max(s["max_batch_tokens"] for s in pts["paged"]["kv_samples"]) > 16
     assert all(sum(s["tokens"] for s in p["kv_samples"]) == p["kv"]["tokens_computed"] for p in pts.values())
 
 

@@ -23,6 +23,9 @@ class KVSample:
     real_slots: int
     allocated_slots: int
     tokens: int = 0  # tokens computed by the batches scheduled since the previous sample
+    # the largest of those batches: one step may schedule two (the engine launches the next
+    # iteration before it returns), so a per-iteration budget shows here, not in `tokens`
+    max_batch_tokens: int = 0
 
     @property
     def utilisation(self) -> float:
@@ -58,15 +61,18 @@ class KVRecorder:
 
         def step():
             before = self.tokens_computed
+            self._largest_batch = 0
             out = self._step()
             s = self.engine.stats()
             self.samples.append(KVSample(time.perf_counter() - self._t0, s.num_running, s.kv_real_token_slots,
-                                         s.kv_allocated_slots, self.tokens_computed - before))
+                                         s.kv_allocated_slots, self.tokens_computed - before,
+                                         self._largest_batch))
             return out
 
         self.engine.step = step
         self.prompt_tokens_computed = 0
         self.tokens_computed = 0
+        self._largest_batch = 0
         scheduler = self.engine.scheduler
         self._schedule = scheduler.schedule
 
@@ -78,6 +84,7 @@ class KVRecorder:
                     start = req.num_computed_tokens
                     self.prompt_tokens_computed += max(0, min(start + n, req.num_prompt_tokens) - start)
                     self.tokens_computed += n
+                self._largest_batch = max(self._largest_batch, sum(batch.num_new_tokens))
             return batch
 
         scheduler.schedule = schedule
