@@ -154,7 +154,7 @@ class ModelRunner:
         """After the KV pool exists: capture the increment-only forward for every planned size
         (nothing when the plan says off: CPU, enforce_eager, parallel ranks, a backend that
         cannot be captured)."""
-        if not self.graph_plan.enabled or not self.kv_caches:
+        if not self.graph_plan.enabled or not self.kv_caches or self.device.type != "cuda":
             return
         self.graphs = DecodeGraphs(self.graph_plan.sizes, self.max_blocks_per_seq, self.block_size,
                                    padding_block=self.num_blocks, device=self.device)
