@@ -45,6 +45,8 @@ def test_only_increment_only_batches_within_the_largest_size_replay():
     assert graphs.padded_size(np.array([1, 5, 1])) is None  # a prompt chunk: eager (selective batching)
     assert graphs.padded_size(np.array([1] * 5)) is None  # more than the largest size: eager
     assert graphs.padded_size(np.array([], dtype=np.int64)) is None
+    assert graphs.padded_size(np.array([1, 1]), table_width=3) == 2
+    assert graphs.padded_size(np.array([1, 1]), table_width=4) is None  # wider than max_model_len allows
 
 
 def test_plan_is_off_on_cpu_with_enforce_eager_parallel_ranks_and_uncapturable_backends():

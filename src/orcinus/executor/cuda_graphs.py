@@ -159,10 +159,12 @@ class DecodeGraphs:
         self.memory_bytes = 0
         self._pool = None
 
-    def padded_size(self, query_lens: np.ndarray) -> int | None:
-        """The graph size for this batch, or None when it must run eagerly (a prompt in it, or
-        more requests than the largest size)."""
+    def padded_size(self, query_lens: np.ndarray, table_width: int = 1) -> int | None:
+        """The graph size for this batch, or None when it must run eagerly (a prompt in it, more
+        requests than the largest size, or a block table wider than the static one)."""
         if len(query_lens) == 0 or not bool((query_lens == 1).all()):
+            return None
+        if table_width > self.buffers.host["block_tables"].shape[1]:
             return None
         return padded_size(self.sizes, len(query_lens))
 

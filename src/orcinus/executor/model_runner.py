@@ -130,7 +130,7 @@ class ModelRunner:
         # a prompt chunk that does not reach the end of its sequence samples nothing
         sample_indices = (cu[1:] - 1)[[r.samples for r in rows]]
         ids = np.asarray(token_ids, dtype=np.int64)
-        padded = self.graphs.padded_size(q_lens) if self.graphs is not None else None
+        padded = self.graphs.padded_size(q_lens, table.shape[1]) if self.graphs is not None else None
         if padded is not None:  # increment-only: the CUDA graph's static inputs, padded
             g = self.graphs.prepare(padded, ids, positions, slots, seq_lens, table, sample_indices)
             return ModelInput(g.input_ids, g.positions, g.meta, g.sample_indices, q_lens.tolist(), padded)
