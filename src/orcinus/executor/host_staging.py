@@ -18,6 +18,8 @@ pass reads it (`zero_copy_upload`).
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -33,6 +35,7 @@ def zero_copy_upload(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+@lru_cache(maxsize=None)
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
@@ -67,7 +70,7 @@ class _HostDevicePair:
         self.copies += 1
         if self.device.type == "cuda":
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(self.device))
 
     def _device_view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
