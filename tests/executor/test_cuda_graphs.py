@@ -81,6 +81,31 @@ def test_padding_rows_map_to_the_padding_block_and_real_rows_are_copied_unchange
     assert host["sample_indices"][:2].tolist() == [0, 2]
 
 
+def test_the_static_triton_metadata_is_what_the_backend_builds_for_the_same_decode_batch():
+    """The graphs' constant regions (query starts, one-token tiles) stand in for what the Triton
+    backend's own `build` computes; if its tiling of decodes changed, this says so."""
+    pytest.importorskip("triton", reason="triton is in the `test` extra; install it to run this test")
+    from orcinus.attention.metadata import BatchLayout
+    from orcinus.attention.triton_paged import TritonPagedAttention
+    from orcinus.executor.host_staging import zero_copy_upload
+
+    graphs = DecodeGraphs([1, 2, 4, 8], max_blocks_per_seq=6, block_size=4, padding_block=50,
+                          device=torch.device("cpu"))
+    seq_lens = np.array([3, 17, 9, 1, 24])
+    table = np.arange(5 * 6).reshape(5, 6)
+    slots = table[np.arange(5), (seq_lens - 1) // 4] * 4 + (seq_lens - 1) % 4
+    padded = graphs.padded_size(np.ones(5, dtype=np.int64), table.shape[1])
+    static = graphs.prepare(padded, np.arange(5), seq_lens - 1, slots, seq_lens, table, np.arange(5)).meta
+    layout = BatchLayout(np.ones(8, dtype=np.int64), np.concatenate([seq_lens, [1, 1, 1]]),
+                         np.vstack([table, np.full((3, 6), 50)]), np.concatenate([slots, [200, 200, 200]]), 4)
+    built = TritonPagedAttention().build(layout, zero_copy_upload)
+    assert static.block_m == built.block_m == 1
+    for name in ("query_start_loc", "seq_lens", "slot_mapping", "tile_req", "tile_start"):
+        assert torch.equal(getattr(static, name), getattr(built, name)), name
+    assert torch.equal(static.block_tables[:5], built.block_tables[:5])
+    assert (static.block_tables[5:, 0] == 50).all()
+
+
 def _worker(folder: str, backend: str, sizes: list[int]) -> Worker:
     """A CPU worker whose runner pads increment-only batches as CUDA graphs do (the padding block
     allocated, the static buffers in place) and runs them eagerly: nothing is captured on CPU."""
