@@ -36,6 +36,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     n_workers: int = 1  # pipeline depth: how many batches may be in flight at once
     attention_backend: Literal["auto", "reference", "batched", "paged", "triton"] = "auto"
+    # vLLM's name: no CUDA graphs, every iteration runs eagerly (graphs are always off on CPU)
+    enforce_eager: bool = False
     seed: int = 0
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False

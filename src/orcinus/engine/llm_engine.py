@@ -26,6 +26,7 @@ from orcinus.executor.messages import BatchMessage
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup, finish_request
 from orcinus.errors import EngineStepError
 from orcinus.generation_config import GenerationDefaults, load_generation_defaults
+from orcinus.executor.cuda_graphs import plan_cuda_graphs
 from orcinus.executor.executor import Executor, WorkerDied, make_executor
 from orcinus.request import FinishReason, Request, RequestOutput, RequestRejected, RequestState
 from orcinus.sampler import SamplerOutput
@@ -127,12 +128,13 @@ class LLMEngine:
         self.last_step_time = time.monotonic()
         logger.info(
             "orcinus engine: model=%s arch=%s dtype=%s%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
-            "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s",
+            "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s cuda_graphs=%s",
             self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."),
             _dtype_note(config, self.device), self.device,
             self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
             config.max_num_seqs, self.max_model_len, self.scheduler.max_num_batched_tokens,
             "on" if self.kv_cache.enable_prefix_caching else "off",
+            plan_cuda_graphs(config, self.device).describe(),
         )
         logger.info("orcinus engine: sampling defaults for fields a request leaves unset: %s",
                     self.generation_defaults.describe())

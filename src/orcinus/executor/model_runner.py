@@ -17,6 +17,8 @@ from orcinus.attention.metadata import AttentionMetadata, BatchLayout
 from orcinus.attention.selector import make_backend  # noqa: F401  (re-exported: the backend factory)
 from orcinus.config import EngineConfig, ModelConfig
 from orcinus.distributed.parallel_state import kv_head_range
+from orcinus.executor.cuda_graphs import DecodeGraphs, DecodeInputs, plan_cuda_graphs
+from orcinus.executor.host_staging import PackedUpload, zero_copy_upload
 from orcinus.executor.request_state import WorkerRequest
 from orcinus.layers.context import ForwardContext
 
@@ -40,6 +42,7 @@ class ModelInput:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [S] flat index of the last token of each request that samples
     num_new_tokens: list[int]  # per request
+    padded: int | None = None  # an increment-only batch padded to this size (CUDA graph inputs)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_layers: int | None = None,
@@ -48,6 +51,13 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, nu
     layers = cfg.num_layers if num_layers is None else num_layers
     heads = cfg.num_kv_heads if num_kv_heads is None else num_kv_heads
     return 2 * layers * block_size * heads * cfg.head_dim * elem
+
+
+def upload_capacity(tokens: int, seqs: int, max_blocks: int) -> int:
+    """Bytes of one iteration's packed metadata: per token ids, positions, slots (int64) and
+    Triton tiles (2 x int32); per request query starts, context lengths (int32), sample index
+    (int64) and a block-table row; plus alignment. Backends that need more grow the buffer."""
+    return tokens * (3 * 8 + 2 * 4) + seqs * (4 + 4 + 8 + 8 * max_blocks) + 16 * 64
 
 
 class ModelRunner:
@@ -63,13 +73,29 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_heads = kv_head_range(model_config.num_kv_heads)[1]  # on this tensor-parallel rank
         self.num_layers = getattr(model, "num_local_layers", model_config.num_layers)  # on this stage
+        max_len = min(engine_config.max_model_len or model_config.max_position_embeddings,
+                      model_config.max_position_embeddings)
+        self.max_blocks_per_seq = -(-max_len // self.block_size)
+        self.max_num_seqs = engine_config.max_num_seqs
+        self.graph_plan = plan_cuda_graphs(engine_config, device)
+        self.graphs: DecodeGraphs | None = None  # set by capture_cuda_graphs
+        # One host-to-device copy per iteration on CUDA, into persistent buffers sized for the
+        # largest iteration (they grow if an attention backend needs more); none on CPU.
+        if device.type == "cuda":
+            tokens = max(engine_config.resolved_max_num_batched_tokens(device), self.max_num_seqs)
+            self.upload = PackedUpload(device, upload_capacity(tokens, self.max_num_seqs, self.max_blocks_per_seq))
+        else:
+            self.upload = zero_copy_upload
 
     # ------------------------------------------------------------------ KV pool
     def kv_bytes_per_block(self) -> int:
         return kv_bytes_per_block(self.cfg, self.block_size, self.dtype, self.num_layers, self.num_kv_heads)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (num_blocks, self.block_size, self.num_kv_heads, self.cfg.head_dim)
+        """`num_blocks` for the engine's requests; with CUDA graphs one more, the padding block
+        (index num_blocks), which padding rows of a replayed batch write to and read from."""
+        extra = 1 if self.graph_plan.enabled else 0
+        shape = (num_blocks + extra, self.block_size, self.num_kv_heads, self.cfg.head_dim)
         # torch.empty: slots are only ever read after being written, so no need to zero them
         self.kv_caches = [
             (torch.empty(shape, dtype=self.dtype, device=self.device),
@@ -101,23 +127,42 @@ class ModelRunner:
         for i, r in enumerate(rows):
             table[i, :len(r.block_ids)] = r.block_ids
         slots = table[req_of_token, positions // bs] * bs + positions % bs
+        # a prompt chunk that does not reach the end of its sequence samples nothing
+        sample_indices = (cu[1:] - 1)[[r.samples for r in rows]]
+        ids = np.asarray(token_ids, dtype=np.int64)
+        padded = self.graphs.padded_size(q_lens, table.shape[1]) if self.graphs is not None else None
+        if padded is not None:  # increment-only: the CUDA graph's static inputs, padded
+            g = self.graphs.prepare(padded, ids, positions, slots, seq_lens, table, sample_indices)
+            return ModelInput(g.input_ids, g.positions, g.meta, g.sample_indices, q_lens.tolist(), padded)
         layout = BatchLayout(q_lens, seq_lens, table, slots, bs)
-        up = self._upload
-        return ModelInput(
-            input_ids=up(np.asarray(token_ids, dtype=np.int64)),
+        up = self.upload
+        if isinstance(up, PackedUpload):
+            up.begin()
+        inp = ModelInput(
+            input_ids=up(ids),
             positions=up(positions),
             meta=self.backend.build(layout, up),
-            # a prompt chunk that does not reach the end of its sequence samples nothing
-            sample_indices=up((cu[1:] - 1)[[r.samples for r in rows]]),
+            sample_indices=up(sample_indices),
             num_new_tokens=q_lens.tolist(),
         )
+        if isinstance(up, PackedUpload):
+            up.flush()  # the one host-to-device copy of this iteration
+        return inp
 
-    def _upload(self, array: np.ndarray) -> torch.Tensor:
-        """Host array to device; on CUDA through pinned memory so the copy is asynchronous."""
-        t = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+    # ------------------------------------------------------------------ CUDA graphs
+    def capture_cuda_graphs(self) -> None:
+        """After the KV pool exists: capture the increment-only forward for every planned size
+        (nothing when the plan says off: CPU, enforce_eager, parallel ranks, a backend that
+        cannot be captured)."""
+        if not self.graph_plan.enabled or not self.kv_caches or self.device.type != "cuda":
+            return
+        self.graphs = DecodeGraphs(self.graph_plan.sizes, self.max_blocks_per_seq, self.block_size,
+                                   padding_block=self.num_blocks, device=self.device)
+        with torch.inference_mode():
+            self.graphs.capture(self._forward_static)
+
+    def _forward_static(self, g: DecodeInputs) -> torch.Tensor:
+        return self.model(g.input_ids, g.positions, ForwardContext(g.meta, self.kv_caches, self.backend))
 
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
@@ -129,6 +174,9 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_stage(self, inp: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """This pipeline stage's layers: from token ids on the first stage, else from `hidden`."""
+        if inp.padded is not None and hidden is None and self.graphs is not None \
+                and inp.padded in self.graphs.graphs:
+            return self.graphs.replay(inp.padded)  # rows past the batch are padding, never sampled
         ctx = ForwardContext(inp.meta, self.kv_caches, self.backend)
         if hidden is None:
             return self.model(inp.input_ids, inp.positions, ctx)

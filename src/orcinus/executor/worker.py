@@ -106,6 +106,7 @@ class Worker:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs()  # CUDA only; after the pool, which the graphs address
 
     # ------------------------------------------------------------------ iterations
     @torch.inference_mode()
