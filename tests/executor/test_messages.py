@@ -32,8 +32,9 @@ def _recording_engine(folder: str) -> tuple[LLMEngine, list[BatchMessage]]:
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32",
                                    kv_cache_memory=1 << 22, block_size=4, scheduler_policy="orca")
     sent: list[BatchMessage] = []
-    original = engine.executor.execute_async
-    engine.executor.execute_async = lambda msg: sent.append(pickle.loads(pickle.dumps(msg))) or original(msg)
+    # Recorded where the engine launches (its thread, in launch order), not where the worker runs.
+    original = engine._launcher.execute_async
+    engine._launcher.execute_async = lambda msg: sent.append(pickle.loads(pickle.dumps(msg))) or original(msg)
     return engine, sent
 
 
@@ -66,16 +67,24 @@ def test_finished_ids_reach_workers_which_drop_their_state(checkpoint_factory):
     states = engine.executor.driver_worker.states
     engine.add_request("short", {"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=1, **GREEDY))
     engine.add_request("long", {"prompt_token_ids": [7, 8]}, SamplingParams(max_tokens=5, **GREEDY))
-    engine.step()
-    assert "short" in states and "long" in states
-    engine.step()
-    assert sent[-1].finished_ids == ["short"] and "short" not in states and "long" in states
+    engine.step()  # iteration 1 ran both and "short" is done; iteration 2 is launched with "long" only
+    first, second = sent
+    assert [(type(r), r.request_id) for r in first.requests] == [(NewRequestData, "short"), (NewRequestData, "long")]
+    assert second.finished_ids == ["short"] and [r.request_id for r in second.requests] == ["long"]
+    engine.step()  # iteration 2 has run on the worker, which applied its finished ids first
+    assert "short" not in states and "long" in states
     engine.add_request("short", {"prompt_token_ids": [9]}, SamplingParams(max_tokens=1, **GREEDY))  # id reused
-    engine.abort_request("long")  # not in flight: aborted now, dropped with the next message
-    engine.step()  # the new "short" runs and finishes; nothing else runs, so it is dropped at once
-    batch, flush = sent[-2:]
-    assert batch.finished_ids == ["long"] and [type(r) for r in batch.requests] == [NewRequestData]
-    assert flush.requests == [] and flush.finished_ids == ["short"] and len(states) == 0
+    engine.abort_request("long")  # in flight in iteration 3: its token is discarded when it returns
+    while engine.has_unfinished_requests():
+        engine.step()
+    later = sent[2:]
+    # "long" is dropped once, "short" comes back as a new request with its new prompt, and in the
+    # end every id has been dropped by the worker.
+    assert sum(m.finished_ids.count("long") for m in later) == 1
+    reused = [r for m in later for r in m.requests if r.request_id == "short"]
+    assert isinstance(reused[0], NewRequestData) and reused[0].prompt_token_ids == [9]
+    assert len(states) == 0 and engine.free_all_check()
+
 
 
 def test_blocks_added_since_last_message_are_sent_alone():

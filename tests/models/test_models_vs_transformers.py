@@ -23,30 +23,41 @@ def test_mixed_batch_logits_match_transformers(arch, backend, checkpoint_factory
     engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22,
                                    block_size=8, attention_backend=backend)
     logits = capture_logits(engine)
+    # Each forward's rows, in order, as the scheduler made its batches (the engine launches the
+    # next iteration before a step returns, so batches are recorded where they are made).
+    batches: list[list[str]] = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        if batch is not None and batch.requests:
+            batches.append([r.request_id for r in batch.requests])
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 37, 12, 30, 1)]
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    # Iteration 1: three initiations. Iteration 2+: their increments mixed with two newcomers.
+    # First three initiations; later their increments mixed with two newcomers.
     for i in range(3):
         engine.add_request(f"r{i}", {"prompt_token_ids": prompts[i]}, greedy)
     engine.step()
     for i in range(3, 5):
         engine.add_request(f"r{i}", {"prompt_token_ids": prompts[i]}, greedy)
     outputs = {}
-    batches = [[f"r{i}" for i in range(3)]]
     while engine.has_unfinished_requests():
-        batch = [r.request_id for r in engine.scheduler.pool.values()]
-        batches.append(batch)
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = out.outputs[0].token_ids
     assert engine.free_all_check()
     # Every request's per-iteration logits equal transformers' logits at the same positions.
     step_of: dict[str, int] = {}
-    for it, (batch, lg) in enumerate(zip(batches, logits)):
+    assert len(batches) == len(logits)
+    assert batches[0] == ["r0", "r1", "r2"]
+    mixed = next(b for b in batches if "r3" in b)
+    assert sorted(mixed) == ["r0", "r1", "r2", "r3", "r4"]  # 3 increments + 2 initiations in one batch
+    for batch, lg in zip(batches, logits):
         assert lg.shape[0] == len(batch)
-        if it == 1:
-            assert len(batch) == 5  # the mixed iteration: 3 increments + 2 initiations
         for row, rid in enumerate(batch):
             k = step_of.get(rid, 0)
             step_of[rid] = k + 1
