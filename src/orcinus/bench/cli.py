@@ -1,4 +1,4 @@
-"""`orcinus bench offline | serve | sweep`: flags and handlers (the work lives in sibling files)."""
+"""`orcinus bench offline | serve | sweep | bf16 | random-checkpoint`: flags and handlers (the work lives in sibling files)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,27 @@ def add_bench_subparsers(sub: argparse._SubParsersAction, add_engine_args: AddEn
     _add_serve(sub)
     _add_sweep(sub, add_engine_args)
     _add_bf16(sub)
+    _add_random_checkpoint(sub)
+
+
+def _add_random_checkpoint(sub: argparse._SubParsersAction) -> None:
+    from orcinus.bench.random_checkpoint import PRESETS
+
+    p = sub.add_parser("random-checkpoint", help="write a Hugging Face folder with a real model's shapes and "
+                                                 "random weights (benchmarks without a model hub)")
+    p.add_argument("preset", choices=sorted(PRESETS), help="whose shapes")
+    p.add_argument("folder", help="where to write config.json and the safetensors")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a config field, e.g. --override num_hidden_layers=4 (repeatable)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_random_checkpoint)
+
+
+def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    from orcinus.bench.random_checkpoint import main_random_checkpoint
+
+    return main_random_checkpoint(args.preset, args.folder, args.override, args.dtype, args.seed)
 
 
 def _add_bf16(sub: argparse._SubParsersAction) -> None:
