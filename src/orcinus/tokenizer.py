@@ -305,14 +305,10 @@ class StreamDetokenizer(IncrementalDetokenizer):
         return piece
 
     def flush(self) -> str:
+        before = len(self._text)
         if self._python is None:
             if self._emitted == len(self._out):
                 return ""
-            before = len(self._text)
-            self._python = self._take_over()
-            tail = self._python.flush()
-            self._text += tail
-            return self._text[before:]
-        tail = self._python.flush()
-        self._text += tail
-        return tail
+            self._python = self._take_over()  # releases the held-back tokens' text (may be "")
+        self._text += self._python.flush()
+        return self._text[before:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -73,6 +74,8 @@ class KVRecorder:
         self.prompt_tokens_computed = 0
         self.tokens_computed = 0
         self._largest_batch = 0
+        # counter values the summary subtracts: none before restart(), the engine's since start
+        self._preempt0 = self._q0 = self._h0 = 0
         scheduler = self.engine.scheduler
         self._schedule = scheduler.schedule
 
@@ -104,14 +107,14 @@ class KVRecorder:
 
     def summary(self) -> KVUsageSummary:
         s = self.engine.stats()
-        base = getattr(self, "_preempt0", 0), getattr(self, "_q0", 0), getattr(self, "_h0", 0)
-        util = [x.utilisation for x in self.samples if x.allocated_slots]
+        base = self._preempt0, self._q0, self._h0
         pool = self.engine.kv_cache.n_slots
         queries = s.prefix_cache_queries_total - base[1]
+        mean_running, mean_utilisation = sample_means(self.samples)
         return KVUsageSummary(
             iterations=len(self.samples),
-            mean_running=sum(x.running for x in self.samples) / len(self.samples) if self.samples else math.nan,
-            mean_utilisation=sum(util) / len(util) if util else math.nan,
+            mean_running=mean_running,
+            mean_utilisation=mean_utilisation,
             mean_allocated_fraction=(sum(x.allocated_slots for x in self.samples) / len(self.samples) / pool
                                      if self.samples else math.nan),
             preemptions=s.num_preemptions_total - base[0],
@@ -120,6 +123,14 @@ class KVRecorder:
             prompt_tokens_computed=self.prompt_tokens_computed,
             tokens_computed=self.tokens_computed,
         )
+
+
+def sample_means(samples: Sequence[KVSample]) -> tuple[float, float]:
+    """Mean running sequences, and mean utilisation over the samples where some slot was
+    allocated (NaN when there are none)."""
+    util = [x.utilisation for x in samples if x.allocated_slots]
+    return (sum(x.running for x in samples) / len(samples) if samples else math.nan,
+            sum(util) / len(util) if util else math.nan)
 
 
 def plot_kv_utilisation(series: dict[str, list[KVSample]], path: str, title: str = "") -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from orcinus.bench.kv_usage import KVSample
+from orcinus.bench.kv_usage import KVSample, sample_means
 
 RUNNING = "orcinus:num_requests_running"
 REAL = "orcinus:kv_cache_real_token_slots"
@@ -91,16 +91,16 @@ class MetricsSampler:
         """Means over the samples and counter increments over the run, in KVUsageSummary's names."""
         if not self.samples or self.first is None or self.last is None:
             return None
-        util = [s.utilisation for s in self.samples if s.allocated_slots]
         usage = [u for u in self.usage if not math.isnan(u)]
         delta = lambda name: int(self.last.get(name, 0.0) - self.first.get(name, 0.0))
         queries = delta(QUERIES)
+        mean_running, mean_utilisation = sample_means(self.samples)
         return {
             "source": f"server /metrics every {self.interval_s:g} s",
             "samples": len(self.samples),
             "iterations": delta(ITERATIONS),
-            "mean_running": sum(s.running for s in self.samples) / len(self.samples),
-            "mean_utilisation": sum(util) / len(util) if util else math.nan,
+            "mean_running": mean_running,
+            "mean_utilisation": mean_utilisation,
             "mean_allocated_fraction": sum(usage) / len(usage) if usage else math.nan,
             "preemptions": delta(PREEMPTIONS),
             "prefix_cache_hits": delta(HITS),
