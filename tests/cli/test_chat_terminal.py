@@ -7,6 +7,7 @@ import fcntl
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -18,8 +19,13 @@ WAIT_S = 240.0  # only a bound for a broken run; nothing here depends on speed
 
 
 def _take_terminal() -> None:
-    """In the child: make its stdin (the pty) the controlling terminal of its new session."""
+    """In the child: make its stdin (the pty) the controlling terminal of its new session, and let
+    Ctrl-C and Ctrl-\\ act as in a shell's foreground job. A suite started in the background of a
+    non-interactive shell runs with SIGINT ignored, and ignored signals survive exec: Python would
+    then never raise KeyboardInterrupt in the chat."""
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 class Terminal:

@@ -12,6 +12,9 @@ request. This backend keeps per-request calls and removes their overheads:
 - A decode's query heads of one KV group become rows of one [G, D] query, so GQA needs no
   expanded keys and no mask; a sliding window is a slice of the keys, not a mask.
 - Prefill chunks use the causal (and window) mask like the reference backend.
+- Where the C kernel builds (`native.py`, `paged_decode.c`), all decodes of a layer are one call
+  to it instead of one SDPA each: the per-request Python and tensor-op overhead (~15 small ops per
+  request per layer) was most of decode attention's time. Prefill chunks keep SDPA.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from orcinus.attention import native
 from orcinus.attention.backend import AttentionBackend
 from orcinus.attention.metadata import AttentionMetadata, BatchLayout, Upload
 from orcinus.attention.reference import causal_mask
@@ -37,8 +41,19 @@ class RequestBlocks:
 
 
 @dataclass
+class NativeDecodes:
+    """The iteration's decodes as the C kernel takes them (host arrays, alive as long as this)."""
+
+    rows: np.ndarray  # [n] int64 query row of each decode
+    seq_lens: np.ndarray  # [n] int64
+    table: np.ndarray  # [n, max_blocks] int64, C-contiguous
+    others: list[RequestBlocks]  # the requests that are not decodes (prefill chunks)
+
+
+@dataclass
 class PagedCpuMetadata(AttentionMetadata):
     requests: list[RequestBlocks]
+    native: NativeDecodes | None = None
 
 
 class PagedCpuAttention(AttentionBackend):
@@ -56,13 +71,28 @@ class PagedCpuAttention(AttentionBackend):
                                                  nblocks.tolist(), consecutive.tolist())):
             ids = None if run else upload(np.ascontiguousarray(table[i, :n]))
             requests.append(RequestBlocks(int(starts[i]), ql, sl, int(table[i, 0]), n, ids))
-        return PagedCpuMetadata(**AttentionMetadata.common(layout, upload), requests=requests)
+        return PagedCpuMetadata(**AttentionMetadata.common(layout, upload), requests=requests,
+                                native=self._native_decodes(layout, requests))
+
+    @staticmethod
+    def _native_decodes(layout: BatchLayout, requests: list[RequestBlocks]) -> NativeDecodes | None:
+        decode = layout.query_lens == 1
+        if not decode.any() or native.load() is None:
+            return None
+        return NativeDecodes(rows=np.ascontiguousarray(layout.query_start_loc[:-1][decode]),
+                             seq_lens=np.ascontiguousarray(layout.seq_lens[decode], dtype=np.int64),
+                             table=np.ascontiguousarray(layout.block_table[decode], dtype=np.int64),
+                             others=[r for r in requests if r.query_len != 1])
 
     def attend(self, q, k_cache, v_cache, meta: PagedCpuMetadata, scale, sliding_window=None):
         num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[2], k_cache.shape[3]
         group = num_heads // num_kv_heads
         out = q.new_empty(q.shape)
-        for r in meta.requests:
+        requests = meta.requests
+        if meta.native is not None and _native_fits(q, k_cache, v_cache):
+            _native_decode(q, k_cache, v_cache, out, meta.native, scale, sliding_window)
+            requests = meta.native.others
+        for r in requests:
             if r.ids is None:
                 kb, vb = k_cache.narrow(0, r.first_block, r.num_blocks), v_cache.narrow(0, r.first_block, r.num_blocks)
             else:
@@ -85,3 +115,23 @@ class PagedCpuAttention(AttentionBackend):
                                                    enable_gqa=group != 1)
                 out[r.query_start:r.query_start + r.query_len] = o[0].transpose(0, 1)
         return out
+
+
+def _native_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """The C kernel takes float32 or bfloat16 CPU tensors with heads contiguous and one dtype."""
+    return (q.device.type == "cpu" and str(q.dtype).removeprefix("torch.") in native.DTYPE_CODES
+            and k_cache.dtype == q.dtype == v_cache.dtype and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and q.stride(2) == 1 and q.stride(1) == q.shape[2])
+
+
+def _native_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                   decodes: NativeDecodes, scale: float, sliding_window: int | None) -> None:
+    lib = native.load()
+    status = lib.orcinus_paged_decode(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+        decodes.table.ctypes.data, decodes.table.shape[1], decodes.rows.ctypes.data,
+        decodes.seq_lens.ctypes.data, len(decodes.rows), q.shape[1], k_cache.shape[2], q.shape[2],
+        k_cache.shape[1], sliding_window or 0, scale, native.DTYPE_CODES[str(q.dtype).removeprefix("torch.")],
+        torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("CPU decode attention could not allocate its scratch buffer")

@@ -1,0 +1,116 @@
+"""The CPU decode-attention kernel (`paged_decode.c`): compiled on first use, loaded with ctypes.
+
+Why compile at run time rather than at install: `-march=native` makes the compiler use the vector
+units of the machine that runs it (AVX-512 here, AVX2 elsewhere), and a plain C file with no
+Python or torch headers builds in about a second with the system's `cc`. The shared object is
+cached under `$ORCINUS_CACHE/kernels` (default `~/.cache/orcinus/kernels`), keyed by the source,
+the flags, the compiler and the CPU, so a cache shared between machines never hands one CPU
+another's build.
+
+Where no compiler works (or `ORCINUS_NATIVE_KERNELS=0`), `load()` returns None and says why in
+`why_unavailable()`; the paged backend then keeps its per-request PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger("orcinus")
+
+SOURCE = Path(__file__).with_name("paged_decode.c")
+# -ffast-math only when compiling, never when linking: linking a shared object with it would
+# switch the whole process's floating point to flush-to-zero (crtfastmath.o).
+COMPILE_FLAGS = ["-O3", "-march=native", "-fPIC", "-ffast-math", "-fopenmp-simd", "-std=c11"]
+LINK_FLAGS = ["-shared", "-pthread"]
+DTYPE_CODES = {"float32": 0, "bfloat16": 1}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ORCINUS_CACHE") or os.path.join(Path.home(), ".cache", "orcinus")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_identity() -> str:
+    """What the build depends on besides the source: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+        return "\n".join(dict.fromkeys(lines))  # one copy of each line, not one per core
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
+                                     version.encode(), _cpu_identity().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"paged_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "paged_decode.o", Path(tmp) / "paged_decode.so"
+        for command in ([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+                        [compiler, *LINK_FLAGS, str(obj), "-o", str(lib), "-lm"]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(lib, target)  # atomic: a concurrent process sees the whole file or none
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, built if needed; None (once logged) when it cannot be had here."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib, why = None, ""
+        if os.environ.get("ORCINUS_NATIVE_KERNELS", "1") == "0":
+            why = "ORCINUS_NATIVE_KERNELS=0"
+        elif (compiler := _compiler()) is None:
+            why = "no C compiler (cc, gcc or clang) on PATH"
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build(compiler)))
+                fn = lib.orcinus_paged_decode
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                               ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int,
+                                                                         ctypes.c_int]
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                lib, why = None, f"could not build the C kernel ({exc})"
+        if lib is None:
+            log.warning("CPU decode attention: per-request PyTorch path (%s)", why)
+        _state["lib"], _state["why"] = lib, why
+        return lib
+
+
+def why_unavailable() -> str:
+    load()
+    return str(_state.get("why", ""))
+
+
+def reset_for_tests() -> None:
+    """Forget the loaded library so that the next `load()` reads the environment again."""
+    with _lock:
+        _state.clear()

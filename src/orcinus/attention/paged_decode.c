@@ -1,0 +1,179 @@
+/* Decode attention over the paged KV pool, for CPUs: one call per layer for every decoding request
+ * of the iteration.
+ *
+ * Why a C kernel: per-request SDPA calls from Python cost ~15 small tensor ops each (views,
+ * transposes, the call itself) for ~25 us of real work; with 64 requests x 30 layers that overhead
+ * was most of attention's time. This loop reads each request's keys and values once, in place in
+ * the pool (no gather, no copy), token by token so that all KV heads of a slot are one contiguous
+ * read, and keeps GQA's query heads of one KV head together so no key is read twice.
+ *
+ * Compiled at first use by orcinus/attention/native.py (gcc/cc, -O3 -march=native) and called
+ * through ctypes; no Python or torch headers, so it builds in about a second. Layouts:
+ *   q    [tokens, H, D]          row stride q_row_stride elements, heads contiguous
+ *   k, v [blocks, BS, Hkv, D]    the layer's pool, contiguous
+ *   out  [tokens, H, D]          contiguous
+ *   table[requests, table_stride] int64 block ids; rows[r] the request's query row in q/out;
+ *   seq_lens[r] its context length including this token.
+ * Requests are split over `num_threads` pthreads by context length.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
+typedef struct {
+    const void *q, *k, *v;
+    void *out;
+    const int64_t *table, *rows, *seq_lens;
+    int64_t table_stride, q_row_stride;
+    int num_heads, num_kv_heads, head_dim, block_size, window, dtype;
+    float scale;
+    int begin, end;  /* this job's requests */
+    int status;      /* 0 ok, -1 out of memory */
+} Job;
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(bits >> 16);
+}
+
+/* One slot's Hkv x D keys or values, as float32. */
+static inline const float *slot_f32(const Job *j, const void *pool, int64_t slot, float *tmp) {
+    const int64_t n = (int64_t)j->num_kv_heads * j->head_dim;
+    if (j->dtype == DTYPE_F32) return (const float *)pool + slot * n;
+    const uint16_t *src = (const uint16_t *)pool + slot * n;
+    for (int64_t i = 0; i < n; i++) tmp[i] = bf16_to_f32(src[i]);
+    return tmp;
+}
+
+static void attend_request(const Job *j, int r, float *scores, float *qf, float *acc, float *tmp) {
+    const int H = j->num_heads, Hkv = j->num_kv_heads, D = j->head_dim, G = H / Hkv;
+    const int64_t len = j->seq_lens[r];
+    const int64_t first = (j->window > 0 && len > j->window) ? len - j->window : 0;
+    const int64_t *blocks = j->table + (int64_t)r * j->table_stride;
+
+    /* the query, scaled, in float32 */
+    const int64_t row = j->rows[r];
+    for (int i = 0; i < H * D; i++) {
+        float x = j->dtype == DTYPE_F32 ? ((const float *)j->q)[row * j->q_row_stride + i]
+                                        : bf16_to_f32(((const uint16_t *)j->q)[row * j->q_row_stride + i]);
+        qf[i] = x * j->scale;
+    }
+
+    /* scores[t][h]: every query head against its KV head's key, one slot at a time */
+    for (int64_t t = first; t < len; t++) {
+        const int64_t slot = blocks[t / j->block_size] * j->block_size + t % j->block_size;
+        const float *key = slot_f32(j, j->k, slot, tmp);
+        float *s = scores + (t - first) * H;
+        for (int h = 0; h < H; h++) {
+            const float *kh = key + (h / G) * D, *qh = qf + h * D;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < D; d++) dot += qh[d] * kh[d];
+            s[h] = dot;
+        }
+    }
+
+    /* softmax over t, per head */
+    const int64_t n = len - first;
+    float maxes[H], sums[H];
+    for (int h = 0; h < H; h++) { maxes[h] = -INFINITY; sums[h] = 0.f; }
+    for (int64_t t = 0; t < n; t++)
+        for (int h = 0; h < H; h++) if (scores[t * H + h] > maxes[h]) maxes[h] = scores[t * H + h];
+    for (int64_t t = 0; t < n; t++)
+        for (int h = 0; h < H; h++) {
+            float p = expf(scores[t * H + h] - maxes[h]);
+            scores[t * H + h] = p;
+            sums[h] += p;
+        }
+
+    /* acc[h] = sum_t p[t][h] * v[t][h / G] */
+    memset(acc, 0, sizeof(float) * (size_t)H * D);
+    for (int64_t t = first; t < len; t++) {
+        const int64_t slot = blocks[t / j->block_size] * j->block_size + t % j->block_size;
+        const float *val = slot_f32(j, j->v, slot, tmp);
+        const float *p = scores + (t - first) * H;
+        for (int h = 0; h < H; h++) {
+            const float *vh = val + (h / G) * D, w = p[h];
+            float *a = acc + h * D;
+#pragma omp simd
+            for (int d = 0; d < D; d++) a[d] += w * vh[d];
+        }
+    }
+
+    for (int h = 0; h < H; h++) {
+        const float inv = 1.f / sums[h];
+        for (int d = 0; d < D; d++) {
+            const float o = acc[h * D + d] * inv;
+            const int64_t at = row * (int64_t)H * D + h * D + d;
+            if (j->dtype == DTYPE_F32) ((float *)j->out)[at] = o;
+            else ((uint16_t *)j->out)[at] = f32_to_bf16(o);
+        }
+    }
+}
+
+static void *run_job(void *arg) {
+    Job *j = (Job *)arg;
+    int64_t longest = 1;
+    for (int r = j->begin; r < j->end; r++) if (j->seq_lens[r] > longest) longest = j->seq_lens[r];
+    const int64_t hd = (int64_t)j->num_heads * j->head_dim;
+    float *buf = malloc(sizeof(float) * (size_t)(longest * j->num_heads + 2 * hd + (int64_t)j->num_kv_heads * j->head_dim));
+    if (!buf) { j->status = -1; return NULL; }
+    float *scores = buf, *qf = buf + longest * j->num_heads, *acc = qf + hd, *tmp = acc + hd;
+    for (int r = j->begin; r < j->end; r++) attend_request(j, r, scores, qf, acc, tmp);
+    free(buf);
+    j->status = 0;
+    return NULL;
+}
+
+/* Returns 0 on success, -1 when a scratch buffer could not be allocated. */
+int orcinus_paged_decode(const void *q, int64_t q_row_stride, const void *k, const void *v, void *out,
+                         const int64_t *table, int64_t table_stride, const int64_t *rows,
+                         const int64_t *seq_lens, int num_requests, int num_heads, int num_kv_heads,
+                         int head_dim, int block_size, int window, float scale, int dtype,
+                         int num_threads) {
+    if (num_requests <= 0) return 0;
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > num_requests) num_threads = num_requests;
+    if (num_threads > 64) num_threads = 64;
+    Job jobs[64];
+    int64_t total = 0;
+    for (int r = 0; r < num_requests; r++) total += seq_lens[r];
+    /* contiguous ranges of requests with about equal context each */
+    int begin = 0;
+    int64_t seen = 0;
+    for (int i = 0; i < num_threads; i++) {
+        int end = begin;
+        const int64_t target = total * (i + 1) / num_threads;
+        while (end < num_requests && (seen < target || end == begin)) seen += seq_lens[end++];
+        if (i == num_threads - 1) end = num_requests;
+        jobs[i] = (Job){q, k, v, out, table, rows, seq_lens, table_stride, q_row_stride, num_heads,
+                        num_kv_heads, head_dim, block_size, window, dtype, scale, begin, end, 0};
+        begin = end;
+    }
+    pthread_t threads[64];
+    int started[64] = {0};
+    for (int i = 1; i < num_threads; i++)
+        started[i] = jobs[i].begin < jobs[i].end && pthread_create(&threads[i], NULL, run_job, &jobs[i]) == 0;
+    run_job(&jobs[0]);
+    int status = jobs[0].status;
+    for (int i = 1; i < num_threads; i++) {
+        if (started[i]) pthread_join(threads[i], NULL);
+        else if (jobs[i].begin < jobs[i].end) run_job(&jobs[i]); /* could not start a thread: do it here */
+        if (jobs[i].status) status = jobs[i].status;
+    }
+    return status;
+}

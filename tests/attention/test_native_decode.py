@@ -1,0 +1,132 @@
+"""The C decode kernel of the paged CPU backend (`paged_decode.c` via `native.py`) against the
+reference backend: float32 and bfloat16, one and several threads, sliding windows, GQA, a query
+that is a strided view, and the PyTorch path that replaces it where no compiler works."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from attention_cases import CASES, Case, assert_matches_reference, make_inputs, run_backend
+from orcinus.attention import native
+from orcinus.attention.paged_cpu import PagedCpuAttention
+from orcinus.attention.reference import ReferenceAttention
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler on this machine")
+
+
+def upload(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setenv("ORCINUS_NATIVE_KERNELS", "0")
+    native.reset_for_tests()
+    yield
+    monkeypatch.delenv("ORCINUS_NATIVE_KERNELS")
+    native.reset_for_tests()
+
+
+@needs_compiler
+def test_the_kernel_builds_here_and_takes_the_decodes():
+    assert native.load() is not None, native.why_unavailable()
+    layout = make_inputs(CASES[0])[0]
+    meta = PagedCpuAttention().build(layout, upload)
+    assert meta.native is not None
+    assert meta.native.rows.tolist() == [5, 6, 10]  # the decodes' rows in the flat batch
+    assert [r.query_len for r in meta.native.others] == [5, 3]
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernel_matches_reference(case, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_reference(PagedCpuAttention(), case)
+        assert_matches_reference(PagedCpuAttention(), case, seed=3, consecutive=True)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_compiler
+def test_many_decodes_over_long_contexts_split_across_threads():
+    rng = np.random.default_rng(0)
+    seq_lens = rng.integers(1, 300, size=40).tolist()
+    case = Case("many-decodes", [1] * 40, seq_lens, 9, 3, 64, 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert_matches_reference(PagedCpuAttention(), case)
+        case.sliding_window = 37
+        assert_matches_reference(PagedCpuAttention(), case)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c.name)
+def test_kernel_in_bfloat16_matches_reference_in_float32(case):
+    layout, q, k, v, k_cache, v_cache = make_inputs(case)
+    want = ReferenceAttention()
+    meta = want.build(layout, upload)
+    expected = want.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, case.head_dim ** -0.5)
+    backend = PagedCpuAttention()
+    meta = backend.build(layout, upload)
+    bf = [t.to(torch.bfloat16) for t in (q, k, v, k_cache, v_cache)]
+    got = backend.forward(*bf, meta, case.head_dim ** -0.5)
+    assert got.dtype == torch.bfloat16
+    decode_rows = torch.from_numpy(meta.native.rows)
+    torch.testing.assert_close(got[decode_rows].float(), expected[decode_rows], atol=3e-2, rtol=3e-2)
+
+
+@needs_compiler
+def test_a_strided_query_is_read_by_its_row_stride():
+    case = CASES[0]
+    layout, q, k, v, k_cache, v_cache = make_inputs(case)
+    wide = torch.cat([q, torch.full_like(q, 1e4)], dim=1)  # q is the first half of every row
+    strided = wide[:, :case.num_heads]
+    assert not strided.is_contiguous()
+    scale = case.head_dim ** -0.5
+    ref = ReferenceAttention()
+    expected = ref.forward(q, k, v, k_cache.clone(), v_cache.clone(), ref.build(layout, upload), scale)
+    backend = PagedCpuAttention()
+    got = backend.forward(strided, k, v, k_cache, v_cache, backend.build(layout, upload), scale)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_without_the_kernel_the_torch_path_matches_reference(case, torch_path):
+    assert native.load() is None and native.why_unavailable() == "ORCINUS_NATIVE_KERNELS=0"
+    assert PagedCpuAttention().build(make_inputs(case)[0], upload).native is None
+    assert_matches_reference(PagedCpuAttention(), case)
+
+
+def test_a_missing_compiler_is_said_and_the_torch_path_kept(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.reset_for_tests()
+    try:
+        assert native.load() is None
+        assert "no C compiler" in native.why_unavailable()
+        assert "per-request PyTorch path" in caplog.text
+        out, _, _ = run_backend(PagedCpuAttention(), CASES[0])
+        want, _, _ = run_backend(ReferenceAttention(), CASES[0])
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    finally:
+        native.reset_for_tests()
+
+
+@needs_compiler
+def test_the_build_is_cached_per_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCINUS_CACHE", str(tmp_path))
+    first = native._build(native._compiler())
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert native._build(native._compiler()) == first and first.stat().st_mtime_ns == mtime
+    monkeypatch.setattr(native, "_cpu_identity", lambda: "another CPU")
+    assert native._build(native._compiler()) != first
