@@ -480,3 +480,13 @@ def test_all_greedy_fast_path_skips_every_sampling_stage(monkeypatch) -> None:
     # The counter itself works: a sampled batch does call one of them.
     sample(sampler, logits, [make_request(str(i), temperature=1.0, top_k=5) for i in range(32)])
     assert calls
+
+
+def test_row_argmax_is_argmax_with_ties_to_the_first():
+    from orcinus.sampler import row_argmax
+
+    x = torch.randn(16, 1000)
+    x[3, [10, 500, 900]] = 50.0  # a tie: the first index wins, as with argmax
+    x[7, :] = 1.0
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    assert row_argmax(x)[3] == 10 and row_argmax(x)[7] == 0

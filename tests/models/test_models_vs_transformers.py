@@ -67,6 +67,26 @@ def test_mixed_batch_logits_match_transformers(arch, backend, checkpoint_factory
             torch.testing.assert_close(lg[row], ref, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_iteration_longer_than_the_cpu_row_chunk_matches_transformers(arch, checkpoint_factory):
+    """Five 450-token prompts in one iteration: 2,250 rows, so the MLPs run in row chunks
+    (layers/row_chunks.py) and the weights in their CPU layout; every prompt's last logits equal
+    transformers'."""
+    folder, hf_model = checkpoint_factory(arch)
+    engine = LLMEngine.from_kwargs(model=folder, skip_tokenizer_init=True, dtype="float32", device="cpu",
+                                   kv_cache_memory=1 << 22, max_num_batched_tokens=4096)
+    logits = capture_logits(engine)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 320, (450,), generator=g).tolist() for _ in range(5)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=1))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert logits[0].shape[0] == 5  # all five prefills in the first iteration
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(logits[0][row], _reference_logits(hf_model, prompt)[-1], atol=2e-4, rtol=2e-4)
+
+
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     import json
 

@@ -5,7 +5,8 @@
  * transposes, the call itself) for ~25 us of real work; with 64 requests x 30 layers that overhead
  * was most of attention's time. This loop reads each request's keys and values once, in place in
  * the pool (no gather, no copy), token by token so that all KV heads of a slot are one contiguous
- * read, and keeps GQA's query heads of one KV head together so no key is read twice.
+ * read, and keeps GQA's query heads of one KV head together so no key is read twice. Scores are
+ * kept per head ([H][t]) so that the softmax runs over contiguous memory (vectorised exp).
  *
  * Compiled at first use by orcinus/attention/native.py (gcc/cc, -O3 -march=native) and called
  * through ctypes; no Python or torch headers, so it builds in about a second. Layouts:
@@ -63,57 +64,54 @@ static void attend_request(const Job *j, int r, float *scores, float *qf, float 
     const int H = j->num_heads, Hkv = j->num_kv_heads, D = j->head_dim, G = H / Hkv;
     const int64_t len = j->seq_lens[r];
     const int64_t first = (j->window > 0 && len > j->window) ? len - j->window : 0;
+    const int64_t n = len - first;
     const int64_t *blocks = j->table + (int64_t)r * j->table_stride;
-
-    /* the query, scaled, in float32 */
     const int64_t row = j->rows[r];
     for (int i = 0; i < H * D; i++) {
         float x = j->dtype == DTYPE_F32 ? ((const float *)j->q)[row * j->q_row_stride + i]
                                         : bf16_to_f32(((const uint16_t *)j->q)[row * j->q_row_stride + i]);
         qf[i] = x * j->scale;
     }
-
-    /* scores[t][h]: every query head against its KV head's key, one slot at a time */
+    /* scores[h][t] */
     for (int64_t t = first; t < len; t++) {
         const int64_t slot = blocks[t / j->block_size] * j->block_size + t % j->block_size;
         const float *key = slot_f32(j, j->k, slot, tmp);
-        float *s = scores + (t - first) * H;
-        for (int h = 0; h < H; h++) {
-            const float *kh = key + (h / G) * D, *qh = qf + h * D;
-            float dot = 0.f;
+        for (int kh = 0; kh < Hkv; kh++) {
+            const float *kv = key + kh * D;
+            for (int g = 0; g < G; g++) {
+                const int h = kh * G + g;
+                const float *qh = qf + h * D;
+                float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < D; d++) dot += qh[d] * kh[d];
-            s[h] = dot;
+                for (int d = 0; d < D; d++) dot += qh[d] * kv[d];
+                scores[h * n + (t - first)] = dot;
+            }
         }
     }
-
-    /* softmax over t, per head */
-    const int64_t n = len - first;
-    float maxes[H], sums[H];
-    for (int h = 0; h < H; h++) { maxes[h] = -INFINITY; sums[h] = 0.f; }
-    for (int64_t t = 0; t < n; t++)
-        for (int h = 0; h < H; h++) if (scores[t * H + h] > maxes[h]) maxes[h] = scores[t * H + h];
-    for (int64_t t = 0; t < n; t++)
-        for (int h = 0; h < H; h++) {
-            float p = expf(scores[t * H + h] - maxes[h]);
-            scores[t * H + h] = p;
-            sums[h] += p;
-        }
-
-    /* acc[h] = sum_t p[t][h] * v[t][h / G] */
+    float sums[H];
+    for (int h = 0; h < H; h++) {
+        float *s = scores + h * n, m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < n; t++) m = s[t] > m ? s[t] : m;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
+        sums[h] = sum;
+    }
     memset(acc, 0, sizeof(float) * (size_t)H * D);
     for (int64_t t = first; t < len; t++) {
         const int64_t slot = blocks[t / j->block_size] * j->block_size + t % j->block_size;
         const float *val = slot_f32(j, j->v, slot, tmp);
-        const float *p = scores + (t - first) * H;
-        for (int h = 0; h < H; h++) {
-            const float *vh = val + (h / G) * D, w = p[h];
-            float *a = acc + h * D;
+        for (int kh = 0; kh < Hkv; kh++) {
+            const float *vh = val + kh * D;
+            for (int g = 0; g < G; g++) {
+                const int h = kh * G + g;
+                const float w = scores[h * n + (t - first)];
+                float *a = acc + h * D;
 #pragma omp simd
-            for (int d = 0; d < D; d++) a[d] += w * vh[d];
+                for (int d = 0; d < D; d++) a[d] += w * vh[d];
+            }
         }
     }
-
     for (int h = 0; h < H; h++) {
         const float inv = 1.f / sums[h];
         for (int d = 0; d < D; d++) {

@@ -7,6 +7,7 @@ blocks of 16) with 64 requests whose contexts are spread like the benchmark trac
 U(32,256) plus up to 128 generated tokens), two of them prefill chunks. Blocks are scattered over
 the pool as after many iterations. Reports process CPU time per layer (it moves less than wall
 time with other processes' load); `auto` is chosen from these numbers (orcinus/attention/selector.py).
+`paged-torch` is the paged backend without its C decode kernel (the path kept where no compiler works).
 """
 from __future__ import annotations
 
@@ -56,8 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     layout, (q, k, v, kc, vc) = make_batch(args.requests, 9, 3, 64, 16)
     up = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    backends = {n: make_backend(n, torch.device("cpu")) for n in names}
+    backends = {n: make_backend(n.removesuffix("-torch"), torch.device("cpu")) for n in names}
     metas = {n: b.build(layout, up) for n, b in backends.items()}
+    if "paged-torch" in metas:
+        metas["paged-torch"].native = None  # every request through the per-request SDPA loop
     cpu = {n: 0.0 for n in names}
     for _ in range(args.repeats):  # interleaved, so drifting load hits every backend alike
         for n, b in backends.items():

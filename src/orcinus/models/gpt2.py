@@ -15,6 +15,7 @@ from orcinus.layers.activations import get_activation
 from orcinus.layers.attention import PagedAttention
 from orcinus.layers.context import ForwardContext
 from orcinus.layers.linear import CheckpointTensor, ParallelLMHead, VocabParallelEmbedding
+from orcinus.layers.row_chunks import in_row_chunks
 from orcinus.models.registry import UnsupportedModel, _eos_ids
 
 
@@ -91,7 +92,7 @@ class GPT2MLP(nn.Module):
         self.act = get_activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        return in_row_chunks(lambda rows: self.c_proj(self.act(self.c_fc(rows))), x)
 
 
 class GPT2Block(nn.Module):

