@@ -25,3 +25,15 @@ def test_a_clone_named_orcinus_in_the_working_directory_does_not_shadow_the_pack
 
 def test_the_package_is_typed() -> None:
     assert (Path(orcinus.__file__).parent / "py.typed").is_file()
+
+
+def test_the_wheel_carries_the_c_decode_kernel(tmp_path) -> None:
+    """A non-editable install must still find `paged_decode.c` to compile at first use."""
+    import zipfile
+
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                          "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = tmp_path.glob("orcinus-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "orcinus/attention/paged_decode.c" in names and "orcinus/py.typed" in names

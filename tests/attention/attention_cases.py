@@ -33,6 +33,7 @@ CASES = [
     Case("prefill-only-window", [7, 12], [7, 30], 4, 1, 16, 4, sliding_window=5),
     Case("mixed-window-odd-block", [1, 9, 1, 2], [14, 9, 3, 11], 3, 3, 8, 3, sliding_window=4),
     Case("long-prefill-chunk", [20, 1], [37, 40], 2, 1, 16, 16),
+    Case("fresh-prompts-inside-window", [6, 12, 1], [6, 12, 20], 4, 2, 16, 4, sliding_window=16),
 ]
 
 

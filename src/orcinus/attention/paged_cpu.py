@@ -11,7 +11,8 @@ request. This backend keeps per-request calls and removes their overheads:
   copy; otherwise one index_select of whole blocks (never of single slots).
 - A decode's query heads of one KV group become rows of one [G, D] query, so GQA needs no
   expanded keys and no mask; a sliding window is a slice of the keys, not a mask.
-- Prefill chunks use the causal (and window) mask like the reference backend.
+- Prefill chunks use the causal (and window) mask like the reference backend; a whole prompt
+  that no window cuts uses SDPA's `is_causal` instead (no mask built).
 - Where the C kernel builds (`native.py`, `paged_decode.c`), all decodes of a layer are one call
   to it instead of one SDPA each: the per-request Python and tensor-op overhead (~15 small ops per
   request per layer) was most of decode attention's time. Prefill chunks keep SDPA.
@@ -109,10 +110,13 @@ class PagedCpuAttention(AttentionBackend):
                                                    v.transpose(0, 1)[None].to(q.dtype), scale=scale)
                 out[r.query_start] = o.reshape(num_heads, head_dim)
             else:
-                mask = causal_mask(r.query_len, r.seq_len, sliding_window, q.device)
+                # A whole prompt that no window cuts is plain causal attention: SDPA's is_causal path
+                # builds no mask and ran 13-38 % faster (64-1024 tokens, one core).
+                fresh = r.query_len == r.seq_len and (sliding_window is None or r.seq_len <= sliding_window)
+                mask = None if fresh else causal_mask(r.query_len, r.seq_len, sliding_window, q.device)
                 o = F.scaled_dot_product_attention(qr.transpose(0, 1)[None], k.transpose(0, 1)[None].to(q.dtype),
                                                    v.transpose(0, 1)[None].to(q.dtype), attn_mask=mask, scale=scale,
-                                                   enable_gqa=group != 1)
+                                                   is_causal=fresh, enable_gqa=group != 1)
                 out[r.query_start:r.query_start + r.query_len] = o[0].transpose(0, 1)
         return out
 
