@@ -55,10 +55,11 @@ def test_kernel_matches_reference(case, threads):
 
 
 @needs_compiler
-def test_many_decodes_over_long_contexts_split_across_threads():
+@pytest.mark.parametrize("head_dim", [64, 128])  # the kernel's compile-time head sizes
+def test_many_decodes_over_long_contexts_split_across_threads(head_dim):
     rng = np.random.default_rng(0)
     seq_lens = rng.integers(1, 300, size=40).tolist()
-    case = Case("many-decodes", [1] * 40, seq_lens, 9, 3, 64, 16)
+    case = Case("many-decodes", [1] * 40, seq_lens, 9, 3, head_dim, 16)
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
@@ -70,7 +71,8 @@ def test_many_decodes_over_long_contexts_split_across_threads():
 
 
 @needs_compiler
-@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES[:2] + [Case("gqa-d64", [1, 1, 3], [40, 7, 20], 8, 2, 64, 16)],
+                         ids=lambda c: c.name)
 def test_kernel_in_bfloat16_matches_reference_in_float32(case):
     layout, q, k, v, k_cache, v_cache = make_inputs(case)
     want = ReferenceAttention()
