@@ -2,9 +2,10 @@
 correct one measured for the device (see docs/benchmarks.md, "Speed"):
 
 - CUDA: the fused Triton kernel when triton imports, else the batched PyTorch backend.
-- CPU: the paged backend (per-request attention over the pool's blocks, views where consecutive):
-  on one layer of the 64-request benchmark batch it measured 8.5 ms of CPU against 31.9 ms for
-  the batched backend (padded slot gather + masked SDPA) and 9.4 ms for the reference backend
+- CPU: the paged backend (decodes in one C kernel call per layer, prompts per request over the
+  pool's blocks): on one layer of the 64-request benchmark batch it measured 3.9 ms of CPU on an
+  Intel Xeon against 7.0 ms for its own PyTorch path (no compiler), 8.1 ms for the reference
+  backend and 22.5 ms for the batched backend (padded slot gather + masked SDPA)
   (orcinus/bench/attention_micro.py; end-to-end numbers in docs/benchmarks.md, "Speed"). The Triton
   kernel runs on CPU only under its interpreter, for tests.
 
