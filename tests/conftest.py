@@ -13,6 +13,17 @@ from checkpoints import build_checkpoint  # noqa: E402
 from session_servers import serve  # noqa: E402
 
 
+def pytest_configure(config):
+    """Ctrl-C tests need Python's own SIGINT handler. A suite started in the background of a
+    non-interactive shell (`cmd &`) inherits SIGINT as ignored, Python then installs no handler,
+    and those tests would see neither KeyboardInterrupt nor the handler they restore. Put back
+    what an interactive Python has; this is also inherited by the servers the tests start."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(config, items):
     """The gpu tier runs wherever CUDA is present and skips elsewhere (it adds coverage, it does
     not stand in for a missing feature: every CPU path is tested without it)."""
