@@ -23,6 +23,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("orcinus")
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
@@ -32,7 +34,7 @@ SOURCE = Path(__file__).with_name("paged_decode.c")
 COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-ffast-math",
                  "-fopenmp-simd", "-std=c11"]
 LINK_FLAGS = ["-shared", "-pthread"]
-DTYPE_CODES = {"float32": 0, "bfloat16": 1}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's `dtype` argument
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -19,6 +19,7 @@ request. This backend keeps per-request calls and removes their overheads:
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ class RequestBlocks:
 class NativeDecodes:
     """The iteration's decodes as the C kernel takes them (host arrays, alive as long as this)."""
 
+    lib: ctypes.CDLL  # the loaded kernel, looked up once per iteration rather than once per layer
     rows: np.ndarray  # [n] int64 query row of each decode
     seq_lens: np.ndarray  # [n] int64
     table: np.ndarray  # [n, max_blocks] int64, C-contiguous
@@ -78,9 +80,10 @@ class PagedCpuAttention(AttentionBackend):
     @staticmethod
     def _native_decodes(layout: BatchLayout, requests: list[RequestBlocks]) -> NativeDecodes | None:
         decode = layout.query_lens == 1
-        if not decode.any() or native.load() is None:
+        lib = native.load() if decode.any() else None
+        if lib is None:
             return None
-        return NativeDecodes(rows=np.ascontiguousarray(layout.query_start_loc[:-1][decode]),
+        return NativeDecodes(lib=lib, rows=np.ascontiguousarray(layout.query_start_loc[:-1][decode]),
                              seq_lens=np.ascontiguousarray(layout.seq_lens[decode], dtype=np.int64),
                              table=np.ascontiguousarray(layout.block_table[decode], dtype=np.int64),
                              others=[r for r in requests if r.query_len != 1])
@@ -123,19 +126,18 @@ class PagedCpuAttention(AttentionBackend):
 
 def _native_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """The C kernel takes float32 or bfloat16 CPU tensors with heads contiguous and one dtype."""
-    return (q.device.type == "cpu" and str(q.dtype).removeprefix("torch.") in native.DTYPE_CODES
+    return (q.device.type == "cpu" and q.dtype in native.DTYPE_CODES
             and k_cache.dtype == q.dtype == v_cache.dtype and k_cache.is_contiguous()
             and v_cache.is_contiguous() and q.stride(2) == 1 and q.stride(1) == q.shape[2])
 
 
 def _native_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                    decodes: NativeDecodes, scale: float, sliding_window: int | None) -> None:
-    lib = native.load()
-    status = lib.orcinus_paged_decode(
+    status = decodes.lib.orcinus_paged_decode(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
         decodes.table.ctypes.data, decodes.table.shape[1], decodes.rows.ctypes.data,
         decodes.seq_lens.ctypes.data, len(decodes.rows), q.shape[1], k_cache.shape[2], q.shape[2],
-        k_cache.shape[1], sliding_window or 0, scale, native.DTYPE_CODES[str(q.dtype).removeprefix("torch.")],
+        k_cache.shape[1], sliding_window or 0, scale, native.DTYPE_CODES[q.dtype],
         torch.get_num_threads())
     if status != 0:
         raise MemoryError("CPU decode attention could not allocate its scratch buffer")

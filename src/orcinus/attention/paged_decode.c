@@ -51,6 +51,11 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+/* The pool slot of a request's token t. */
+static inline int64_t slot_of(const Job *j, const int64_t *blocks, int64_t t) {
+    return blocks[t / j->block_size] * j->block_size + t % j->block_size;
+}
+
 /* One slot's Hkv x D keys or values, as float32. */
 static inline const float *slot_f32(const Job *j, const void *pool, int64_t slot, float *tmp) {
     const int64_t n = (int64_t)j->num_kv_heads * j->head_dim;
@@ -74,8 +79,7 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
     }
     /* scores[h][t] */
     for (int64_t t = first; t < len; t++) {
-        const int64_t slot = blocks[t / j->block_size] * j->block_size + t % j->block_size;
-        const float *key = slot_f32(j, j->k, slot, tmp);
+        const float *key = slot_f32(j, j->k, slot_of(j, blocks, t), tmp);
         for (int kh = 0; kh < Hkv; kh++) {
             const float *kv = key + kh * D;
             for (int g = 0; g < G; g++) {
@@ -99,8 +103,7 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
     }
     memset(acc, 0, sizeof(float) * (size_t)H * D);
     for (int64_t t = first; t < len; t++) {
-        const int64_t slot = blocks[t / j->block_size] * j->block_size + t % j->block_size;
-        const float *val = slot_f32(j, j->v, slot, tmp);
+        const float *val = slot_f32(j, j->v, slot_of(j, blocks, t), tmp);
         for (int kh = 0; kh < Hkv; kh++) {
             const float *vh = val + kh * D;
             for (int g = 0; g < G; g++) {

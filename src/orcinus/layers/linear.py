@@ -197,8 +197,8 @@ def _merged_loader(ranges: list[tuple[int, int]], offsets: list[int], full_shape
     return load
 
 
-# Which GEMM layout a CPU runs fastest, measured per shape (docs/benchmarks.md, "Weight layout on
-# CPU"): for float32 on an Intel Xeon the layers' GEMMs at decode sizes (4-64 rows) ran 15-70 %
+# Which GEMM layout a CPU runs fastest, measured per shape (docs/benchmarks.md, "Third
+# round"): for float32 on an Intel Xeon the layers' GEMMs at decode sizes (4-64 rows) ran 15-70 %
 # faster with the weight stored transposed ([in, out] contiguous, so MKL does not transpose it per
 # call) when the weight was in cache, 2-9 % when every call read another layer's weight from memory
 # (as in a model), and the same from 512 rows up; on an AMD EPYC the two were within 10 %.

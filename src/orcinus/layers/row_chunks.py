@@ -3,7 +3,7 @@
 A long prefill makes the MLP's GEMMs thousands of rows tall; their [rows, intermediate] outputs
 then no longer fit in the cache and every GEMM and the activation between them stream through
 memory. In chunks of 1,024 rows the default model's MLP ran 18 % faster over 8,192 rows on one
-core of an Intel Xeon (docs/benchmarks.md, "Long prefills in row chunks"), with the same values:
+core of an Intel Xeon (docs/benchmarks.md, "Third round"), with the same values:
 every row is computed by the same kernels, only fewer at a time. On GPUs one tall GEMM is what
 the device wants, so nothing is chunked there.
 """
