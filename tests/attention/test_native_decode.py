@@ -132,3 +132,34 @@ def test_the_build_is_cached_per_cpu(tmp_path, monkeypatch):
     assert native._build(native._compiler()) == first and first.stat().st_mtime_ns == mtime
     monkeypatch.setattr(native, "_cpu_identity", lambda: "another CPU")
     assert native._build(native._compiler()) != first
+
+
+@pytest.fixture
+def pthreads_build(monkeypatch, tmp_path):
+    """The kernel as built where the compiler has no OpenMP: threads of its own."""
+    monkeypatch.setenv("ORCINUS_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "OPENMP_FLAGS", [])
+    native.reset_for_tests()
+    yield
+    native.reset_for_tests()
+
+
+@needs_compiler
+def test_the_kernel_runs_on_openmp_where_the_compiler_has_it():
+    gcc_like = shutil.which("gcc") is not None
+    if not gcc_like:
+        pytest.skip("no gcc here: whether cc has OpenMP is the compiler's business")
+    assert native.uses_openmp()
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=lambda c: c.name)  # with decodes
+def test_the_pthreads_build_matches_reference(case, threads, pthreads_build):
+    assert native.load() is not None and not native.uses_openmp()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_reference(PagedCpuAttention(), case)
+    finally:
+        torch.set_num_threads(before)

@@ -15,7 +15,8 @@
  *   out  [tokens, H, D]          contiguous
  *   table[requests, table_stride] int64 block ids; rows[r] the request's query row in q/out;
  *   seq_lens[r] its context length including this token.
- * Requests are split over `num_threads` pthreads by context length.
+ * Requests are split over `num_threads` threads by context length: OpenMP's (torch's pool) where
+ * the build has it, pthreads otherwise (see native.py).
  */
 #include <math.h>
 #include <pthread.h>
@@ -174,6 +175,15 @@ int orcinus_paged_decode(const void *q, int64_t q_row_stride, const void *k, con
                         num_kv_heads, head_dim, block_size, window, dtype, scale, begin, end, 0};
         begin = end;
     }
+#ifdef _OPENMP
+    /* On the OpenMP pool that torch's own kernels use (the process has one libgomp: ours resolves
+     * to the copy torch loaded), so its threads are awake and no second set of threads competes
+     * with them for the cores. */
+#pragma omp parallel for num_threads(num_threads) schedule(static, 1)
+    for (int i = 0; i < num_threads; i++) run_job(&jobs[i]);
+    int status = 0;
+    for (int i = 0; i < num_threads; i++) if (jobs[i].status) status = jobs[i].status;
+#else
     pthread_t threads[64];
     int started[64] = {0};
     for (int i = 1; i < num_threads; i++)
@@ -185,5 +195,15 @@ int orcinus_paged_decode(const void *q, int64_t q_row_stride, const void *k, con
         else if (jobs[i].begin < jobs[i].end) run_job(&jobs[i]); /* could not start a thread: do it here */
         if (jobs[i].status) status = jobs[i].status;
     }
+#endif
     return status;
+}
+
+/* 1 when this build runs its threads on OpenMP, 0 when on pthreads of its own. */
+int orcinus_native_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
