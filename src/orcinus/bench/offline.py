@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -172,6 +173,29 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _on_own_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on a thread that ends with it. torch's OpenMP keeps a thread team for
+    every thread that ran parallel work; a team left behind by one backend (transformers on the
+    main thread, say) makes libgomp count more threads than cores during the next one and stop
+    spinning between parallel regions, which cost orcinus ~20 % of a decode step on two cores
+    (orcinus/engine/background_executor.py). With each backend on its own thread, the order of
+    --backends does not change their numbers."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="orcinus-bench-backend", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]
+
+
 def _timed(fn, *args, **kwargs) -> tuple[object, float, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     out = fn(*args, **kwargs)
@@ -232,6 +256,9 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
         res.kv = recorder.summary().as_dict()
         res.kv_samples = [dataclasses.asdict(x) for x in recorder.samples]
     finally:
+        # Join the engine's forward thread now (not at some later garbage collection), so that its
+        # OpenMP thread team is gone before the next backend starts (see _on_own_thread).
+        llm.engine.shutdown()
         del llm
         _free_memory()
     return res
@@ -286,10 +313,10 @@ def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: S
         logger.info("bench offline: running %s", BACKEND_LABELS[backend])
         try:
             if backend in ORCINUS_BACKENDS:
-                res = run_orcinus(config, backend, trace, progress, lengths_known, profile=profile,
-                                  detokenize=detokenize)
+                res = _on_own_thread(run_orcinus, config, backend, trace, progress, lengths_known,
+                                     profile=profile, detokenize=detokenize)
             else:
-                res = run_transformers(config, backend, trace, progress)
+                res = _on_own_thread(run_transformers, config, backend, trace, progress)
         except Exception as exc:  # one broken baseline must not lose the others' numbers
             logger.exception("backend %s failed", backend)
             res = BackendResult(backend, status=f"error: {type(exc).__name__}: {str(exc)[:200]}")
@@ -297,7 +324,7 @@ def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: S
                     fmt(res.output_tokens_per_s), fmt(res.elapsed_s))
         report.results.append(res)
     if with_floor:
-        floor = compute_floor(config, trace)
+        floor = _on_own_thread(compute_floor, config, trace)
         static_its = static_batch_iterations([r.output_len for r in trace], config.max_num_seqs)
         report.floor = dataclasses.asdict(floor) | {"output_tokens_per_s": floor.output_tokens_per_s,
                                                     "static_batch_iterations": static_its}

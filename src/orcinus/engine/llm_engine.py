@@ -20,14 +20,14 @@ import torch
 from orcinus.config import EngineConfig
 from orcinus.core.kv_cache import KVCacheManager
 from orcinus.core.scheduler import ScheduledBatch, make_scheduler
-from orcinus.engine.background_executor import BackgroundLauncher
+from orcinus.engine.background_executor import start_executor
 from orcinus.engine.batch_messages import MessageBuilder
 from orcinus.executor.messages import BatchMessage
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup, finish_request
 from orcinus.errors import EngineStepError
 from orcinus.generation_config import GenerationDefaults, load_generation_defaults
 from orcinus.executor.cuda_graphs import plan_cuda_graphs
-from orcinus.executor.executor import Executor, WorkerDied, make_executor
+from orcinus.executor.executor import Executor, WorkerDied
 from orcinus.request import FinishReason, Request, RequestOutput, RequestRejected, RequestState
 from orcinus.sampler import SamplerOutput
 from orcinus.sampling_params import SamplingParams
@@ -82,10 +82,11 @@ class LLMEngine:
         self.dtype = config.resolved_dtype(self.device)
         # The executor loads the model on every rank and sizes the KV pool; the engine only
         # learns the model's shape and how many blocks it may hand out.
-        self.executor: Executor = make_executor(config)
-        # Every message goes through here: an in-process executor then runs iterations on a
-        # thread of its own, so text work overlaps the next iteration.
-        self._launcher = BackgroundLauncher(self.executor)
+        # Every message goes through the launcher: an in-process executor is built and runs
+        # iterations on a thread of its own (all of the process's torch work on one thread), so
+        # text work overlaps the next iteration.
+        self._launcher = start_executor(config)
+        self.executor: Executor = self._launcher.executor
         self.model_path = self.executor.model_path
         self.model_config = model_config = self.executor.model_config
         self.tokenizer = None

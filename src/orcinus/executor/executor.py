@@ -55,9 +55,14 @@ class SingleProcessExecutor(Executor):
         return fut
 
 
+def runs_in_process(config: EngineConfig) -> bool:
+    """Whether the engine's one worker lives in this process (no tensor or pipeline parallelism)."""
+    return not (config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1 or config.nnodes > 1)
+
+
 def make_executor(config: EngineConfig) -> Executor:
     """One process, or one spawned worker process per rank (tensor x pipeline parallel)."""
-    if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1 or config.nnodes > 1:
+    if not runs_in_process(config):
         from orcinus.executor.multiproc import MultiprocExecutor
 
         return MultiprocExecutor(config)
