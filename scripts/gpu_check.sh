@@ -63,7 +63,8 @@ timeout "$bench_s" python3 -m orcinus bench offline "${common[@]}" --backends pa
     --output-json "$out/gpu-qwen3-0.6b.json" 2>&1 | grep -v "it/s\]\|req/s\]\|batch/s\]" | tee "$out/bench.log" | tail -40
 bench_rc=${PIPESTATUS[0]}
 timeout 120 python3 -m orcinus bench offline "${common[@]}" --backends paged --enforce-eager \
-    --output-json "$out/gpu-qwen3-0.6b-eager.json" 2>&1 | grep -v "req/s\]" | tee "$out/bench-eager.log" | tail -8
+    --output-json "$out/gpu-qwen3-0.6b-eager.json" 2>&1 | grep -v "it/s\]\|req/s\]\|batch/s\]" | tee "$out/bench-eager.log" | tail -8
+eager_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: tests rc=$tests_rc, bench rc=$bench_rc; logs in $out"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "gpu_check: tests rc=$tests_rc, bench rc=$bench_rc, eager bench rc=$eager_rc; logs in $out"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$eager_rc" -eq 0 ]

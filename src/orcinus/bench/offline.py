@@ -188,6 +188,8 @@ def _on_own_thread(fn, *args, **kwargs):
         except BaseException as exc:  # handed to the caller below
             box["error"] = exc
 
+    # A daemon thread rather than a ThreadPoolExecutor: Ctrl-C in join() then ends the bench at
+    # once instead of waiting, at interpreter exit, for the backend's run to finish.
     thread = threading.Thread(target=target, name="orcinus-bench-backend", daemon=True)
     thread.start()
     thread.join()
