@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 SCHEDULER_POLICIES = ("orca", "static", "paged")
+QUANTIZATION_MODES = ("auto", "gguf", "none")
 DEFAULT_BATCHED_TOKENS_CPU = 512
 DEFAULT_BATCHED_TOKENS_CUDA = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,6 +53,10 @@ class EngineConfig:
     # generation_config.json; the override (a JSON object, or a dict) changes single fields on top.
     generation_config: str = "auto"
     override_generation_config: str | dict | None = None
+    # GGUF weights: "auto" keeps quantized tensors in their blocks on CPU when the quantized C kernel
+    # builds (~file-size memory, faster decode; layers/quantized_linear.py), "gguf" insists on it
+    # (CPU only), "none" dequantises them to `dtype` at load as before.
+    quantization: Literal["auto", "gguf", "none"] = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +94,8 @@ class EngineConfig:
             raise ConfigError("distributed_timeout_s must be positive")
         if self.attention_backend not in ("auto", "reference", "batched", "paged", "triton"):
             raise ConfigError("attention_backend must be auto, reference, batched, paged or triton")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ConfigError(f"quantization={self.quantization!r} is unknown; choose one of {QUANTIZATION_MODES}")
         if not self.generation_config:
             raise ConfigError("generation_config must be 'auto', 'vllm' or a folder holding generation_config.json")
         from orcinus.generation_config import check_mode, parse_override
@@ -105,6 +112,21 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return DEFAULT_BATCHED_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCHED_TOKENS_CPU
+
+    def resolved_keep_quantized(self, device: torch.device) -> bool:
+        """Whether GGUF weights stay in their quantized blocks (see `quantization`)."""
+        if self.quantization == "none":
+            return False
+        if device.type != "cpu":
+            if self.quantization == "gguf":
+                raise ConfigError(f"quantization='gguf' runs on CPU only (device {device}); use "
+                                  "quantization='none' or 'auto' (which dequantises on GPUs)")
+            return False
+        if self.quantization == "auto":
+            from orcinus.layers import quant_native
+
+            return quant_native.load() is not None
+        return True
 
     def resolved_prefix_caching(self) -> bool:
         if self.enable_prefix_caching is None:

