@@ -32,6 +32,9 @@ enum { OUT_F32 = 0, OUT_BF16 = 1 };
 
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#endif
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
     if (exp == 0) {
         if (man == 0) bits = sign;
@@ -78,7 +81,8 @@ static inline void kscale(const uint8_t *s, int j, int *sc, int *mn) {
 }
 
 /* One row of K elements (K / block blocks) -> q[K], ws[K / G], wm[K / G] (w = ws * (q - zoff) + wm). */
-static void unpack_row(int type, const uint8_t *row, int64_t K, uint8_t *q, float *ws, float *wm) {
+static void unpack_row(int type, const uint8_t *restrict row, int64_t K, uint8_t *restrict q,
+                       float *restrict ws, float *restrict wm) {
     int64_t g = 0;
     switch (type) {
     case T_Q4_0: case T_Q4_1: case T_Q8_0: {
@@ -92,7 +96,13 @@ static void unpack_row(int type, const uint8_t *row, int64_t K, uint8_t *q, floa
             }
             const uint8_t *qs = row + (type == T_Q4_1 ? 4 : 2);
             wm[g] = type == T_Q4_1 ? half_to_float(row + 2) : 0.0f;
+#ifdef __AVX2__
+            const __m128i v = _mm_loadu_si128((const __m128i *)qs), m4 = _mm_set1_epi8(15);
+            _mm_storeu_si128((__m128i *)q, _mm_and_si128(v, m4));
+            _mm_storeu_si128((__m128i *)(q + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+#else
             for (int i = 0; i < 16; i++) { q[i] = qs[i] & 15; q[i + 16] = qs[i] >> 4; }
+#endif
         }
         return;
     }
@@ -150,42 +160,141 @@ static inline int32_t idot(const uint8_t *q, const int8_t *a, int n) {
     return s;
 }
 
-/* sum over groups of ws*da*idot(group) for one weight row and one activation row, G = 32. */
-static float dot_g32(const uint8_t *q, const float *ws, const int8_t *a, const float *da, int64_t ng) {
+/* VNNI-class integer dot of 32 unsigned weight bytes with 32 signed activation bytes, as 8 int32 lanes. */
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__) || defined(__AVX2__)
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < ng; g++) {
-        const __m256i qv = _mm256_loadu_si256((const __m256i *)(q + 32 * g));
-        const __m256i av = _mm256_loadu_si256((const __m256i *)(a + 32 * g));
+#define HAVE_VEC 1
+static inline __m256i dot32x8(__m256i qv, __m256i av) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-        const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qv, av);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), qv, av);
 #elif defined(__AVXVNNI__)
-        const __m256i s = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qv, av);
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qv, av);
 #else
-        /* widen to 16 bits (maddubs would saturate for Q8_0's bytes up to 255) */
-        const __m256i ql = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(qv));
-        const __m256i qhh = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(qv, 1));
-        const __m256i al = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(av));
-        const __m256i ah = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(av, 1));
-        const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(ql, al), _mm256_madd_epi16(qhh, ah));
+    /* widen to 16 bits (maddubs would saturate for Q8_0's bytes up to 255) */
+    const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(qv)),
+                                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(av)));
+    const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(qv, 1)),
+                                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(av, 1)));
+    return _mm256_add_epi32(lo, hi);
 #endif
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ws[g] * da[g]), acc);
-    }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     return _mm_cvtss_f32(h);
+}
+#endif
+
+/* out[j] = sum_g ws[g] * da_j[g] * (q_g . a_j,g) for NR activation rows j at once (G = 32): each weight
+ * block is loaded once for all NR rows. */
+#define DEFINE_DOT_G32(NR)                                                                              \
+static inline void dot_g32_##NR(const uint8_t *q, const float *ws, const int8_t *a, const float *da,     \
+                                int64_t K, int64_t ng, float *out) {                                    \
+    DOT_G32_BODY(NR)                                                                                    \
+}
+#ifdef HAVE_VEC
+#define DOT_G32_BODY(NR)                                                                                \
+    __m256 acc[NR];                                                                                     \
+    for (int j = 0; j < NR; j++) acc[j] = _mm256_setzero_ps();                                          \
+    for (int64_t g = 0; g < ng; g++) {                                                                  \
+        const __m256i qv = _mm256_loadu_si256((const __m256i *)(q + 32 * g));                           \
+        for (int j = 0; j < NR; j++) {                                                                  \
+            const __m256i s = dot32x8(qv, _mm256_loadu_si256((const __m256i *)(a + j * K + 32 * g)));   \
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ws[g] * da[j * ng + g]), acc[j]); \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int j = 0; j < NR; j++) out[j] = hsum8(acc[j]);
+#else
+#define DOT_G32_BODY(NR)                                                                                \
+    for (int j = 0; j < NR; j++) {                                                                      \
+        float acc = 0.0f;                                                                               \
+        for (int64_t g = 0; g < ng; g++)                                                                \
+            acc += ws[g] * da[j * ng + g] * (float)idot(q + 32 * g, a + j * K + 32 * g, 32);            \
+        out[j] = acc;                                                                                   \
+    }
+#endif
+DEFINE_DOT_G32(4)
+DEFINE_DOT_G32(1)
+
+/* Q4_0, Q4_1 and Q8_0 read straight from their blocks (no unpacked copy of the row): the bytes are
+ * spread into registers, each block's scale and offset applied as it goes. NR activation rows. */
+#ifdef HAVE_VEC
+#define DEFINE_FUSED32(NR)                                                                              \
+static inline __attribute__((always_inline)) void fused32_##NR(                                         \
+        int type, const uint8_t *row, int64_t nb, const int8_t *a, int64_t K, const float *da,          \
+        const float *asum, float *out) {                                                                \
+    const int bytes = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : 34;                                   \
+    __m256 acc[NR];                                                                                     \
+    float off[NR];                                                                                      \
+    for (int j = 0; j < NR; j++) { acc[j] = _mm256_setzero_ps(); off[j] = 0.0f; }                      \
+    const __m128i m4 = _mm_set1_epi8(15);                                                               \
+    for (int64_t g = 0; g < nb; g++) {                                                                  \
+        const uint8_t *blk = row + g * bytes;                                                           \
+        const float d = half_to_float(blk);                                                             \
+        float wm;                                                                                       \
+        __m256i qv;                                                                                     \
+        if (type == T_Q8_0) {                                                                           \
+            qv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 2)), _mm256_set1_epi8((char)0x80)); \
+            wm = -128.0f * d;                                                                           \
+        } else {                                                                                        \
+            const __m128i v = _mm_loadu_si128((const __m128i *)(blk + (type == T_Q4_1 ? 4 : 2)));       \
+            qv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));       \
+            wm = type == T_Q4_1 ? half_to_float(blk + 2) : -8.0f * d;                                   \
+        }                                                                                               \
+        for (int j = 0; j < NR; j++) {                                                                  \
+            const __m256i s = dot32x8(qv, _mm256_loadu_si256((const __m256i *)(a + j * K + 32 * g)));   \
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * da[j * nb + g]), acc[j]); \
+            off[j] += wm * asum[j * nb + g];                                                            \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int j = 0; j < NR; j++) out[j] = hsum8(acc[j]) + off[j];                                       \
+}
+DEFINE_FUSED32(4)
+DEFINE_FUSED32(1)
+
+static void fused32_row(int type, const uint8_t *row, int64_t nb, const int8_t *a, int64_t K, const float *da,
+                        const float *asum, int64_t rows, float *y, int64_t ldy) {
+    int64_t r = 0;
+    float dots[4];
+#define FUSED_CASE(T)                                                                                   \
+    for (; r + 4 <= rows; r += 4) {                                                                     \
+        fused32_4(T, row, nb, a + r * K, K, da + r * nb, asum + r * nb, dots);                          \
+        for (int j = 0; j < 4; j++) y[(r + j) * ldy] = dots[j];                                         \
+    }                                                                                                   \
+    for (; r < rows; r++) { fused32_1(T, row, nb, a + r * K, K, da + r * nb, asum + r * nb, dots); y[r * ldy] = dots[0]; }
+    switch (type) {
+    case T_Q4_0: FUSED_CASE(T_Q4_0) break;
+    case T_Q4_1: FUSED_CASE(T_Q4_1) break;
+    default: FUSED_CASE(T_Q8_0) break;
+    }
+#undef FUSED_CASE
+}
+#endif
+
+/* The same for G = 16 (Q6_K), one activation row; da is per 32 elements. */
+static float dot_g16(const uint8_t *q, const float *ws, const int8_t *a, const float *da, int64_t ng) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const __m128i s = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_loadu_si128((const __m128i *)(q + 16 * g)),
+                                           _mm_loadu_si128((const __m128i *)(a + 16 * g)));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s), _mm_set1_ps(ws[g] * da[g / 2]), acc);
+    }
+    acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
+    acc = _mm_add_ss(acc, _mm_movehdup_ps(acc));
+    return _mm_cvtss_f32(acc);
 #else
     float acc = 0.0f;
-    for (int64_t g = 0; g < ng; g++) acc += ws[g] * da[g] * (float)idot(q + 32 * g, a + 32 * g, 32);
+    for (int64_t g = 0; g < ng; g++) acc += ws[g] * da[g / 2] * (float)idot(q + 16 * g, a + 16 * g, 16);
     return acc;
 #endif
 }
 
-static float dot_g16(const uint8_t *q, const float *ws, const int8_t *a, const float *da, int64_t ng) {
-    float acc = 0.0f;
-    for (int64_t g = 0; g < ng; g++) acc += ws[g] * da[g / 2] * (float)idot(q + 16 * g, a + 16 * g, 16);
-    return acc;
+static inline float fdot(const float *x, const float *y, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += x[i] * y[i];
+    return s;
 }
 
 /* x [rows, K] float32 -> a [rows, K] int8, da [rows, K/32], isum16 [rows, K/16] (integer sums as float). */
@@ -220,8 +329,15 @@ int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64
     int block, bytes, G, zoff;
     if (fmt(type, &block, &bytes, &G, &zoff) != 0 || K % block) return -1;
     const int64_t ng = K / G, nb = K / 32;
+    /* The offset terms' activation side, per group: da * (integer sum of the group). */
+    float *asum = (float *)malloc(sizeof(float) * (size_t)(rows * ng));
+    if (!asum) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < ng; g++)
+            asum[r * ng + g] = G == 32 ? da[r * nb + g] * (isum16[r * 2 * nb + 2 * g] + isum16[r * 2 * nb + 2 * g + 1])
+                                       : da[r * nb + g / 2] * isum16[r * 2 * nb + g];
     int status = 0;
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) if (N * rows * K > 32768)
     {
         uint8_t *q = (uint8_t *)aligned_alloc(64, (size_t)((K + 63) / 64 * 64));
         float *ws = (float *)malloc(sizeof(float) * (size_t)ng), *wm = (float *)malloc(sizeof(float) * (size_t)ng);
@@ -229,25 +345,34 @@ int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64
 #pragma omp atomic write
             status = -1;
         } else {
+#ifdef HAVE_VEC
+            if (block == 32) {
+#pragma omp for schedule(static)
+                for (int64_t o = 0; o < N; o++)
+                    fused32_row(type, w + o * row_bytes, nb, a, K, da, asum, rows, y + o, ldy);
+            } else
+#endif
 #pragma omp for schedule(static)
             for (int64_t o = 0; o < N; o++) {
                 unpack_row(type, w + o * row_bytes, K, q, ws, wm);
                 for (int64_t g = 0; g < ng; g++) wm[g] -= (float)zoff * ws[g];  /* offset term per group */
-                for (int64_t r = 0; r < rows; r++) {
-                    const int8_t *ar = a + r * K;
-                    const float *dr = da + r * nb, *sr = isum16 + r * 2 * nb;
-                    float acc = G == 32 ? dot_g32(q, ws, ar, dr, ng) : dot_g16(q, ws, ar, dr, ng);
-                    float off = 0.0f;
-                    if (G == 32)
-                        for (int64_t g = 0; g < ng; g++) off += wm[g] * dr[g] * (sr[2 * g] + sr[2 * g + 1]);
-                    else
-                        for (int64_t g = 0; g < ng; g++) off += wm[g] * dr[g / 2] * sr[g];
-                    y[r * ldy + o] = acc + off;
+                int64_t r = 0;
+                float dots[4];
+                if (G == 32)
+                    for (; r + 4 <= rows; r += 4) {
+                        dot_g32_4(q, ws, a + r * K, da + r * nb, K, nb, dots);
+                        for (int j = 0; j < 4; j++) y[(r + j) * ldy + o] = dots[j] + fdot(wm, asum + (r + j) * ng, ng);
+                    }
+                for (; r < rows; r++) {
+                    if (G == 32) dot_g32_1(q, ws, a + r * K, da + r * nb, K, nb, dots);
+                    else dots[0] = dot_g16(q, ws, a + r * K, da + r * nb, ng);
+                    y[r * ldy + o] = dots[0] + fdot(wm, asum + r * ng, ng);
                 }
             }
         }
         free(q); free(ws); free(wm);
     }
+    free(asum);
     return status;
 }
 
@@ -272,9 +397,11 @@ int orcinus_quant_dequantize(int type, const uint8_t *w, int64_t K, int64_t row_
             for (int64_t i = 0; i < n; i++) {
                 const int64_t row = ids ? ids[i] : i;
                 unpack_row(type, w + row * row_bytes, K, q, ws, wm);
-                for (int64_t k = 0; k < K; k++) {
-                    const int64_t g = k / G;
-                    f[k] = zoff ? ws[g] * (float)((int)q[k] - zoff) : ws[g] * (float)q[k] + wm[g];
+                for (int64_t g = 0; g < ng; g++) {  /* the reference's formula, e.g. d * (q - 8) for Q4_0 */
+                    const float s = ws[g], m = wm[g];
+                    const uint8_t *qg = q + g * G;
+                    float *fg = f + g * G;
+                    for (int i = 0; i < G; i++) fg[i] = s * (float)((int)qg[i] - zoff) + m;
                 }
                 if (out_dtype == OUT_BF16) {
                     uint16_t *o = (uint16_t *)out + i * K;

@@ -39,8 +39,9 @@ QUANT_TYPES: dict[int, tuple[str, int, int]] = {
 FLOAT = -1  # a segment held as a float tensor
 # From this many rows up the dequantise-then-GEMM path runs; below it the integer kernel.
 # Measured on an Intel Xeon (AMX) with 2 threads (docs/benchmarks.md, "Quantized weights").
-DEQUANT_MIN_ROWS = 32
+DEQUANT_MIN_ROWS = 64
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_DEQUANT_TILE_ELEMENTS = 1 << 19  # 2 MiB of float32 per tile of the dequantise-then-GEMM path
 
 
 @dataclass
@@ -248,20 +249,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x2 = x.reshape(-1, state.in_features)
     out = torch.empty(x2.shape[0], state.out_features, dtype=x.dtype)
     lib = quant_native.load()
-    activations = None
+    activations = rounded = None
     for seg in state.segments:
         dest = out[:, seg.out_start:seg.out_start + seg.out_rows]
         if seg.qtype == FLOAT:
             dest.copy_(F.linear(x2, seg.raw))
-        elif lib is None or x2.shape[0] >= DEQUANT_MIN_ROWS or x.dtype not in _OUT_DTYPES:
-            w = dequantize(seg.qtype, seg.raw, state.in_features, x.dtype if x.dtype in _OUT_DTYPES else torch.float32)
-            if len(state.segments) == 1:
-                torch.mm(x2, w.t().to(x.dtype), out=out)
-            else:
-                dest.copy_(torch.mm(x2, w.t().to(x.dtype)))
+            continue
+        if activations is None and lib is not None:
+            activations = quantize_activations(lib, x2)
+        if lib is None or x2.shape[0] >= DEQUANT_MIN_ROWS or x.dtype not in _OUT_DTYPES:
+            # The GEMM gets the same 8-bit activations the kernel reads, so a row's result does not
+            # depend on how many rows share its batch (beyond float rounding).
+            if rounded is None:
+                rounded = x2 if activations is None else _rounded(activations, x.dtype)
+            _dequant_gemm(seg, state.in_features, rounded, dest)
         else:
-            if activations is None:
-                activations = quantize_activations(lib, x2)
             _kernel_matmul(lib, seg, state.in_features, activations, out, dest)
     if bias is not None:
         out += bias
@@ -276,6 +278,28 @@ def quantize_activations(lib, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     sums = torch.empty(rows, k // 16, dtype=torch.float32)
     lib.orcinus_quant_activations(xf.data_ptr(), rows, k, a.data_ptr(), da.data_ptr(), sums.data_ptr())
     return a, da, sums
+
+
+def _dequant_gemm(seg: Segment, in_features: int, x: torch.Tensor, dest: torch.Tensor) -> None:
+    """dest = x W^T, W dequantised a tile of output rows at a time (a tile's floats stay in cache
+    and the scratch is reused, instead of a whole float copy of, e.g., a 113 MB LM head)."""
+    tile = max(64, _DEQUANT_TILE_ELEMENTS // in_features)
+    direct = dest.dtype == x.dtype
+    for start in range(0, seg.out_rows, tile):
+        stop = min(start + tile, seg.out_rows)
+        w = dequantize(seg.qtype, seg.raw[start:stop], in_features, x.dtype)
+        if direct:
+            torch.mm(x, w.t(), out=dest[:, start:stop])
+        else:
+            dest[:, start:stop].copy_(torch.mm(x, w.t()))
+
+
+def _rounded(activations, dtype: torch.dtype) -> torch.Tensor:
+    """The 8-bit activations back as floats (a * da per block of 32)."""
+    a, da, _ = activations
+    rows, k = a.shape
+    x = (a.view(rows, k // 32, 32).to(torch.float32) * da.unsqueeze(-1)).view(rows, k)
+    return x if dtype not in _OUT_DTYPES else x.to(dtype)
 
 
 def _kernel_matmul(lib, seg: Segment, in_features: int, activations, out: torch.Tensor,
