@@ -2,12 +2,12 @@
 type, odd shapes, batches of 1 and 64, through the C kernel, the dequantise-then-GEMM path and the
 pure-PyTorch path.
 
-Tolerances: the kernels multiply the weights exactly as stored by activations rounded to 8 bits
-per block of 32 (as llama.cpp does). Against the reference weights times those same rounded
-activations, the result must agree to float rounding (1e-4 of the output's scale). Against the
-unrounded activations the rounding itself shows: 8-bit activations carry a relative error of at
-most 1/254 per element, and over hundreds of products it averages to well under 2 % of the
-output's largest magnitude, which is the bound asserted.
+Tolerances: the kernels multiply the weights exactly as stored by activations rounded to 16-bit
+integers per block of 32. Against the reference weights times those same rounded activations the
+result must agree to float rounding (1e-4 of the output's scale). Against the unrounded
+activations the rounding itself shows: at most 1/65534 of a block's largest value per element,
+which over hundreds of products stays under 1e-4 of the output's largest magnitude; asserted
+with margin at 5e-4.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def _param(qtype, raw: torch.Tensor, rows: int, cols: int) -> torch.nn.Parameter
 
 
 def _rounded_reference(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to int8 per block of 32 with the scale amax/127, written out plainly."""
+    """x rounded to int16 per block of 32 with the scale amax/32767, written out plainly."""
     blocks = x.view(x.shape[0], -1, 32)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
+    d = blocks.abs().amax(-1, keepdim=True) / 32767
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     return (torch.round(blocks * inv) * d).view_as(x)
 
@@ -83,7 +83,7 @@ def test_kernel_matches_reference(lib, qtype, batch: int) -> None:
     exact = _rounded_reference(x) @ ref.t()
     scale = exact.abs().max()
     assert (out - exact).abs().max() <= 1e-4 * scale
-    assert (out - x @ ref.t()).abs().max() <= 2e-2 * scale
+    assert (out - x @ ref.t()).abs().max() <= 5e-4 * scale
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -119,7 +119,7 @@ def test_bfloat16_activations(lib) -> None:
         y = ql.linear(x, weight)
         assert y.dtype == torch.bfloat16
         exact = _rounded_reference(x.float()) @ ref.t()
-        assert (y.float() - exact).abs().max() <= 2e-2 * exact.abs().max()
+        assert (y.float() - exact).abs().max() <= 2e-2 * exact.abs().max()  # bfloat16 output
 
 
 def test_mixed_segments_and_embedding(lib) -> None:
@@ -172,4 +172,32 @@ def test_pure_pytorch_path_without_a_compiler(monkeypatch) -> None:
         assert torch.allclose(ql.linear(x, weight), x @ ref.t(), atol=1e-5)  # float activations: exact
     finally:
         monkeypatch.delenv("ORCINUS_NATIVE_KERNELS")
+        quant_native.reset_for_tests()
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "scalar"])
+def test_other_instruction_sets_match(monkeypatch, march: str) -> None:
+    """The AVX2 and plain-C builds (what other CPUs get from -march=native) compute the same."""
+    import platform
+
+    from orcinus.attention import native
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 instruction-set variants")
+    flags = [f for f in native.COMPILE_FLAGS if not f.startswith(("-march", "-mprefer"))] + [f"-march={march}"]
+    monkeypatch.setattr(native, "COMPILE_FLAGS", flags)
+    quant_native.reset_for_tests()
+    try:
+        lib = quant_native.load()
+        assert lib is not None, quant_native.why_unavailable()
+        for qtype in TYPES:
+            raw, ref = _weight(qtype, 37, 512)
+            x = torch.randn(5, 512, generator=torch.Generator().manual_seed(3))
+            out = torch.empty(5, 37)
+            ql._kernel_matmul(lib, ql.Segment(0, 37, int(qtype), raw), 512, ql.quantize_activations(lib, x), out, out)
+            exact = _rounded_reference(x) @ ref.t()
+            assert (out - exact).abs().max() <= 1e-4 * exact.abs().max(), qtype.name
+            assert torch.equal(ql.dequantize(int(qtype), raw, 512), ref), qtype.name
+    finally:
+        monkeypatch.undo()
         quant_native.reset_for_tests()

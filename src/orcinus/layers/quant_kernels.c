@@ -7,11 +7,11 @@
  *  - Every format is viewed the same way: per group of G elements (G = 32; 16 for Q6_K) a weight is
  *    w = ws[g] * (q - zoff) + wm[g], with q an unsigned small integer (4, 5, 6 or 8 bits; Q8_0's
  *    signed bytes are shifted by 128) and zoff a per-format constant.
- *  - Activations are quantized per block of 32 to int8 with one float scale (da), as integer dot
- *    products need; their per-group integer sums (isum) carry the offset terms:
+ *  - Activations are rounded per block of 32 to int16 with one float scale (da, see ACT_MAX), as
+ *    integer dot products need; their per-group integer sums (isum) carry the offset terms:
  *        sum_k w_k x_k ~= sum_g ws[g] da[g] (sum_k q_k a_k) + (wm[g] - zoff ws[g]) da[g] isum[g]
  *  - One weight row is unpacked to bytes once per call and then dotted with every activation row of
- *    the batch (unsigned x signed bytes: AVX-512 VNNI / AVX-VNNI `dpbusd`, AVX2 `madd`, or scalar).
+ *    the batch (bytes widened to 16 bits, AVX-512BW or AVX2 `madd`, or scalar C).
  *  - Output rows are split over OpenMP threads (torch's pool; see attention/native.py).
  * `orcinus_quant_dequantize` writes rows as float32 or bfloat16 with the reference's exact formula,
  * for larger batches (prefill) whose GEMM then runs in torch.
@@ -29,6 +29,11 @@
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };  /* ggml type ids */
 enum { OUT_F32 = 0, OUT_BF16 = 1 };
+/* Activations are rounded to 16-bit integers per block of 32 (scale amax / 32767). 8 bits, as
+ * llama.cpp does, flipped the default model's first answer token on a near-tie and sent it off
+ * course ("What is the capital of France?"); 16 bits agree with float32 to ~1e-5, and the blocks
+ * still feed integer multiply-adds (`madd`: 16-bit pairs summed into 32-bit lanes). */
+#define ACT_MAX 32767
 
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
@@ -143,68 +148,64 @@ static void unpack_row(int type, const uint8_t *restrict row, int64_t K, uint8_t
     }
 }
 
-/* Integer dot of 32 (or 16) unsigned weight bytes with signed activation bytes. */
-static inline int32_t idot(const uint8_t *q, const int8_t *a, int n) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    if (n == 32) {
-        __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i *)q),
-                                        _mm256_loadu_si256((const __m256i *)a));
-        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-        return _mm_cvtsi128_si32(h);
-    }
-#endif
+/* Integer dot of n unsigned weight bytes with n 16-bit activations (the scalar path). */
+static inline int32_t idot(const uint8_t *q, const int16_t *a, int n) {
     int32_t s = 0;
     for (int i = 0; i < n; i++) s += (int32_t)q[i] * (int32_t)a[i];
     return s;
 }
 
-/* VNNI-class integer dot of 32 unsigned weight bytes with 32 signed activation bytes, as 8 int32 lanes. */
-#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__) || defined(__AVX2__)
+/* One block of 32: acc += scale * (q . a), q as 32 bytes in a register, a 32 int16 in memory. The
+ * products are widened to 16 bits and summed in pairs (`madd`): exact in int32 for every format. */
+#if defined(__AVX512BW__)
 #define HAVE_VEC 1
-static inline __m256i dot32x8(__m256i qv, __m256i av) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), qv, av);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qv, av);
-#else
-    /* widen to 16 bits (maddubs would saturate for Q8_0's bytes up to 255) */
-    const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(qv)),
-                                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(av)));
-    const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(qv, 1)),
-                                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(av, 1)));
-    return _mm256_add_epi32(lo, hi);
-#endif
+typedef __m512 facc_t;
+static inline facc_t facc_zero(void) { return _mm512_setzero_ps(); }
+static inline facc_t block32(__m256i qv, const int16_t *a, float scale, facc_t acc) {
+    const __m512i s = _mm512_madd_epi16(_mm512_cvtepu8_epi16(qv), _mm512_loadu_si512((const void *)a));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scale), acc);
 }
-
+static inline float facc_sum(facc_t v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__)
+#define HAVE_VEC 1
+typedef __m256 facc_t;
+static inline facc_t facc_zero(void) { return _mm256_setzero_ps(); }
+static inline facc_t block32(__m256i qv, const int16_t *a, float scale, facc_t acc) {
+    const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(qv)),
+                                         _mm256_loadu_si256((const __m256i *)a));
+    const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(qv, 1)),
+                                         _mm256_loadu_si256((const __m256i *)(a + 16)));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), _mm256_set1_ps(scale), acc);
+}
+#endif
+#ifdef __AVX2__
 static inline float hsum8(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     return _mm_cvtss_f32(h);
 }
+#if !defined(__AVX512BW__)
+static inline float facc_sum(facc_t v) { return hsum8(v); }
+#endif
 #endif
 
-/* out[j] = sum_g ws[g] * da_j[g] * (q_g . a_j,g) for NR activation rows j at once (G = 32): each weight
- * block is loaded once for all NR rows. */
+/* out[j] = sum_g ws[g] * da_j[g] * (q_g . a_j,g) for NR activation rows j at once (G = 32, weights
+ * unpacked to bytes): each weight block is loaded once for all NR rows. */
 #define DEFINE_DOT_G32(NR)                                                                              \
-static inline void dot_g32_##NR(const uint8_t *q, const float *ws, const int8_t *a, const float *da,     \
+static inline void dot_g32_##NR(const uint8_t *q, const float *ws, const int16_t *a, const float *da,    \
                                 int64_t K, int64_t ng, float *out) {                                    \
     DOT_G32_BODY(NR)                                                                                    \
 }
 #ifdef HAVE_VEC
 #define DOT_G32_BODY(NR)                                                                                \
-    __m256 acc[NR];                                                                                     \
-    for (int j = 0; j < NR; j++) acc[j] = _mm256_setzero_ps();                                          \
+    facc_t acc[NR];                                                                                     \
+    for (int j = 0; j < NR; j++) acc[j] = facc_zero();                                                  \
     for (int64_t g = 0; g < ng; g++) {                                                                  \
         const __m256i qv = _mm256_loadu_si256((const __m256i *)(q + 32 * g));                           \
-        for (int j = 0; j < NR; j++) {                                                                  \
-            const __m256i s = dot32x8(qv, _mm256_loadu_si256((const __m256i *)(a + j * K + 32 * g)));   \
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ws[g] * da[j * ng + g]), acc[j]); \
-        }                                                                                               \
+        for (int j = 0; j < NR; j++) acc[j] = block32(qv, a + j * K + 32 * g, ws[g] * da[j * ng + g], acc[j]); \
     }                                                                                                   \
-    for (int j = 0; j < NR; j++) out[j] = hsum8(acc[j]);
+    for (int j = 0; j < NR; j++) out[j] = facc_sum(acc[j]);
 #else
 #define DOT_G32_BODY(NR)                                                                                \
     for (int j = 0; j < NR; j++) {                                                                      \
@@ -222,12 +223,12 @@ DEFINE_DOT_G32(1)
 #ifdef HAVE_VEC
 #define DEFINE_FUSED32(NR)                                                                              \
 static inline __attribute__((always_inline)) void fused32_##NR(                                         \
-        int type, const uint8_t *row, int64_t nb, const int8_t *a, int64_t K, const float *da,          \
+        int type, const uint8_t *row, int64_t nb, const int16_t *a, int64_t K, const float *da,         \
         const float *asum, float *out) {                                                                \
     const int bytes = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : 34;                                   \
-    __m256 acc[NR];                                                                                     \
+    facc_t acc[NR];                                                                                     \
     float off[NR];                                                                                      \
-    for (int j = 0; j < NR; j++) { acc[j] = _mm256_setzero_ps(); off[j] = 0.0f; }                      \
+    for (int j = 0; j < NR; j++) { acc[j] = facc_zero(); off[j] = 0.0f; }                               \
     const __m128i m4 = _mm_set1_epi8(15);                                                               \
     for (int64_t g = 0; g < nb; g++) {                                                                  \
         const uint8_t *blk = row + g * bytes;                                                           \
@@ -243,17 +244,16 @@ static inline __attribute__((always_inline)) void fused32_##NR(                 
             wm = type == T_Q4_1 ? half_to_float(blk + 2) : -8.0f * d;                                   \
         }                                                                                               \
         for (int j = 0; j < NR; j++) {                                                                  \
-            const __m256i s = dot32x8(qv, _mm256_loadu_si256((const __m256i *)(a + j * K + 32 * g)));   \
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * da[j * nb + g]), acc[j]); \
+            acc[j] = block32(qv, a + j * K + 32 * g, d * da[j * nb + g], acc[j]);                       \
             off[j] += wm * asum[j * nb + g];                                                            \
         }                                                                                               \
     }                                                                                                   \
-    for (int j = 0; j < NR; j++) out[j] = hsum8(acc[j]) + off[j];                                       \
+    for (int j = 0; j < NR; j++) out[j] = facc_sum(acc[j]) + off[j];                                    \
 }
 DEFINE_FUSED32(4)
 DEFINE_FUSED32(1)
 
-static void fused32_row(int type, const uint8_t *row, int64_t nb, const int8_t *a, int64_t K, const float *da,
+static void fused32_row(int type, const uint8_t *row, int64_t nb, const int16_t *a, int64_t K, const float *da,
                         const float *asum, int64_t rows, float *y, int64_t ldy) {
     int64_t r = 0;
     float dots[4];
@@ -273,17 +273,15 @@ static void fused32_row(int type, const uint8_t *row, int64_t nb, const int8_t *
 #endif
 
 /* The same for G = 16 (Q6_K), one activation row; da is per 32 elements. */
-static float dot_g16(const uint8_t *q, const float *ws, const int8_t *a, const float *da, int64_t ng) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    __m128 acc = _mm_setzero_ps();
+static float dot_g16(const uint8_t *q, const float *ws, const int16_t *a, const float *da, int64_t ng) {
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const __m128i s = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_loadu_si128((const __m128i *)(q + 16 * g)),
-                                           _mm_loadu_si128((const __m128i *)(a + 16 * g)));
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s), _mm_set1_ps(ws[g] * da[g / 2]), acc);
+        const __m256i s = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * g))),
+                                            _mm256_loadu_si256((const __m256i *)(a + 16 * g)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ws[g] * da[g / 2]), acc);
     }
-    acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
-    acc = _mm_add_ss(acc, _mm_movehdup_ps(acc));
-    return _mm_cvtss_f32(acc);
+    return hsum8(acc);
 #else
     float acc = 0.0f;
     for (int64_t g = 0; g < ng; g++) acc += ws[g] * da[g / 2] * (float)idot(q + 16 * g, a + 16 * g, 16);
@@ -297,22 +295,22 @@ static inline float fdot(const float *x, const float *y, int64_t n) {
     return s;
 }
 
-/* x [rows, K] float32 -> a [rows, K] int8, da [rows, K/32], isum16 [rows, K/16] (integer sums as float). */
-void orcinus_quant_activations(const float *x, int64_t rows, int64_t K, int8_t *a, float *da, float *isum16) {
+/* x [rows, K] float32 -> a [rows, K] int16, da [rows, K/32], isum16 [rows, K/16] (integer sums as float). */
+void orcinus_quant_activations(const float *x, int64_t rows, int64_t K, int16_t *a, float *da, float *isum16) {
     const int64_t nb = K / 32;
 #pragma omp parallel for schedule(static) if (rows * K > 65536)
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t b = 0; b < nb; b++) {
             const float *xb = x + r * K + 32 * b;
-            int8_t *ab = a + r * K + 32 * b;
+            int16_t *ab = a + r * K + 32 * b;
             float amax = 0.0f;
             for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
-            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            const float d = amax / (float)ACT_MAX, id = d > 0.0f ? 1.0f / d : 0.0f;
             da[r * nb + b] = d;
             int s0 = 0, s1 = 0;
             for (int i = 0; i < 32; i++) {
                 const int v = (int)lrintf(xb[i] * id);
-                ab[i] = (int8_t)v;
+                ab[i] = (int16_t)v;
                 if (i < 16) s0 += v; else s1 += v;
             }
             isum16[r * 2 * nb + 2 * b] = (float)s0;
@@ -324,7 +322,7 @@ void orcinus_quant_activations(const float *x, int64_t rows, int64_t K, int8_t *
 /* y[r, o] (row stride ldy) = x[r] . W[o] for the weight's rows [0, N); W is `type` blocks, `row_bytes` a row.
  * Activations come quantized (orcinus_quant_activations). Returns 0, or -1 for an unknown type / no memory. */
 int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64_t row_bytes,
-                         const int8_t *a, const float *da, const float *isum16, int64_t rows,
+                         const int16_t *a, const float *da, const float *isum16, int64_t rows,
                          float *y, int64_t ldy, int num_threads) {
     int block, bytes, G, zoff;
     if (fmt(type, &block, &bytes, &G, &zoff) != 0 || K % block) return -1;

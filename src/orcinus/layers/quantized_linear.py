@@ -9,7 +9,7 @@ boundaries) in their blocks and stores them on the parameter: `param.data` becom
 `linear` / `embedding` below, which dispatch on that state:
 
 - few rows (decode): the C kernel (`quant_kernels.c`), integer dot products against activations
-  quantized to 8 bits per block of 32, reading the weight once in its blocks;
+  rounded to 16-bit integers per block of 32, reading the weight once in its blocks;
 - many rows (prefill): the rows dequantised into the activations' dtype, then one torch GEMM
   (the crossover, `DEQUANT_MIN_ROWS`, measured: docs/benchmarks.md, "Quantized weights");
 - no compiler: the weight dequantised by `gguf.quants.dequantize`, then `F.linear` (slow, exact).
@@ -258,7 +258,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if activations is None and lib is not None:
             activations = quantize_activations(lib, x2)
         if lib is None or x2.shape[0] >= DEQUANT_MIN_ROWS or x.dtype not in _OUT_DTYPES:
-            # The GEMM gets the same 8-bit activations the kernel reads, so a row's result does not
+            # The GEMM gets the same rounded activations the kernel reads, so a row's result does not
             # depend on how many rows share its batch (beyond float rounding).
             if rounded is None:
                 rounded = x2 if activations is None else _rounded(activations, x.dtype)
@@ -273,7 +273,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def quantize_activations(lib, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xf = x2.to(torch.float32).contiguous()
     rows, k = xf.shape
-    a = torch.empty(rows, k, dtype=torch.int8)
+    a = torch.empty(rows, k, dtype=torch.int16)
     da = torch.empty(rows, k // 32, dtype=torch.float32)
     sums = torch.empty(rows, k // 16, dtype=torch.float32)
     lib.orcinus_quant_activations(xf.data_ptr(), rows, k, a.data_ptr(), da.data_ptr(), sums.data_ptr())
@@ -295,7 +295,7 @@ def _dequant_gemm(seg: Segment, in_features: int, x: torch.Tensor, dest: torch.T
 
 
 def _rounded(activations, dtype: torch.dtype) -> torch.Tensor:
-    """The 8-bit activations back as floats (a * da per block of 32)."""
+    """The rounded activations back as floats (a * da per block of 32)."""
     a, da, _ = activations
     rows, k = a.shape
     x = (a.view(rows, k // 32, 32).to(torch.float32) * da.unsqueeze(-1)).view(rows, k)
