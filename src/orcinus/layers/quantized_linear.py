@@ -39,7 +39,7 @@ QUANT_TYPES: dict[int, tuple[str, int, int]] = {
 FLOAT = -1  # a segment held as a float tensor
 # From this many rows up the dequantise-then-GEMM path runs; below it the integer kernel.
 # Measured on an Intel Xeon (AMX) with 2 threads (docs/benchmarks.md, "Quantized weights").
-DEQUANT_MIN_ROWS = 64
+DEQUANT_MIN_ROWS = 32
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _DEQUANT_TILE_ELEMENTS = 1 << 19  # 2 MiB of float32 per tile of the dequantise-then-GEMM path
 

