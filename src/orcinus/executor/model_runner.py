@@ -21,6 +21,7 @@ from orcinus.executor.cuda_graphs import DecodeGraphs, DecodeInputs, plan_cuda_g
 from orcinus.executor.host_staging import PackedUpload, zero_copy_upload
 from orcinus.executor.request_state import WorkerRequest
 from orcinus.layers.context import ForwardContext
+from orcinus.models.causal_lm import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def upload_capacity(tokens: int, seqs: int, max_blocks: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
+    def __init__(self, model: CausalLM, model_config: ModelConfig, engine_config: EngineConfig,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
         self.cfg = model_config
@@ -72,7 +73,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_heads = kv_head_range(model_config.num_kv_heads)[1]  # on this tensor-parallel rank
-        self.num_layers = getattr(model, "num_local_layers", model_config.num_layers)  # on this stage
+        self.num_layers = model.num_local_layers  # on this pipeline stage
         max_len = min(engine_config.max_model_len or model_config.max_position_embeddings,
                       model_config.max_position_embeddings)
         self.max_blocks_per_seq = -(-max_len // self.block_size)
