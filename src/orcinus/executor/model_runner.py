@@ -70,6 +70,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = engine_config.block_size
         self.backend = make_backend(engine_config.attention_backend, device)
+        self.backend.warm_up(device)  # e.g. the CPU decode kernel compiles here, not in the first decode
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_heads = kv_head_range(model_config.num_kv_heads)[1]  # on this tensor-parallel rank
@@ -158,7 +159,7 @@ class ModelRunner:
         if not self.graph_plan.enabled or not self.kv_caches or self.device.type != "cuda":
             return
         self.graphs = DecodeGraphs(self.graph_plan.sizes, self.max_blocks_per_seq, self.block_size,
-                                   padding_block=self.num_blocks, device=self.device)
+                                   padding_block=self.num_blocks, device=self.device, backend=self.backend)
         with torch.inference_mode():
             self.graphs.capture(self._forward_static)
 
