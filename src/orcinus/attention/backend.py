@@ -1,4 +1,5 @@
-"""The attention backend interface. Models call `attend(...)`; a fused kernel can implement it
+"""The attention backend interface. `PagedAttention` (layers/attention.py) calls `forward`, which
+writes the new keys/values into the pool and calls `attend`; a fused kernel can implement either
 without the models knowing. Each backend builds its own typed metadata once per iteration.
 
 CUDA graphs (orcinus/executor/cuda_graphs.py) capture increment-only batches over static buffers.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,13 +30,14 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 @dataclass(frozen=True)
 class GraphBuffer:
-    """A static region a backend adds for CUDA graphs: [rows] (+ `extra` entries) of `dtype`,
-    filled once with `fill(rows)`; a batch of n rows reads its first n (+ extra)."""
+    """A static region a backend adds for CUDA graphs: one entry per row of the largest batch
+    (+ `extra`) of `dtype`, filled once with `fill(entries)`; a batch of n rows reads its first
+    n (+ extra)."""
 
     name: str
     dtype: type
     extra: int = 0
-    fill: object = np.arange  # rows -> np.ndarray of rows + extra entries
+    fill: Callable[[int], np.ndarray] = np.arange  # entries -> their constant contents
 
 
 class AttentionBackend(ABC):
@@ -77,5 +80,4 @@ def graph_common(static: dict[str, torch.Tensor], rows: int, seq_lens: np.ndarra
     are right for this batch (an eager run may use them); a replay reads only the device tensors."""
     return dict(query_start_loc=static["query_start_loc"][:rows + 1], seq_lens=static["seq_lens"][:rows],
                 block_tables=static["block_tables"][:rows], slot_mapping=static["slot_mapping"][:rows],
-                query_lens_host=[1] * rows, seq_lens_host=seq_lens.tolist(), max_query_len=1,
-                max_seq_len=int(seq_lens.max()), block_size=block_size)
+                query_lens_host=[1] * rows, seq_lens_host=seq_lens.tolist(), block_size=block_size)

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orcinus.attention.backend import AttentionBackend
 from orcinus.attention.metadata import AttentionMetadata, BatchLayout
-from orcinus.attention.selector import make_backend  # noqa: F401  (re-exported: the backend factory)
+from orcinus.attention.selector import make_backend
 from orcinus.config import EngineConfig, ModelConfig
 from orcinus.distributed.parallel_state import kv_head_range
 from orcinus.executor.cuda_graphs import DecodeGraphs, DecodeInputs, plan_cuda_graphs
