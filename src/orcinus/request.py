@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from orcinus.errors import RequestRejected  # noqa: F401  (re-exported: raised here)
 from orcinus.sampling_params import SamplingParams
 
 
@@ -19,14 +20,6 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"
-
-
-class RequestRejected(ValueError):
-    """A request that can never run (too long for the cache or the model); says why."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass

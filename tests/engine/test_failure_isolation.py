@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orcinus.engine.llm_engine import EngineStepError, LLMEngine
-from orcinus.sampler import Sampler
+from orcinus.executor.sampler import Sampler
 from orcinus.sampling_params import SamplingParams
 
 POISON_TOP_K = 7  # a parameter value the injected fault chokes on

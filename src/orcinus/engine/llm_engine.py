@@ -19,17 +19,17 @@ import torch
 
 from orcinus.config import EngineConfig
 from orcinus.core.kv_cache import KVCacheManager
-from orcinus.core.scheduler import ScheduledBatch, make_scheduler
-from orcinus.engine.background_executor import start_executor
+from orcinus.core.policies import make_scheduler
+from orcinus.core.scheduler import ScheduledBatch
 from orcinus.engine.batch_messages import MessageBuilder
-from orcinus.executor.messages import BatchMessage
+from orcinus.executor.messages import BatchMessage, SamplerOutput
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup, finish_request
 from orcinus.errors import EngineStepError
 from orcinus.generation_config import GenerationDefaults, load_generation_defaults
-from orcinus.executor.cuda_graphs import plan_cuda_graphs
-from orcinus.executor.executor import Executor, WorkerDied
+from orcinus.errors import WorkerDied
+from orcinus.executor.executor import Executor
+from orcinus.executor.factory import make_executor
 from orcinus.request import FinishReason, Request, RequestOutput, RequestRejected, RequestState
-from orcinus.sampler import SamplerOutput
 from orcinus.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -67,26 +67,18 @@ def _rows_of(result: SamplerOutput) -> list[tuple[int, float, dict | None]]:
     return list(zip(result.token_ids, result.logprobs, result.top_logprobs))
 
 
-def _dtype_note(config: EngineConfig, device: torch.device) -> str:
-    """Why `dtype=auto` chose what it did on CPU (bf16 only with native units that measure faster)."""
-    if config.dtype != "auto" or device.type != "cpu":
-        return ""
-    from orcinus.cpu_features import auto_cpu_dtype
-    return f" ({auto_cpu_dtype(config.model).reason}; threads={torch.get_num_threads()})"
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        """`executor`: the one to drive (tests give a scripted one); by default `make_executor`'s.
+        The executor loads the model on every rank and sizes the KV pool; the engine only learns
+        what the workers resolved (`executor.info`: model shape, device, dtype) and how many
+        blocks it may hand out. Its `execute_async` returns at once (an in-process executor runs
+        iterations on a thread of its own), so text work overlaps the next iteration."""
         self.config = config
-        self.device = config.resolved_device()
-        self.dtype = config.resolved_dtype(self.device)
-        # The executor loads the model on every rank and sizes the KV pool; the engine only
-        # learns the model's shape and how many blocks it may hand out.
-        # Every message goes through the launcher: an in-process executor is built and runs
-        # iterations on a thread of its own (all of the process's torch work on one thread), so
-        # text work overlaps the next iteration.
-        self._launcher = start_executor(config)
-        self.executor: Executor = self._launcher.executor
+        self.executor: Executor = executor if executor is not None else make_executor(config)
+        info = self.executor.info
+        self.device = torch.device(info.device)
+        self.dtype: torch.dtype = getattr(torch, info.dtype)
         self.model_path = self.executor.model_path
         self.model_config = model_config = self.executor.model_config
         self.tokenizer = None
@@ -115,7 +107,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(eos)
         self.generation_defaults: GenerationDefaults = load_generation_defaults(
             config.generation_config, self.model_path, config.override_generation_config,
-            _gguf_metadata(self.model_path) if self.model_path.endswith(".gguf") else None)
+            info.gguf_sampling or None)
         self.outputs = OutputProcessor(self.tokenizer)
         self._in_flight: deque[_InFlight] = deque()
         # requests aborted while in a launched batch: their token from it is discarded
@@ -131,11 +123,11 @@ class LLMEngine:
             "orcinus engine: model=%s arch=%s dtype=%s%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
             "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s cuda_graphs=%s",
             self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."),
-            _dtype_note(config, self.device), self.device,
+            info.dtype_note, self.device,
             self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
             config.max_num_seqs, self.max_model_len, self.scheduler.max_num_batched_tokens,
             "on" if self.kv_cache.enable_prefix_caching else "off",
-            plan_cuda_graphs(config, self.device).describe(),
+            info.cuda_graphs,
         )
         logger.info("orcinus engine: sampling defaults for fields a request leaves unset: %s",
                     self.generation_defaults.describe())
@@ -308,7 +300,7 @@ class LLMEngine:
             return
         msg = self.messages.drops_only()
         try:
-            self._launcher.execute_async(msg).result()
+            self.executor.execute_async(msg).result()
         except Exception:  # not worth failing anyone over: the next message carries them again
             logger.warning("could not tell the workers to drop finished requests", exc_info=True)
             self.messages.requeue_drops(msg.finished_ids)
@@ -321,7 +313,7 @@ class LLMEngine:
             if batch is None:
                 break
             msg = self.messages.build(batch)
-            self._in_flight.append(_InFlight(batch, msg, self._launcher.execute_async(msg)))
+            self._in_flight.append(_InFlight(batch, msg, self.executor.execute_async(msg)))
 
     def _rerun_isolated(self, flight: _InFlight, exc: Exception
                         ) -> tuple[dict[str, tuple[int, float, dict | None]], dict[str, BaseException]]:
@@ -340,7 +332,7 @@ class LLMEngine:
             for half in (entries[:len(entries) // 2], entries[len(entries) // 2:]):
                 msg = self.messages.retry(flight.batch.batch_id, half)
                 try:
-                    tokens.update(zip(msg.sampled_ids, _rows_of(self._launcher.execute_async(msg).result())))
+                    tokens.update(zip(msg.sampled_ids, _rows_of(self.executor.execute_async(msg).result())))
                 except WorkerDied:
                     raise
                 except Exception as sub_exc:
@@ -424,7 +416,6 @@ class LLMEngine:
         return sorted(groups)
 
     def shutdown(self) -> None:
-        self._launcher.shutdown()
         self.executor.shutdown()
 
     def stats(self) -> EngineStats:
@@ -453,9 +444,3 @@ class LLMEngine:
     def free_all_check(self) -> bool:
         """True when no request holds a KV block (used by tests and shutdown)."""
         return self.kv_cache.all_free()
-
-
-def _gguf_metadata(path: str) -> dict:
-    from orcinus.models.gguf_loader import read_gguf_metadata
-
-    return read_gguf_metadata(path)
