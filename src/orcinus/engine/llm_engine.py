@@ -232,55 +232,77 @@ class LLMEngine:
         if not self._in_flight:
             return []
         flight = self._in_flight.popleft()
-        failed: dict[str, BaseException] = {}
+        tokens, failed = self._collect(flight)
+        progressed, finished = self._append(flight, tokens, set(failed))
+        # Who runs next is decided: launch it now, and do the text work while it runs.
+        self._launch()
+        outputs = self._make_text(flight, progressed, finished)
+        self.last_step_time = time.monotonic()
+        if failed:
+            self._raise_failed(flight, failed, outputs)
+        self._flush_drops_if_idle()
+        return outputs
+
+    # Each way an iteration can go wrong has one home below, with the rule that keeps the engine
+    # consistent (every request finished, returned or aborted with its blocks freed).
+    def _collect(self, flight: _InFlight) -> tuple[dict[str, tuple], dict[str, BaseException]]:
+        """The batch's tokens by request id, and the requests that failed on their own.
+
+        A worker that died: every batch in flight is aborted and WorkerDied raised (nothing can
+        run any more). Any other error: the batch is re-run in halves to find the requests that
+        cause it (`_rerun_isolated`). Ctrl-C or exit while waiting: the batch's outcome is
+        unknown, so all of it is aborted (blocks freed, ids forgotten by workers)."""
         try:
             result = self._wait_for(flight)
-            tokens = dict(zip(flight.message.sampled_ids, _rows_of(result)))
+            return dict(zip(flight.message.sampled_ids, _rows_of(result))), {}
         except WorkerDied:
             self._abort_all_in_flight(flight)
             raise
         except Exception as exc:
             try:
-                tokens, failed = self._rerun_isolated(flight, exc)
+                return self._rerun_isolated(flight, exc)
             except WorkerDied:  # died while re-running
                 self._abort_all_in_flight(flight)
                 raise
         except BaseException:
-            # Ctrl-C or exit while waiting: the batch's outcome is unknown, so abort all of it
-            # (blocks freed, ids forgotten by workers) and leave the engine consistent.
             self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
             raise
+
+    def _append(self, flight: _InFlight, tokens: dict[str, tuple], failed: set[str]
+                ) -> tuple[list[Request], list[Request]]:
+        """Append the tokens and settle the stops that need no text. Ctrl-C halfway: the whole
+        batch is aborted rather than some of it left RUNNING with nobody to return it."""
         try:
-            progressed, finished = self._append_tokens(flight.batch, tokens, set(failed))
+            return self._append_tokens(flight.batch, tokens, failed)
         except BaseException:
-            # Ctrl-C while tokens are appended: abort the whole batch rather than leave some of it
-            # RUNNING with nobody to return it.
             self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests
                                               if not r.is_finished or r.request_id in self.scheduler.pool})
             raise
-        # Who runs next is decided: launch it now, and do the text work while it runs.
-        self._launch()
+
+    def _make_text(self, flight: _InFlight, progressed: list[Request], finished: list[Request]
+                   ) -> list[RequestOutput]:
+        """The outputs, text included. Ctrl-C (or a tokenizer error) halfway: these requests are
+        aborted; those already in the batch just launched leave when it returns."""
         try:
-            outputs = self._text_outputs(progressed, finished)
+            return self._text_outputs(progressed, finished)
         except BaseException:
-            # Ctrl-C (or a tokenizer error) halfway through the text: abort these requests; those
-            # already in the batch just launched leave when it returns.
             for gid in {self.outputs.group_id_of(r.request_id) for r in flight.batch.requests} - {None}:
                 self.abort_request(gid)
             raise
-        self.last_step_time = time.monotonic()
-        if failed:
-            self._deferred = outputs
-            cause = next(iter(failed.values()))
-            aborted = self._abort_failed(flight.batch, set(failed))
-            self._flush_drops_if_idle()
-            error = EngineStepError(aborted, cause)
-            # Every request of a batch of several failed on its own: not one request's parameters
-            # but the device or the model (the server counts these to decide it is broken).
-            error.whole_batch = len(failed) == len(flight.batch.requests) > 1
-            raise error from cause
+
+    def _raise_failed(self, flight: _InFlight, failed: dict[str, BaseException],
+                      outputs: list[RequestOutput]) -> None:
+        """Requests that failed on their own are aborted (blocks freed) and reported by one
+        EngineStepError; the rest of the batch's outputs are returned by the next step()."""
+        self._deferred = outputs
+        cause = next(iter(failed.values()))
+        aborted = self._abort_failed(flight.batch, set(failed))
         self._flush_drops_if_idle()
-        return outputs
+        error = EngineStepError(aborted, cause)
+        # Every request of a batch of several failed on its own: not one request's parameters
+        # but the device or the model (the server counts these to decide it is broken).
+        error.whole_batch = len(failed) == len(flight.batch.requests) > 1
+        raise error from cause
 
     def _wait_for(self, flight: _InFlight) -> SamplerOutput:
         """Wait for a launched iteration (its own method so that `bench offline --profile` times it)."""
