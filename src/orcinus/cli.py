@@ -19,6 +19,7 @@ from orcinus.engine.arg_utils import SMOLLM2_DEFAULTS as _SMOLLM2_DEFAULTS
 from orcinus.engine.arg_utils import ENGINE_FLAG_HELP, add_engine_args, engine_config_from_args  # noqa: F401
 
 DEBUG_ENV = "ORCINUS_DEBUG"
+BENCH_EXTRA = ("httpx", "matplotlib")  # pyproject.toml's `bench` extra
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # max_tokens of a CLI reply when neither the user nor the model's generation config sets one.
@@ -165,6 +166,8 @@ def user_error_message(exc: BaseException, args: argparse.Namespace) -> str | No
     if isinstance(exc, (CLIError, ConfigError, ModelNotFound, UnsupportedModel, TokenizerNotFound, RequestRejected,
                         SamplingParamsError)):
         return text
+    if isinstance(exc, ModuleNotFoundError) and exc.name in BENCH_EXTRA:
+        return f"`orcinus bench` needs {exc.name}: pip install 'orcinus[bench]' (or -e '.[bench]' in a clone)"
     model = getattr(args, "model", None) or "the default model"
     if isinstance(exc, (struct.error, EOFError)):
         return (f"cannot load {model}: the file ends early or is corrupt ({text or type(exc).__name__}); "

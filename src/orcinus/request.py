@@ -81,10 +81,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.state == RequestState.FINISHED
 
-    def tokens_to_compute(self) -> list[int]:
-        """Tokens this request brings to its next iteration: the whole prompt, then one token."""
-        return self.all_token_ids[self.num_computed_tokens:]
-
 
 @dataclass
 class CompletionOutput:

@@ -150,3 +150,21 @@ def test_a_dead_worker_aborts_everything_in_flight():
             engine.step()
     assert engine.free_all_check() and not engine.has_unfinished_requests()
 
+
+def test_observers_see_every_step_and_the_batches_it_launched():
+    engine, executor = _engine(max_num_batched_tokens=8, enable_prefix_caching=False)
+    seen = []
+    engine.add_observer(seen.append)
+    got = _run(engine, {"a": ([5] * 10, _greedy(3)), "b": ([6] * 3, _greedy(2))})
+    assert got == {"a": _expected("a", 3), "b": _expected("b", 2)}
+    launched = [b for it in seen for b in it.launched]
+    assert len(launched) == len([m for m in executor.sent if m.requests])  # one entry per batch sent
+    assert sum(b.num_prompt_tokens for b in launched) == 13  # every prompt position, once
+    # prompts, then one decode per sampled token except each request's last
+    assert sum(b.num_tokens for b in launched) == 13 + (3 - 1) + (2 - 1)
+    assert all(b.num_tokens <= 8 for b in launched)
+    assert seen[-1].stats.generation_tokens_total == 5 and seen[-1].stats.num_running == 0
+    engine.remove_observer(seen.append)
+    steps = len(seen)
+    _run(engine, {"c": ([7], _greedy(2))})
+    assert len(seen) == steps  # removed: no longer called

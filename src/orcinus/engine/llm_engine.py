@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +22,7 @@ from orcinus.core.kv_cache import KVCacheManager
 from orcinus.core.policies import make_scheduler
 from orcinus.core.scheduler import ScheduledBatch
 from orcinus.engine.batch_messages import MessageBuilder
+from orcinus.engine.iteration_stats import EngineStats, IterationObserver, IterationStats, LaunchedBatch
 from orcinus.executor.messages import BatchMessage, SamplerOutput
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup, finish_request
 from orcinus.errors import EngineStepError
@@ -45,22 +46,11 @@ class _InFlight:
     future: Future[SamplerOutput]
 
 
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_free_blocks: int
-    num_blocks: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    iterations_total: int
-    last_step_time: float = field(default=0.0)
-    num_preemptions_total: int = 0
-    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits_total: int = 0  # of those, tokens whose KV was found cached
-    kv_real_token_slots: int = 0  # KV slots holding a computed token (a shared block counted once)
-    kv_allocated_slots: int = 0  # KV slots in blocks some request holds (reserved or filled)
+def _launched(batch: ScheduledBatch) -> LaunchedBatch:
+    # Counted as scheduled: num_computed_tokens already includes a cached prefix found at admission.
+    prompt = sum(max(0, min(req.num_computed_tokens + n, req.num_prompt_tokens) - req.num_computed_tokens)
+                 for req, n in zip(batch.requests, batch.num_new_tokens))
+    return LaunchedBatch(len(batch.requests), sum(batch.num_new_tokens), prompt)
 
 
 def _rows_of(result: SamplerOutput) -> list[tuple[int, float, dict | None]]:
@@ -119,6 +109,8 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.iterations_total = 0
         self.last_step_time = time.monotonic()
+        self._observers: list[IterationObserver] = []
+        self._launched: list[LaunchedBatch] | None = None  # batches launched in this step, when observed
         logger.info(
             "orcinus engine: model=%s arch=%s dtype=%s%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
             "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s cuda_graphs=%s",
@@ -217,6 +209,13 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or bool(self._in_flight) or bool(self._deferred)
 
     # ------------------------------------------------------------------ the iteration
+    def add_observer(self, observer: IterationObserver) -> None:
+        """Call `observer(IterationStats)` after every step() that returns (on this thread)."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: IterationObserver) -> None:
+        self._observers.remove(observer)
+
     def step(self) -> list[RequestOutput]:
         """One iteration: launch what may run, wait for the oldest batch, append its tokens,
         launch the next iteration, then make the text while that runs; return progress.
@@ -224,6 +223,17 @@ class LLMEngine:
         A request whose own parameters make its iteration fail is aborted alone (its blocks
         freed) and reported by EngineStepError; the rest of its batch still gets its token,
         returned by this call or, when it raises, by the next one."""
+        if not self._observers:
+            return self._step()
+        self._launched = []
+        outputs = self._step()
+        iteration = IterationStats(self._launched, self.stats())
+        self._launched = None
+        for observer in list(self._observers):
+            observer(iteration)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         self.last_step_time = time.monotonic()
         if self._deferred:
             deferred, self._deferred = self._deferred, []
@@ -334,6 +344,8 @@ class LLMEngine:
             self.messages.preempted(self.scheduler.take_preempted())
             if batch is None:
                 break
+            if self._launched is not None:
+                self._launched.append(_launched(batch))
             msg = self.messages.build(batch)
             self._in_flight.append(_InFlight(batch, msg, self.executor.execute_async(msg)))
 
