@@ -11,15 +11,14 @@ from typing import Literal
 
 import torch
 
-SCHEDULER_POLICIES = ("orca", "static", "paged")
+from orcinus.core.policies import POLICIES
+from orcinus.errors import ConfigError  # noqa: F401  (re-exported: raised here)
+
+SCHEDULER_POLICIES = tuple(POLICIES)  # orca, static, paged: named once, in core/policies.py
 QUANTIZATION_MODES = ("auto", "gguf", "none")
 DEFAULT_BATCHED_TOKENS_CPU = 512
 DEFAULT_BATCHED_TOKENS_CUDA = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message says what to change."""
 
 
 @dataclass
@@ -113,41 +112,13 @@ class EngineConfig:
             return self.max_num_batched_tokens
         return DEFAULT_BATCHED_TOKENS_CUDA if device.type == "cuda" else DEFAULT_BATCHED_TOKENS_CPU
 
-    def resolved_keep_quantized(self, device: torch.device) -> bool:
-        """Whether GGUF weights stay in their quantized blocks (see `quantization`)."""
-        if self.quantization == "none":
-            return False
-        if device.type != "cpu":
-            if self.quantization == "gguf":
-                raise ConfigError(f"quantization='gguf' runs on CPU only (device {device}); use "
-                                  "quantization='none' or 'auto' (which dequantises on GPUs)")
-            return False
-        if self.quantization == "auto":
-            from orcinus.layers import quant_native
-
-            return quant_native.load() is not None
-        return True
-
     def resolved_prefix_caching(self) -> bool:
         if self.enable_prefix_caching is None:
             return self.scheduler_policy == "paged"
         return self.enable_prefix_caching
 
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={self.device!r} was asked for but CUDA is not available; use device='cpu'")
-        return dev
-
-    def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            if device.type == "cuda":
-                return torch.bfloat16
-            from orcinus.cpu_features import auto_cpu_dtype
-            return auto_cpu_dtype(self.model).dtype
-        return DTYPES[self.dtype]
+    # device="auto" and dtype="auto" are resolved on the executor side, where the model's path is
+    # known: orcinus/executor/platform.py.
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orcinus.errors import ConfigError
 from orcinus.layers import quant_native
 
 log = logging.getLogger("orcinus")
@@ -95,6 +96,19 @@ class QuantState:
     dtype: torch.dtype  # the activations' / outputs' dtype (the model's)
     segments: list[Segment] = field(default_factory=list)
     pending: dict[int, tuple[int, GGUFTensor]] = field(default_factory=dict)  # merged: part -> (offset, tensor)
+
+
+def keep_quantized(mode: str, device: torch.device) -> bool:
+    """Whether a GGUF file's quantized tensors stay in their blocks (EngineConfig.quantization):
+    `auto` on CPU when the C kernel builds, `gguf` on CPU always, never with `none` or on GPUs."""
+    if mode == "none":
+        return False
+    if device.type != "cpu":
+        if mode == "gguf":
+            raise ConfigError(f"quantization='gguf' runs on CPU only (device {device}); use "
+                              "quantization='none' or 'auto' (which dequantises on GPUs)")
+        return False
+    return mode == "gguf" or quant_native.load() is not None
 
 
 def is_gguf_tensor(loaded: object) -> bool:
