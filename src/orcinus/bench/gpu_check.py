@@ -28,7 +28,7 @@ an H100/H200 (the lease of 15 minutes also pays for the machine's start). Each l
 changed with GPU_CHECK_<STAGE>_S (e.g. GPU_CHECK_HF_CB_S=120).
 
 `--dry-run`: the same stages on the CPU at toy scale, so CI runs this very code on every change:
-a scaled-down checkpoint, 6 requests, float32, and the paged backends on the Triton kernel under
+a scaled-down checkpoint (one layer), 4 requests, float32, and the paged backends on the Triton kernel under
 TRITON_INTERPRET=1 (CUDA graphs are off on a CPU, so paged and paged-eager run the same way).
 
 Needs nothing beyond torch, triton, pytest and orcinus' core dependencies that the GPU image has
@@ -56,6 +56,7 @@ GPU_TEST_FILES = (
     "tests/engine/test_gpu_tier.py",
     "tests/executor/test_cuda_graphs_gpu.py",
     "tests/executor/test_bf16_decode_gpu.py",
+    "tests/executor/test_cuda_memory_gpu.py",
 )
 # Modules the stages import; the machine stage says which are missing.
 REQUIRED_MODULES = ("torch", "triton", "transformers", "numpy", "safetensors", "tokenizers", "tqdm", "jinja2",
@@ -70,10 +71,11 @@ DRY_RUN_LIMIT_S = 300  # per stage on a busy CI machine
 DRY_RUN_TOTAL_S = 1500.0
 
 GPU_TRACE = ["--num-requests", "256", "--prompt-len", "100:1024", "--output-len", "100:1024", "--max-num-seqs", "256"]
-DRY_TRACE = ["--num-requests", "6", "--prompt-len", "8:40", "--output-len", "4:12", "--max-num-seqs", "4"]
+DRY_TRACE = ["--num-requests", "4", "--prompt-len", "8:40", "--output-len", "2:6", "--max-num-seqs", "4"]
 # Qwen3-0.6B's layout scaled down: GQA (2 query heads per KV head), tied embeddings
-DRY_CHECKPOINT = ["hidden_size=64", "intermediate_size=128", "num_hidden_layers=2", "num_attention_heads=4",
-                  "num_key_value_heads=2", "head_dim=32", "vocab_size=512", "max_position_embeddings=256"]
+DRY_CHECKPOINT = ["hidden_size=64", "intermediate_size=128", "num_hidden_layers=1", "num_attention_heads=4",
+                  "num_key_value_heads=2", "head_dim=32", "vocab_size=512", "max_position_embeddings=256",
+                  "bos_token_id=1", "eos_token_id=2"]
 
 MACHINE_CHECK = r"""
 import importlib, sys
@@ -127,7 +129,9 @@ def plan(out: Path, dry_run: bool, python: str = sys.executable) -> list[Stage]:
                         limits["checkpoint"]))
     common = ["--model", str(ckpt), "--seed", "0", "--no-progress", "--dataset", "random",
               *(DRY_TRACE if dry_run else GPU_TRACE)]
-    common += ["--device", "cpu", "--dtype", "float32"] if dry_run else ["--device", "cuda"]
+    # dry run: a small KV pool, as the interpreter copies every tensor argument at each launch
+    common += ["--device", "cpu", "--dtype", "float32", "--kv-cache-memory", str(8 << 20)] if dry_run \
+        else ["--device", "cuda"]
     paged = ["--attention-backend", "triton"]  # what `auto` picks on CUDA; named, so the dry run runs it too
 
     def bench(name: str, backend: str, *extra: str, env: dict[str, str] | None = None) -> Stage:
@@ -140,7 +144,9 @@ def plan(out: Path, dry_run: bool, python: str = sys.executable) -> list[Stage]:
     stages.append(bench("paged-eager", "paged", *paged, "--enforce-eager", "--no-floor", env=interp))
     stages.append(Stage("gpu-tests", [python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                                       "-p", "gpu_check_pytest", *GPU_TEST_FILES],
+                        # only the plugins named here: an image's own pytest plugins cannot break the run
                         limits["gpu-tests"], {"GPU_CHECK_TESTS_JSON": str(out / "gpu_tests.json"),
+                                              "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
                                               "PYTHONPATH": _prepend_path(str(ROOT / "scripts"))}))
     stages.append(bench("hf", "hf", "--no-floor"))
     stages.append(bench("hf-cb", "hf-cb", "--no-floor"))
