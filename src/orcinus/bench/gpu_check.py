@@ -65,8 +65,8 @@ REQUIRED_MODULES = ("torch", "triton", "transformers", "numpy", "safetensors", "
 TOTAL_S = 450.0
 MIN_STAGE_S = 15.0  # a stage with less time left than this is not started
 # (name, time limit on a GPU in seconds): run in this order
-GPU_LIMITS = {"machine": 30, "checkpoint": 60, "paged": 90, "paged-eager": 60, "gpu-tests": 90, "hf": 60,
-              "hf-cb": 90}
+GPU_LIMITS = {"machine": 20, "checkpoint": 45, "paged": 90, "paged-eager": 60, "gpu-tests": 120, "hf": 60,
+              "hf-cb": 85}
 DRY_RUN_LIMIT_S = 300  # per stage on a busy CI machine
 DRY_RUN_TOTAL_S = 1500.0
 

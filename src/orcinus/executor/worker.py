@@ -112,7 +112,11 @@ class Worker:
         return min(tokens, ec.max_num_seqs * self.max_model_len)
 
     def _profile_pool_blocks(self) -> int:
-        return 2 * -(-self.max_model_len // self.runner.block_size)
+        """Enough blocks for the profiled rows, and no more: a pool for two whole contexts of a
+        long-context model (Qwen3's 40,960 tokens) would take gigabytes the sizing then measures
+        around. Rows share blocks beyond that; their values do not matter."""
+        bs = self.runner.block_size
+        return min(2 * -(-self.max_model_len // bs), -(-self.profile_tokens() // bs) + self.config.max_num_seqs)
 
     def profile_run(self) -> None:
         """One forward and sampling pass over the largest batch: max_num_seqs rows and as many
