@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[3]  # the repository (this file is src/o
 # Every test file with gpu-marked tests; tests/scripts/test_gpu_check.py checks none is missing.
 GPU_TEST_FILES = (
     "tests/attention/test_triton_paged.py",
+    "tests/bench/test_profile.py",
     "tests/engine/test_gpu_tier.py",
     "tests/executor/test_cuda_graphs_gpu.py",
     "tests/executor/test_bf16_decode_gpu.py",
