@@ -45,3 +45,5 @@ def test_the_warm_up_runs_the_longest_prompts_whole():
     warm = offline._warmup_requests(trace)
     assert [r.prompt_len for r in warm] == [1000, 900, 300, 40]
     assert all(r.output_len == offline.WARMUP_OUTPUT_TOKENS for r in warm)
+    # reversed, so that no timed request finds the warm-up's blocks in the prefix cache
+    assert warm[0].prompt_token_ids == list(range(999, -1, -1))

@@ -1,8 +1,9 @@
 """`orcinus bench offline`: one trace, every system, output tokens/s side by side.
 
 All backends get the same trace (all requests at once, EOS ignored), model, dtype and device, run
-one after another in this process. Each is warmed up with a small batch before its timed run, so
-first-call costs (allocation, kernel selection) do not count against it. Process CPU time is
+one after another in this process. Each is warmed up before its timed run with the trace's longest
+prompts (reversed, so the prefix cache gains nothing), so first-call costs (allocation, kernel
+compilation and selection at the shapes the run uses) do not count against it. Process CPU time is
 recorded beside wall time: on a shared machine it moves less with other people's load.
 
 The report gives measured ratios and, beside them, the bound the trace itself puts on orca's gain
@@ -213,7 +214,9 @@ def _warmup_requests(trace: Sequence[BenchRequest]) -> list[BenchRequest]:
     the largest prefill tiles), so that kernels specialised by shape (Triton's BLOCK_M, cuBLAS's
     algorithm choice) are compiled and chosen before the clock starts, not inside the timed run."""
     longest = sorted(trace, key=lambda r: r.prompt_len, reverse=True)[:WARMUP_REQUESTS]
-    return [BenchRequest(r.prompt_token_ids, WARMUP_OUTPUT_TOKENS) for r in longest]
+    # Reversed: the same lengths, but no prefix any timed request shares, so the prefix cache holds
+    # nothing from the warm-up that would spare the timed run a prefill.
+    return [BenchRequest(list(reversed(r.prompt_token_ids)), WARMUP_OUTPUT_TOKENS) for r in longest]
 
 
 def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest], progress: bool,
