@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -86,10 +87,13 @@ def _check_shape(summary: dict) -> None:
 def test_the_dry_run_runs_every_stage_on_the_cpu_and_writes_the_summary(tmp_path):
     pytest.importorskip("triton", reason="the dry run runs the Triton kernel under its interpreter")
     out = tmp_path / "out"
-    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], capture_output=True, text=True,
+    # --bundle, as on the lent machines (which return 8 files): everything else is in the archive
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--bundle", str(out)], capture_output=True, text=True,
                           env=_env(tmp_path, NOT_ON_THE_GPU_IMAGE), timeout=1500)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(out.glob("*.log")))
-    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:] + logs
+    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "machine.txt", "summary.json"]
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        tar.extractall(out / "detail")
     summary = json.loads((out / "summary.json").read_text())
     _check_shape(summary)
     assert [s["name"] for s in summary["stages"]] == STAGES and all(s["rc"] == 0 for s in summary["stages"])
@@ -98,10 +102,13 @@ def test_the_dry_run_runs_every_stage_on_the_cpu_and_writes_the_summary(tmp_path
     tests = summary["gpu_tests"]  # every GPU test collected, each skipped here (no CUDA), none broken
     assert tests["collected"] >= len(gpu_check.GPU_TEST_FILES) and tests["skipped"] == tests["collected"]
     assert tests["errors"] == tests["failed"] == 0
-    paged = json.loads((out / "bench-paged.json").read_text())
+    detail = out / "detail"
+    assert {f"{name}.log" for name in STAGES} <= {p.name for p in detail.iterdir()}
+    paged = json.loads((detail / "bench-paged.json").read_text())
     assert "--attention-backend triton" in paged["command"]  # the Triton kernel ran, interpreted
     assert paged["results"][0]["profile"]["iterations"] > 0 and paged["floor"]["output_tokens_per_s"] > 0
-    assert "--enforce-eager" in json.loads((out / "bench-paged-eager.json").read_text())["command"]
+    assert "--enforce-eager" in json.loads((detail / "bench-paged-eager.json").read_text())["command"]
+    assert json.loads((detail / "gpu_tests.json").read_text()) == tests
 
 
 @needs_bash

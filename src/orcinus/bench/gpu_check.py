@@ -12,6 +12,10 @@ Stages, each a process of its own with its own time limit, in this order:
   hf, hf-cb    transformers' static `generate` and its continuous batching on the same trace
 The trace is issue 11's: 256 requests, prompts and outputs U(100, 1024), all at once.
 
+`--bundle` (for machines that return only a few files of OUT, as the lent ones return 8): OUT
+then holds only summary.json, machine.txt and gpu_check.tar.gz, the logs and reports of every
+stage so far, refreshed after each stage; the stages work in a temporary folder.
+
 After every stage OUT/summary.json is rewritten whole (write, then rename) with what is known
 so far, so a run cut short keeps every finished stage's numbers:
   {"device": str, "stages": [{"name": str, "rc": int, "seconds": float}],
@@ -41,9 +45,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,18 +245,42 @@ def _tail(path: Path, lines: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the same stages on the CPU at toy scale")
+    parser.add_argument("--bundle", action="store_true",
+                        help="OUT gets summary.json, machine.txt and gpu_check.tar.gz (all logs and reports) only")
     parser.add_argument("out", nargs="?", default=os.environ.get("OUT") or "gpu_check_out")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    results = Path(args.out).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="gpu_check-")) if args.bundle else results
     total = float(os.environ.get("GPU_CHECK_TOTAL_S", DRY_RUN_TOTAL_S if args.dry_run else TOTAL_S))
     deadline = time.monotonic() + total
     stages = plan(out, args.dry_run)
-    summary = Summary(out / "summary.json", "cpu (dry run)" if args.dry_run else "cuda")
+    summary = Summary(results / "summary.json", "cpu (dry run)" if args.dry_run else "cuda")
     summary.save()
-    print(f"gpu_check: {len(stages)} stages within {total:.0f} s; results in {out}", flush=True)
+    print(f"gpu_check: {len(stages)} stages within {total:.0f} s; results in {results}", flush=True)
+    try:
+        return _run_stages(stages, summary, out, results, deadline, args.dry_run, args.bundle)
+    finally:
+        if args.bundle:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _bundle(work: Path, results: Path) -> None:
+    """The stages' files (not folders: the dry run's checkpoint stays out) into one archive."""
+    tmp = results / "gpu_check.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in sorted(work.iterdir()):
+            if f.is_file():
+                tar.add(f, arcname=f.name)
+    os.replace(tmp, results / "gpu_check.tar.gz")
+
+
+def _run_stages(stages: list[Stage], summary: Summary, out: Path, results: Path, deadline: float, dry_run: bool,
+                bundle: bool) -> int:
     failed = []
     for stage in stages:
+        if bundle:
+            _bundle(out, results)
         left = deadline - time.monotonic()
         missing_ckpt = stage.needs_checkpoint and not _stage_ok(summary, "checkpoint")
         if left < MIN_STAGE_S or missing_ckpt:
@@ -265,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = run_stage(stage, limit, log)
         seconds = time.monotonic() - started
         if stage.name == "machine":
-            (out / "machine.txt").write_text(log.read_text(errors="replace"))
-            if rc != 0 and not args.dry_run and "no CUDA device here" in log.read_text(errors="replace"):
+            (results / "machine.txt").write_text(log.read_text(errors="replace"))
+            if rc != 0 and not dry_run and "no CUDA device here" in log.read_text(errors="replace"):
                 print(_tail(log, 5), flush=True)
                 summary.add_stage(stage.name, rc, seconds)
                 return 2
@@ -284,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0 or (stage.backend and shown is None):
             failed.append(stage.name)
             print(_tail(log, 15), flush=True)
+    if bundle:
+        _bundle(out, results)
     print(json.dumps(summary.data, indent=2), flush=True)
-    print(f"gpu_check: {'all stages passed' if not failed else 'failed: ' + ', '.join(failed)}; logs in {out}",
+    where = results / "gpu_check.tar.gz" if bundle else results
+    print(f"gpu_check: {'all stages passed' if not failed else 'failed: ' + ', '.join(failed)}; logs in {where}",
           flush=True)
     return 0 if not failed else 1
 
