@@ -16,6 +16,7 @@ from orcinus.executor.messages import BatchMessage, SamplerOutput, SamplingSetti
 from orcinus.executor.model_runner import ModelRunner, default_cpu_kv_bytes
 from orcinus.executor.request_state import RequestStates, WorkerRequest
 from orcinus.executor.platform import dtype_note, resolve_device, resolve_dtype
+from orcinus.layers.quantized_linear import keep_quantized
 from orcinus.models.loader import load_model, resolve_model_path
 from orcinus.executor.sampler import Sampler, SamplingMetadata
 
@@ -41,7 +42,8 @@ class Worker:
             # unless OMP_NUM_THREADS says otherwise: ranks that each spin on every core slow each
             # other down.
             configure_cpu_threads(local_ranks)
-        loaded = load_model(model_path, self.dtype, self.device)
+        loaded = load_model(model_path, self.dtype, self.device,
+                            keep_quantized=keep_quantized(config.quantization, self.device))
         self.model_path = loaded.path
         self.model_config: ModelConfig = loaded.config
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
