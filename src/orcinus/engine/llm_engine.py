@@ -20,7 +20,7 @@ import torch
 from orcinus.config import EngineConfig
 from orcinus.core.kv_cache import KVCacheManager
 from orcinus.core.scheduler import ScheduledBatch, make_scheduler
-from orcinus.engine.background_executor import start_executor
+from orcinus.engine.background_executor import BackgroundLauncher, start_executor
 from orcinus.engine.batch_messages import MessageBuilder
 from orcinus.executor.messages import BatchMessage
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup, finish_request
@@ -76,7 +76,9 @@ def _dtype_note(config: EngineConfig, device: torch.device) -> str:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        """`executor`: run iterations on this one instead of building one from `config` (the
+        simulator's, orcinus/sim/executor.py); it is called on the engine's thread."""
         self.config = config
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
@@ -85,7 +87,7 @@ class LLMEngine:
         # Every message goes through the launcher: an in-process executor is built and runs
         # iterations on a thread of its own (all of the process's torch work on one thread), so
         # text work overlaps the next iteration.
-        self._launcher = start_executor(config)
+        self._launcher = start_executor(config) if executor is None else BackgroundLauncher(executor)
         self.executor: Executor = self._launcher.executor
         self.model_path = self.executor.model_path
         self.model_config = model_config = self.executor.model_config
