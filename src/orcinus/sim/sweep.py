@@ -18,8 +18,9 @@ from orcinus.sim.replay import replay_simulated, trace_lengths
 
 def simulate_point(config: EngineConfig, target: SimTarget, label: str, trace: Sequence[BenchRequest], rate: float,
                    mode: ArrivalMode = "poisson", seed: int = 0, slos_ms: dict[str, float] | None = None,
-                   lengths_known: bool = True, pad_static: bool = False) -> SweepPoint:
-    """`cpu_s` is the simulator's own process time; `duration_s` is virtual."""
+                   lengths_known: bool = True, pad_static: bool = False) -> tuple[SweepPoint, dict]:
+    """(the point, what the simulated engine did); `cpu_s` is the simulator's own process time,
+    `duration_s` virtual seconds."""
     from orcinus.bench.sweep import point_of
 
     timed = with_arrivals(trace, rate, mode, seed)
@@ -31,7 +32,8 @@ def simulate_point(config: EngineConfig, target: SimTarget, label: str, trace: S
         run = replay_simulated(engine, clock, timed, slos_ms, lengths_known)
     finally:
         engine.shutdown()
-    kv = {"iterations": executor.stats.iterations, "preemptions": getattr(engine.scheduler, "num_preemptions", 0),
+    sim = {"iterations": executor.stats.iterations, "preemptions": getattr(engine.scheduler, "num_preemptions", 0),
           "mean_rows": executor.stats.rows / max(executor.stats.iterations, 1),
           "busy_fraction": executor.stats.busy_s / run.duration_s if run.duration_s > 0 else math.nan}
-    return dataclasses.replace(point_of(label, rate, run), cpu_s=time.process_time() - c0, kv=kv)
+    sim["mean_batch_tokens"] = executor.stats.tokens / max(executor.stats.iterations, 1)
+    return dataclasses.replace(point_of(label, rate, run), cpu_s=time.process_time() - c0), sim
