@@ -30,6 +30,43 @@ class _Req:
     logprobs: int | None
 
 
+class RowTracker:
+    """What a worker knows of each request, kept from the messages alone: (new tokens, tokens
+    already computed, samples) per row, and which output token each sampling row produces."""
+
+    def __init__(self) -> None:
+        self._reqs: dict[str, _Req] = {}
+
+    def clear(self) -> None:
+        self._reqs.clear()
+
+    def rows(self, msg: BatchMessage) -> tuple[list[tuple[int, int, bool]], list[tuple[str, int, bool]]]:
+        reqs = self._reqs
+        for rid in msg.finished_ids:
+            reqs.pop(rid, None)
+        for rid in msg.preempted_ids:
+            reqs.pop(rid, None)
+        rows: list[tuple[int, int, bool]] = []
+        sampled: list[tuple[str, int, bool]] = []
+        for entry in msg.requests:
+            rid = entry.request_id
+            if isinstance(entry, NewRequestData):
+                known = len(entry.prompt_token_ids) + len(entry.output_token_ids)
+                st = _Req(len(entry.prompt_token_ids), known, entry.num_computed_tokens, entry.settings.logprobs)
+                reqs[rid] = st
+                n = entry.num_new_tokens if entry.num_new_tokens is not None else known - st.computed
+            else:
+                st = reqs[rid]
+                if entry.new_token_id is not None:
+                    st.num_tokens += 1
+                n = entry.num_new_tokens
+            rows.append((n, st.computed, entry.samples))
+            st.computed += n
+            if entry.samples:
+                sampled.append((rid, st.num_tokens - st.prompt_len + 1, st.logprobs is not None))
+        return rows, sampled
+
+
 @dataclass
 class SimStats:
     iterations: int = 0
@@ -53,7 +90,7 @@ class SimulatedExecutor(Executor):
         self._lengths = lengths
         self._eos = model_config.eos_token_ids[0] if model_config.eos_token_ids else None
         self._eos_set = frozenset(model_config.eos_token_ids)
-        self._reqs: dict[str, _Req] = {}
+        self.tracker = RowTracker()
         self.stats = SimStats(per_iteration=[] if record_iterations else None)
         self._seq = 0
         # FasterTransformer-style padding (with the static policy): a batch's prompts are padded to
@@ -78,36 +115,16 @@ class SimulatedExecutor(Executor):
     def execute_async(self, msg: BatchMessage) -> VirtualFuture[SamplerOutput]:
         self._seq += 1
         msg.seq = self._seq
-        reqs = self._reqs
-        for rid in msg.finished_ids:
-            reqs.pop(rid, None)
-        for rid in msg.preempted_ids:
-            reqs.pop(rid, None)
-        rows: list[tuple[int, int, bool]] = []
+        rows, sampled = self.tracker.rows(msg)
         tokens: list[int] = []
         logprobs: list[float] = []
         tops: list[dict | None] = []
-        for entry in msg.requests:
-            rid = entry.request_id
-            if isinstance(entry, NewRequestData):
-                known = len(entry.prompt_token_ids) + len(entry.output_token_ids)
-                st = _Req(len(entry.prompt_token_ids), known, entry.num_computed_tokens, entry.settings.logprobs)
-                reqs[rid] = st
-                n = entry.num_new_tokens if entry.num_new_tokens is not None else known - st.computed
-            else:
-                st = reqs[rid]
-                if entry.new_token_id is not None:
-                    st.num_tokens += 1
-                n = entry.num_new_tokens
-            rows.append((n, st.computed, entry.samples))
-            st.computed += n
-            if entry.samples:
-                k = st.num_tokens - st.prompt_len + 1  # this is the request's k-th output token
-                target = self._target_length(rid)
-                tok = self._eos if target is not None and k >= target and self._eos is not None else self._filler(rid, k)
-                tokens.append(tok)
-                logprobs.append(0.0)
-                tops.append({tok: 0.0} if st.logprobs is not None else None)
+        for rid, k, want_logprobs in sampled:  # the request's k-th output token
+            target = self._target_length(rid)
+            tok = self._eos if target is not None and k >= target and self._eos is not None else self._filler(rid, k)
+            tokens.append(tok)
+            logprobs.append(0.0)
+            tops.append({tok: 0.0} if want_logprobs else None)
         out = SamplerOutput(tokens, logprobs, tops)
         if not rows:  # a drops-only message: no iteration
             return VirtualFuture(self.clock, self.clock.now, out)
@@ -138,4 +155,4 @@ class SimulatedExecutor(Executor):
         return BatchShape.of([(1, ctx, True)] * members)
 
     def shutdown(self) -> None:
-        self._reqs.clear()
+        self.tracker.clear()

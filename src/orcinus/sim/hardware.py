@@ -74,9 +74,9 @@ class Hardware:
     def from_dict(cls, d: dict) -> "Hardware":
         try:
             eff = {**dict.fromkeys(EFFICIENCY_CLASSES, 1.0), **d.get("efficiency", {})}
-            bad = [k for k, v in eff.items() if not 0 < float(v) <= 1.5]
+            bad = [k for k, v in eff.items() if not 0 < float(v) <= 10.0]
             if bad:
-                raise HardwareError(f"hardware {d.get('name')!r}: efficiencies {bad} must be in (0, 1.5]")
+                raise HardwareError(f"hardware {d.get('name')!r}: efficiencies {bad} must be in (0, 10]")
             return cls(name=d["name"], memory_bytes=float(d["memory_bytes"]), peak_flops=float(d["peak_flops"]),
                        memory_bandwidth=float(d["memory_bandwidth"]), devices_per_node=int(d["devices_per_node"]),
                        intra_node=Link(**d["intra_node"]), inter_node=Link(**d["inter_node"]),

@@ -1,0 +1,260 @@
+"""`orcinus bench calibrate`: fit the cost model's efficiencies and the engine's per-iteration
+overhead to this machine, from orcinus's own measured iterations.
+
+Measurement: the real engine (default model) runs a few offline workloads chosen to span the
+cost model's regimes (single requests, decode batches of 8-48 rows, whole prompts, prompt chunks);
+each iteration's forward time is taken on the forward thread around the executor's call, and each
+step's own time (the step minus its wait for the iteration) is the control plane. The phase
+profile of `bench/profile.py` is recorded beside it.
+
+Fit: forward time = gemm x 1/eff_gemm (compute-bound GEMMs) + (memory-bound GEMM bytes +
+element-wise bytes) x 1/eff_memory + attention x 1/eff_attention (each at the machine's measured
+peak rates); which GEMMs are compute-bound depends on the efficiencies, so classification and a
+non-negative least-squares fit (relative error) alternate until they agree. Overhead = a + b x rows,
+least squares. The result is stored as the `this-machine` hardware.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from orcinus.sim.cost_model import BatchShape, CostModel, Parallel
+from orcinus.sim.hardware import HARDWARE_DIR, Hardware, HardwareError, Overhead
+from orcinus.sim.shapes import ModelShape
+
+logger = logging.getLogger(__name__)
+FIT_CLASSES = ("gemm", "memory", "attention")
+
+
+def calibration_path() -> str:
+    root = os.environ.get("ORCINUS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "orcinus"))
+    return os.path.join(root, "sim", "this-machine.json")
+
+
+def load_calibration(path: str | None = None) -> Hardware:
+    path = path or calibration_path()
+    try:
+        with open(path) as f:
+            return Hardware.from_dict(json.load(f))
+    except FileNotFoundError:
+        raise HardwareError(f"no calibration of this machine at {path}: run `orcinus bench calibrate` first, or "
+                            "give a hardware preset (e.g. --simulate xeon-2core)") from None
+
+
+# ------------------------------------------------------------------------------------ fitting
+def _features(cost: CostModel, b: BatchShape, eff: dict[str, float]) -> list[float]:
+    w = cost.stage_work(b, 0)
+    peak, bw = cost.peak, cost.hw.memory_bandwidth
+    gc, gm = w.gemm_flops / peak, w.gemm_bytes / bw
+    compute_bound = gc / eff["gemm"] > gm / eff["memory"]
+    return [gc if compute_bound else 0.0, (0.0 if compute_bound else gm) + w.elem_bytes / bw,
+            max(w.attn_flops / peak, w.attn_bytes / bw)]
+
+
+def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with x >= 0 by trying every subset of columns (few columns)."""
+    k = a.shape[1]
+    best, best_err = np.zeros(k), float(np.sum(y ** 2))
+    for r in range(1, k + 1):
+        for cols in itertools.combinations(range(k), r):
+            sub = a[:, cols]
+            if not np.any(sub):
+                continue
+            x, *_ = np.linalg.lstsq(sub, y, rcond=None)
+            if np.any(x < 0):
+                continue
+            err = float(np.sum((sub @ x - y) ** 2))
+            if err < best_err:
+                best_err, best = err, np.zeros(k)
+                best[list(cols)] = x
+    return best
+
+
+def fit_efficiencies(cost: CostModel, samples: Sequence[tuple[BatchShape, float]], rounds: int = 12
+                     ) -> dict[str, float]:
+    """Efficiencies (gemm, memory, attention) that best predict the forward seconds of `samples`."""
+    eff = {c: 0.5 for c in FIT_CLASSES}
+    y = np.array([t for _, t in samples])
+    for _ in range(rounds):
+        a = np.array([_features(cost, b, eff) for b, _ in samples])
+        w = 1.0 / y  # relative error: short and long iterations count alike
+        x = _nnls(a * w[:, None], y * w)
+        new = {c: (1.0 / v if v > 1e-12 else 10.0) for c, v in zip(FIT_CLASSES, x)}
+        new = {c: min(v, 10.0) for c, v in new.items()}
+        if all(abs(new[c] - eff[c]) < 1e-6 * eff[c] for c in FIT_CLASSES):
+            eff = new
+            break
+        eff = new
+    return eff
+
+
+def fit_overhead(samples: Sequence[tuple[int, float]]) -> Overhead:
+    """seconds = a + b x rows (both >= 0)."""
+    a = np.array([[1.0, r] for r, _ in samples])
+    y = np.array([s for _, s in samples])
+    x = _nnls(a, y)
+    return Overhead(float(x[0]), float(x[1]), 0.0)
+
+
+# ------------------------------------------------------------------------------------ measuring
+@dataclass
+class Workload:
+    label: str
+    max_num_seqs: int
+    num_requests: int
+    prompt_len: tuple[int, int]
+    output_len: tuple[int, int]
+    budget: int = 1 << 30
+
+
+WORKLOADS = (
+    Workload("single", 1, 3, (16, 200), (24, 24)),
+    Workload("decode-8", 8, 16, (32, 256), (8, 48)),
+    Workload("decode-48", 48, 64, (16, 128), (16, 48)),
+    Workload("chunked", 16, 12, (200, 400), (8, 16), budget=128),
+)
+QUICK = (Workload("single", 1, 2, (16, 64), (8, 8)), Workload("decode-8", 8, 8, (16, 96), (4, 16)))
+
+
+@dataclass
+class Measured:
+    forward: list[tuple[BatchShape, float]] = field(default_factory=list)
+    overhead: list[tuple[int, float]] = field(default_factory=list)  # (rows, engine seconds per step)
+    profile_markdown: str = ""
+
+
+def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: int = 0) -> Measured:
+    import random
+
+    from orcinus.bench.profile import profile_phases
+    from orcinus.config import EngineConfig
+    from orcinus.engine.llm_engine import LLMEngine
+    from orcinus.sampling_params import SamplingParams
+    from orcinus.sim.executor import RowTracker
+
+    out = Measured()
+    rng = random.Random(seed)
+    for wl in workloads:
+        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, skip_tokenizer_init=True, scheduler_policy="orca",
+                                        max_num_seqs=wl.max_num_seqs, max_num_batched_tokens=wl.budget,
+                                        enable_prefix_caching=False))
+        try:
+            executor, tracker = engine.executor, RowTracker()
+            inner = executor.execute_async
+            timed: list[tuple[BatchShape, float]] = []
+
+            def execute(msg, inner=inner, tracker=tracker, timed=timed):  # runs on the forward thread
+                rows, _ = tracker.rows(msg)
+                t0 = time.perf_counter()
+                fut = inner(msg)
+                fut.result()
+                if rows:
+                    timed.append((BatchShape.of(rows), time.perf_counter() - t0))
+                return fut
+
+            executor.execute_async = execute
+            waits: list[float] = []
+            wait_inner = engine._wait_for
+
+            def wait_for(flight, wait_inner=wait_inner, waits=waits):
+                t0 = time.perf_counter()
+                try:
+                    return wait_inner(flight)
+                finally:
+                    waits.append(time.perf_counter() - t0)
+
+            engine._wait_for = wait_for
+            vocab = engine.model_config.vocab_size
+            warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+            engine.add_request("warm", {"prompt_token_ids": [1 + i % (vocab - 1) for i in range(16)]}, warm)
+            while engine.has_unfinished_requests():
+                engine.step()
+            timed.clear()
+            waits.clear()
+            for i in range(wl.num_requests):
+                p = rng.randint(*wl.prompt_len)
+                params = SamplingParams(temperature=0.0, max_tokens=rng.randint(*wl.output_len), ignore_eos=True)
+                engine.add_request(f"{wl.label}-{i}", {"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(p)]},
+                                   params)
+            steps: list[tuple[int, float]] = []
+            with profile_phases() as prof:
+                while engine.has_unfinished_requests():
+                    flight_rows = engine._in_flight[0].message.num_requests if engine._in_flight else None
+                    t0 = time.perf_counter()
+                    engine.step()
+                    steps.append((flight_rows, time.perf_counter() - t0))
+            out.forward += timed
+            # step k waits for the iteration launched at the end of step k-1 (the first launches its own)
+            for (rows, step_s), wait_s, shape in zip(steps, waits, [b for b, _ in timed]):
+                out.overhead.append((rows if rows is not None else shape.rows, max(step_s - wait_s, 0.0)))
+            out.profile_markdown += f"\n\n{wl.label}:\n\n{prof.to_markdown()}"
+            logger.info("calibrate: %s: %d iterations", wl.label, len(timed))
+        finally:
+            engine.shutdown()
+    return out
+
+
+@dataclass
+class Calibration:
+    hardware: Hardware
+    model: str
+    dtype: str
+    iterations: int
+    median_abs_error: float  # of the forward fit, relative
+    path: str
+    profile_markdown: str = ""
+
+    def summary(self) -> str:
+        hw = self.hardware
+        eff = ", ".join(f"{k} {v:.3f}" for k, v in hw.efficiency.items())
+        return (f"calibrated {self.model} ({self.dtype}) on {self.iterations} iterations: efficiencies {eff}; "
+                f"overhead {hw.overhead.iteration_s * 1e3:.2f} ms + {hw.overhead.per_row_s * 1e6:.1f} us/row; "
+                f"peak {hw.peak_flops / 1e9:.1f} GFLOP/s, {hw.memory_bandwidth / 1e9:.1f} GB/s; median relative "
+                f"error of the forward fit {100 * self.median_abs_error:.1f} %\nstored in {self.path}")
+
+
+def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick: bool = False,
+                           output: str | None = None) -> Calibration:
+    import torch
+
+    from orcinus.bench.floor import measure_device
+    from orcinus.bench.report import load_average
+    from orcinus.bench.trace_builder import read_model_config
+    from orcinus.config import EngineConfig
+
+    resolved = str(EngineConfig(model=model, dtype=dtype).resolved_dtype(torch.device("cpu"))).removeprefix("torch.")
+    rates = measure_device(torch.device("cpu"), getattr(torch, resolved), repeats=3 if quick else 5)
+    with open(os.path.join(HARDWARE_DIR, "xeon-2core.json")) as f:
+        base = Hardware.from_dict(json.load(f))
+    hw = dataclasses.replace(base, name="this-machine", peak_flops=rates.matmul_flops,
+                             peak_flops_by_dtype={resolved: rates.matmul_flops},
+                             memory_bandwidth=rates.copy_bandwidth)
+    shape = ModelShape.from_model_config(read_model_config(model), name=model or "default")
+    load_before = load_average()
+    m = measure(model, dtype, QUICK if quick else WORKLOADS)
+    cost = CostModel(shape, hw, Parallel(), resolved)
+    eff = fit_efficiencies(cost, m.forward)
+    overhead = fit_overhead(m.overhead)
+    hw = hw.with_efficiency(eff, overhead)
+    fitted = CostModel(shape, hw, Parallel(), resolved)
+    errs = [abs(fitted.iteration_seconds(b) - t) / t for b, t in m.forward]
+    path = output or calibration_path()
+    hw = dataclasses.replace(hw, sources=(
+        f"orcinus bench calibrate on {time.strftime('%Y-%m-%d %H:%M')} UTC: model {shape.name}, {resolved}, "
+        f"{len(m.forward)} iterations, load average {load_before} -> {load_average()}",
+        f"measured {rates.label}: {rates.matmul_flops / 1e9:.1f} GFLOP/s matmul, "
+        f"{rates.copy_bandwidth / 1e9:.1f} GB/s copy",
+        "efficiencies and overhead fitted (orcinus/sim/calibrate.py); they hold for models of this size",
+    ))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(hw.to_dict(), f, indent=2)
+    return Calibration(hw, shape.name, resolved, len(m.forward), float(np.median(errs)), path, m.profile_markdown)
