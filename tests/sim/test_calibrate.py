@@ -43,3 +43,14 @@ def test_fit_overhead_recovers_a_line() -> None:
     samples = [(r, 0.002 + 1e-4 * r + rng.uniform(-1e-5, 1e-5)) for r in (rng.randint(1, 64) for _ in range(100))]
     o = fit_overhead(samples)
     assert o.iteration_s == pytest.approx(0.002, rel=0.02) and o.per_row_s == pytest.approx(1e-4, rel=0.02)
+
+
+def test_fit_with_a_fixed_forward_cost_recovers_it_and_the_efficiencies() -> None:
+    truth = {"gemm": 0.6, "memory": 0.5, "attention": 0.2}
+    cost = CostModel(SHAPE, load_hardware("xeon-2core").with_efficiency(truth), Parallel(), "bfloat16")
+    samples = [(b, t + 0.004 + 2e-4 * b.rows) for b, t in _samples(cost, 300, seed=2, noise=0.0)]
+    eff, fixed = fit_efficiencies(CostModel(SHAPE, load_hardware("xeon-2core"), Parallel(), "bfloat16"), samples,
+                                  with_fixed=True)
+    for cls, value in truth.items():
+        assert eff[cls] == pytest.approx(value, rel=0.05), (cls, eff)
+    assert fixed.iteration_s == pytest.approx(0.004, rel=0.1) and fixed.per_row_s == pytest.approx(2e-4, rel=0.1)

@@ -78,22 +78,26 @@ def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best
 
 
-def fit_efficiencies(cost: CostModel, samples: Sequence[tuple[BatchShape, float]], rounds: int = 12
-                     ) -> dict[str, float]:
-    """Efficiencies (gemm, memory, attention) that best predict the forward seconds of `samples`."""
+def fit_efficiencies(cost: CostModel, samples: Sequence[tuple[BatchShape, float]], rounds: int = 12,
+                     with_fixed: bool = False) -> dict[str, float] | tuple[dict[str, float], Overhead]:
+    """Efficiencies (gemm, memory, attention) that best predict the forward seconds of `samples`.
+    with_fixed: also fit a fixed and a per-row time per iteration (on CPU the forward's own Python
+    and dispatch cost per layer and per request), returned as an `Overhead`."""
     eff = {c: 0.5 for c in FIT_CLASSES}
     y = np.array([t for _, t in samples])
+    fixed = Overhead()
     for _ in range(rounds):
-        a = np.array([_features(cost, b, eff) for b, _ in samples])
+        a = np.array([_features(cost, b, eff) + ([1.0, float(b.rows)] if with_fixed else []) for b, _ in samples])
         w = 1.0 / y  # relative error: short and long iterations count alike
         x = _nnls(a * w[:, None], y * w)
-        new = {c: (1.0 / v if v > 1e-12 else 10.0) for c, v in zip(FIT_CLASSES, x)}
-        new = {c: min(v, 10.0) for c, v in new.items()}
-        if all(abs(new[c] - eff[c]) < 1e-6 * eff[c] for c in FIT_CLASSES):
-            eff = new
-            break
+        new = {c: min(1.0 / v, 10.0) if v > 1e-12 else 10.0 for c, v in zip(FIT_CLASSES, x)}
+        if with_fixed:
+            fixed = Overhead(float(x[3]), float(x[4]), 0.0)
+        done = all(abs(new[c] - eff[c]) < 1e-6 * eff[c] for c in FIT_CLASSES)
         eff = new
-    return eff
+        if done:
+            break
+    return (eff, fixed) if with_fixed else eff
 
 
 def fit_overhead(samples: Sequence[tuple[int, float]]) -> Overhead:
@@ -241,11 +245,15 @@ def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick:
     load_before = load_average()
     m = measure(model, dtype, QUICK if quick else WORKLOADS)
     cost = CostModel(shape, hw, Parallel(), resolved)
-    eff = fit_efficiencies(cost, m.forward)
-    overhead = fit_overhead(m.overhead)
+    eff, forward_fixed = fit_efficiencies(cost, m.forward, with_fixed=True)
+    engine_own = fit_overhead(m.overhead)
+    # The simulated executor adds the overhead to every iteration, so the forward's fixed cost and
+    # the engine's own time add up.
+    overhead = Overhead(engine_own.iteration_s + forward_fixed.iteration_s,
+                        engine_own.per_row_s + forward_fixed.per_row_s, 0.0)
     hw = hw.with_efficiency(eff, overhead)
     fitted = CostModel(shape, hw, Parallel(), resolved)
-    errs = [abs(fitted.iteration_seconds(b) - t) / t for b, t in m.forward]
+    errs = [abs(fitted.iteration_seconds(b) + forward_fixed.seconds(b.rows, b.tokens) - t) / t for b, t in m.forward]
     path = output or calibration_path()
     hw = dataclasses.replace(hw, sources=(
         f"orcinus bench calibrate on {time.strftime('%Y-%m-%d %H:%M')} UTC: model {shape.name}, {resolved}, "
@@ -256,5 +264,8 @@ def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick:
     ))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(hw.to_dict(), f, indent=2)
+        # the measured iterations ride along, to refit or inspect (Hardware.from_dict ignores them)
+        json.dump(hw.to_dict() | {"calibration_samples": {
+            "forward": [[b.tokens, b.rows, b.sampled, b.keys_seen, b.kv_tokens, t] for b, t in m.forward],
+            "engine_own": [[r, t] for r, t in m.overhead]}}, f, indent=2)
     return Calibration(hw, shape.name, resolved, len(m.forward), float(np.median(errs)), path, m.profile_markdown)
