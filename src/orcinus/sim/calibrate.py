@@ -78,6 +78,19 @@ def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best
 
 
+def _robust_fit(a: np.ndarray, y: np.ndarray, rounds: int = 8) -> np.ndarray:
+    """Non-negative fit of a @ x ~ y in relative error, reweighted towards least absolute relative
+    error: on a shared machine other people's load slows some iterations several times over, and
+    a squared loss would follow those."""
+    w = 1.0 / y  # relative error: short and long iterations count alike
+    x = _nnls(a * w[:, None], y * w)
+    for _ in range(rounds):
+        r = np.abs(a @ x - y) / y
+        wr = w / np.sqrt(np.maximum(r, 1e-3))  # IRLS for the L1 loss
+        x = _nnls(a * wr[:, None], y * wr)
+    return x
+
+
 def fit_efficiencies(cost: CostModel, samples: Sequence[tuple[BatchShape, float]], rounds: int = 12,
                      with_fixed: bool = False) -> dict[str, float] | tuple[dict[str, float], Overhead]:
     """Efficiencies (gemm, memory, attention) that best predict the forward seconds of `samples`.
@@ -88,8 +101,7 @@ def fit_efficiencies(cost: CostModel, samples: Sequence[tuple[BatchShape, float]
     fixed = Overhead()
     for _ in range(rounds):
         a = np.array([_features(cost, b, eff) + ([1.0, float(b.rows)] if with_fixed else []) for b, _ in samples])
-        w = 1.0 / y  # relative error: short and long iterations count alike
-        x = _nnls(a * w[:, None], y * w)
+        x = _robust_fit(a, y)
         new = {c: min(1.0 / v, 10.0) if v > 1e-12 else 10.0 for c, v in zip(FIT_CLASSES, x)}
         if with_fixed:
             fixed = Overhead(float(x[3]), float(x[4]), 0.0)
@@ -104,7 +116,7 @@ def fit_overhead(samples: Sequence[tuple[int, float]]) -> Overhead:
     """seconds = a + b x rows (both >= 0)."""
     a = np.array([[1.0, r] for r, _ in samples])
     y = np.array([s for _, s in samples])
-    x = _nnls(a, y)
+    x = _robust_fit(a, np.maximum(y, 1e-6))
     return Overhead(float(x[0]), float(x[1]), 0.0)
 
 
@@ -135,8 +147,17 @@ class Measured:
     profile_markdown: str = ""
 
 
-def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: int = 0) -> Measured:
+def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: int = 0,
+            basis: str = "wall") -> Measured:
+    """basis "wall" (default): wall-clock seconds. "cpu": CPU seconds, which light load from
+    others does not stretch: the process's CPU time over a forward divided by torch's threads
+    (every thread of the OpenMP team works or spins through an iteration), and the engine thread's
+    own CPU time over a step (it sleeps while it waits). On an oversubscribed machine OpenMP's
+    spinning while a descheduled peer is awaited inflates it (measured: 0.5-1 s per decode of the
+    default model at load average 19, against ~0.05-0.25 s of wall time)."""
     import random
+
+    import torch
 
     from orcinus.bench.profile import profile_phases
     from orcinus.config import EngineConfig
@@ -144,6 +165,10 @@ def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: 
     from orcinus.sampling_params import SamplingParams
     from orcinus.sim.executor import RowTracker
 
+    if basis not in ("cpu", "wall"):
+        raise ValueError(f"basis must be cpu or wall, not {basis!r}")
+    clock = time.process_time if basis == "cpu" else time.perf_counter
+    engine_clock = time.thread_time if basis == "cpu" else time.perf_counter
     out = Measured()
     rng = random.Random(seed)
     for wl in workloads:
@@ -157,23 +182,24 @@ def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: 
 
             def execute(msg, inner=inner, tracker=tracker, timed=timed):  # runs on the forward thread
                 rows, _ = tracker.rows(msg)
-                t0 = time.perf_counter()
+                t0 = clock()
                 fut = inner(msg)
                 fut.result()
                 if rows:
-                    timed.append((BatchShape.of(rows), time.perf_counter() - t0))
+                    timed.append((BatchShape.of(rows), (clock() - t0) / per_thread))
                 return fut
 
+            per_thread = torch.get_num_threads() if basis == "cpu" else 1
             executor.execute_async = execute
             waits: list[float] = []
             wait_inner = engine._wait_for
 
             def wait_for(flight, wait_inner=wait_inner, waits=waits):
-                t0 = time.perf_counter()
+                t0 = engine_clock()
                 try:
                     return wait_inner(flight)
                 finally:
-                    waits.append(time.perf_counter() - t0)
+                    waits.append(engine_clock() - t0)
 
             engine._wait_for = wait_for
             vocab = engine.model_config.vocab_size
@@ -192,9 +218,9 @@ def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: 
             with profile_phases() as prof:
                 while engine.has_unfinished_requests():
                     flight_rows = engine._in_flight[0].message.num_requests if engine._in_flight else None
-                    t0 = time.perf_counter()
+                    t0 = engine_clock()
                     engine.step()
-                    steps.append((flight_rows, time.perf_counter() - t0))
+                    steps.append((flight_rows, engine_clock() - t0))
             out.forward += timed
             # step k waits for the iteration launched at the end of step k-1 (the first launches its own)
             for (rows, step_s), wait_s, shape in zip(steps, waits, [b for b, _ in timed]):
@@ -226,7 +252,7 @@ class Calibration:
 
 
 def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick: bool = False,
-                           output: str | None = None) -> Calibration:
+                           output: str | None = None, basis: str = "wall") -> Calibration:
     import torch
 
     from orcinus.bench.floor import measure_device
@@ -235,15 +261,27 @@ def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick:
     from orcinus.config import EngineConfig
 
     resolved = str(EngineConfig(model=model, dtype=dtype).resolved_dtype(torch.device("cpu"))).removeprefix("torch.")
-    rates = measure_device(torch.device("cpu"), getattr(torch, resolved), repeats=3 if quick else 5)
     with open(os.path.join(HARDWARE_DIR, "xeon-2core.json")) as f:
         base = Hardware.from_dict(json.load(f))
-    hw = dataclasses.replace(base, name="this-machine", peak_flops=rates.matmul_flops,
-                             peak_flops_by_dtype={resolved: rates.matmul_flops},
-                             memory_bandwidth=rates.copy_bandwidth)
+    if basis == "wall":  # peak rates measured now, as the iterations are
+        rates = measure_device(torch.device("cpu"), getattr(torch, resolved), repeats=3 if quick else 5)
+        peak, bandwidth, label = rates.matmul_flops, rates.copy_bandwidth, rates.label
+    else:  # on a busy machine a measurement now is stretched by others' load: the preset's quiet one
+        peak, bandwidth, label = base.flops_for(resolved), base.memory_bandwidth, "xeon-2core preset"
+    hw = dataclasses.replace(base, name="this-machine", peak_flops=peak, peak_flops_by_dtype={resolved: peak},
+                             memory_bandwidth=bandwidth)
     shape = ModelShape.from_model_config(read_model_config(model), name=model or "default")
     load_before = load_average()
-    m = measure(model, dtype, QUICK if quick else WORKLOADS)
+    m = measure(model, dtype, QUICK if quick else WORKLOADS, basis=basis)
+    source = (f"orcinus bench calibrate on {time.strftime('%Y-%m-%d %H:%M')} UTC: model {shape.name}, {resolved}, "
+              f"{len(m.forward)} iterations, {basis} time, load average {load_before} -> {load_average()}",
+              f"peak rates ({label}): {peak / 1e9:.1f} GFLOP/s matmul, {bandwidth / 1e9:.1f} GB/s copy")
+    cal = fit_and_store(shape, hw, resolved, m, output or calibration_path(), source)
+    return cal
+
+
+def fit_and_store(shape: ModelShape, hw: Hardware, resolved: str, m: Measured, path: str,
+                  source: tuple[str, ...]) -> Calibration:
     cost = CostModel(shape, hw, Parallel(), resolved)
     eff, forward_fixed = fit_efficiencies(cost, m.forward, with_fixed=True)
     engine_own = fit_overhead(m.overhead)
@@ -254,14 +292,8 @@ def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick:
     hw = hw.with_efficiency(eff, overhead)
     fitted = CostModel(shape, hw, Parallel(), resolved)
     errs = [abs(fitted.iteration_seconds(b) + forward_fixed.seconds(b.rows, b.tokens) - t) / t for b, t in m.forward]
-    path = output or calibration_path()
-    hw = dataclasses.replace(hw, sources=(
-        f"orcinus bench calibrate on {time.strftime('%Y-%m-%d %H:%M')} UTC: model {shape.name}, {resolved}, "
-        f"{len(m.forward)} iterations, load average {load_before} -> {load_average()}",
-        f"measured {rates.label}: {rates.matmul_flops / 1e9:.1f} GFLOP/s matmul, "
-        f"{rates.copy_bandwidth / 1e9:.1f} GB/s copy",
-        "efficiencies and overhead fitted (orcinus/sim/calibrate.py); they hold for models of this size",
-    ))
+    hw = dataclasses.replace(hw, sources=(*source, "efficiencies and overhead fitted (orcinus/sim/calibrate.py); "
+                                                   "they hold for models of this size"))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         # the measured iterations ride along, to refit or inspect (Hardware.from_dict ignores them)
@@ -269,3 +301,21 @@ def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick:
             "forward": [[b.tokens, b.rows, b.sampled, b.keys_seen, b.kv_tokens, t] for b, t in m.forward],
             "engine_own": [[r, t] for r, t in m.overhead]}}, f, indent=2)
     return Calibration(hw, shape.name, resolved, len(m.forward), float(np.median(errs)), path, m.profile_markdown)
+
+
+def refit(samples_path: str, model: str | None = None, output: str | None = None) -> Calibration:
+    """Fit again from the iterations a calibration stored (a changed fit, no new measurement)."""
+    from orcinus.bench.trace_builder import read_model_config
+
+    with open(samples_path) as f:
+        stored = json.load(f)
+    if "calibration_samples" not in stored:
+        raise HardwareError(f"{samples_path} holds no calibration samples")
+    hw = Hardware.from_dict(stored)
+    resolved = next(iter(hw.peak_flops_by_dtype), "float32")
+    shape = ModelShape.from_model_config(read_model_config(model), name=model or "default")
+    samples = stored["calibration_samples"]
+    m = Measured([(BatchShape(int(t), int(r), int(s), k, int(kv)), sec) for t, r, s, k, kv, sec in samples["forward"]],
+                 [(int(r), sec) for r, sec in samples["engine_own"]])
+    source = tuple(x for x in hw.sources if not x.startswith("efficiencies and overhead fitted"))
+    return fit_and_store(shape, hw, resolved, m, output or calibration_path(), (*source, f"refit from {samples_path}"))
