@@ -32,7 +32,7 @@ def sim_config(config: EngineConfig, target: SimTarget) -> EngineConfig:
     no tokenizer, no generation-config files, the device type's token budget when none is given."""
     budget = config.max_num_batched_tokens or (DEFAULT_BATCHED_TOKENS_CPU if target.hardware.kind == "cpu"
                                                else DEFAULT_BATCHED_TOKENS_CUDA)
-    return dataclasses.replace(config, device="cpu", dtype="float32", skip_tokenizer_init=True,
+    return dataclasses.replace(config, device="cpu", dtype=target.dtype, skip_tokenizer_init=True,
                                generation_config="vllm", max_num_batched_tokens=budget,
                                tensor_parallel_size=target.parallel.tp,
                                pipeline_parallel_size=target.parallel.pp, nnodes=1)

@@ -63,7 +63,7 @@ PAPER_REPORTED: dict[str, dict] = {
 # latency of the best FasterTransformer configuration (its lowest-rate point). The paper compares
 # at one latency level per model; its exact level is read off its figure, which is not at hand.
 LATENCY_POINT_FACTOR = 2.0
-RATE_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.0, 1.15)
+RATE_FRACTIONS = (0.05, 0.15, 0.3, 0.5, 0.7, 0.85, 1.0)
 
 
 def capacity(target: SimTarget, trace: Sequence[BenchRequest], system: System) -> float:
