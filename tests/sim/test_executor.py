@@ -120,3 +120,14 @@ def test_a_175b_model_needs_no_weights_and_sizes_its_pool_from_the_hardware() ->
     expected_tokens = (40e9 * 0.9 - weights) / per_token
     assert abs(engine.kv_cache.n_slots - expected_tokens) / expected_tokens < 0.05
     assert executor.model_path == "gpt3-175b"
+
+
+def test_parallel_samples_and_logprobs_come_back_per_row() -> None:
+    engine, _ = build_sim_engine(EngineConfig(scheduler_policy="paged"), _target())
+    engine.add_request("g", {"prompt_token_ids": [20, 21, 22, 23]},
+                       SamplingParams(n=3, max_tokens=4, logprobs=1, ignore_eos=True, temperature=0.8, seed=1))
+    outs = _run(engine)
+    completions = outs["g"].outputs
+    assert len(completions) == 3
+    assert all(len(c.token_ids) == 4 and len(c.logprobs) == 4 for c in completions)
+    assert engine.free_all_check()
