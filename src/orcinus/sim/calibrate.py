@@ -177,20 +177,24 @@ def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: 
                                         enable_prefix_caching=False))
         try:
             executor, tracker = engine.executor, RowTracker()
-            inner = executor.execute_async
+            # The call that runs an iteration on the forward thread: the in-process executor's
+            # `_execute` where it has one, else its (synchronous) `execute_async`.
+            attr = "_execute" if hasattr(executor, "_execute") else "execute_async"
+            inner = getattr(executor, attr)
             timed: list[tuple[BatchShape, float]] = []
 
             def execute(msg, inner=inner, tracker=tracker, timed=timed):  # runs on the forward thread
                 rows, _ = tracker.rows(msg)
                 t0 = clock()
-                fut = inner(msg)
-                fut.result()
+                out = inner(msg)
+                if hasattr(out, "result"):
+                    out.result()
                 if rows:
                     timed.append((BatchShape.of(rows), (clock() - t0) / per_thread))
-                return fut
+                return out
 
             per_thread = torch.get_num_threads() if basis == "cpu" else 1
-            executor.execute_async = execute
+            setattr(executor, attr, execute)
             waits: list[float] = []
             wait_inner = engine._wait_for
 

@@ -81,8 +81,7 @@ class SimulatedExecutor(Executor):
     def __init__(self, model_config: ModelConfig, num_blocks: int, cost: CostModel, clock: VirtualClock,
                  lengths: LengthOracle | None = None, model_path: str = "simulated",
                  record_iterations: bool = False, pad_static: bool = False) -> None:
-        self.model_config = model_config
-        self.model_path = model_path
+        self._model_config, self._model_path = model_config, model_path
         self.num_blocks = num_blocks
         self.cost, self.clock = cost, clock
         self.overhead = cost.hw.overhead
@@ -97,6 +96,14 @@ class SimulatedExecutor(Executor):
         # its longest and every member computes until the longest output is done.
         self.pad_static = pad_static
         self._cohort = (0, 0)  # (members, padded context) of the static batch running
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._model_config
+
+    @property
+    def model_path(self) -> str:
+        return self._model_path
 
     def _target_length(self, rid: str) -> int | None:
         if self._lengths is None:
