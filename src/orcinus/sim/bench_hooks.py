@@ -25,9 +25,11 @@ def serving_dtype(config: EngineConfig, hardware_kind: str) -> str:
     if config.dtype != "auto":
         return config.dtype
     if hardware_kind == "cpu":
-        import torch
+        import dataclasses as dc
 
-        return str(config.resolved_dtype(torch.device("cpu"))).removeprefix("torch.")
+        from orcinus.executor.platform import resolve_for_config
+
+        return str(resolve_for_config(dc.replace(config, device="cpu"))[1]).removeprefix("torch.")
     return "float16"
 
 

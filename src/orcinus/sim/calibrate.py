@@ -27,26 +27,11 @@ from typing import Sequence
 import numpy as np
 
 from orcinus.sim.cost_model import BatchShape, CostModel, Parallel
-from orcinus.sim.hardware import HARDWARE_DIR, Hardware, HardwareError, Overhead
+from orcinus.sim.hardware import HARDWARE_DIR, Hardware, HardwareError, Overhead, calibration_path
 from orcinus.sim.shapes import ModelShape
 
 logger = logging.getLogger(__name__)
 FIT_CLASSES = ("gemm", "memory", "attention")
-
-
-def calibration_path() -> str:
-    root = os.environ.get("ORCINUS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "orcinus"))
-    return os.path.join(root, "sim", "this-machine.json")
-
-
-def load_calibration(path: str | None = None) -> Hardware:
-    path = path or calibration_path()
-    try:
-        with open(path) as f:
-            return Hardware.from_dict(json.load(f))
-    except FileNotFoundError:
-        raise HardwareError(f"no calibration of this machine at {path}: run `orcinus bench calibrate` first, or "
-                            "give a hardware preset (e.g. --simulate xeon-2core)") from None
 
 
 # ------------------------------------------------------------------------------------ fitting
@@ -264,7 +249,9 @@ def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick:
     from orcinus.bench.trace_builder import read_model_config
     from orcinus.config import EngineConfig
 
-    resolved = str(EngineConfig(model=model, dtype=dtype).resolved_dtype(torch.device("cpu"))).removeprefix("torch.")
+    from orcinus.executor.platform import resolve_for_config
+
+    resolved = str(resolve_for_config(EngineConfig(model=model, dtype=dtype, device="cpu"))[1]).removeprefix("torch.")
     with open(os.path.join(HARDWARE_DIR, "xeon-2core.json")) as f:
         base = Hardware.from_dict(json.load(f))
     if basis == "wall":  # peak rates measured now, as the iterations are

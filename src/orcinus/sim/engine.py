@@ -56,5 +56,6 @@ def build_sim_engine(config: EngineConfig, target: SimTarget, lengths: LengthOra
     cfg = sim_config(config, target)
     cost = CostModel(target.shape, target.hardware, target.parallel, target.dtype)
     executor = SimulatedExecutor(target.shape.model_config(), kv_blocks(cost, cfg), cost, clock or VirtualClock(),
-                                 lengths, model_path=target.shape.name, record_iterations=record_iterations)
+                                 lengths, model_path=target.shape.name, record_iterations=record_iterations,
+                                 dtype=target.dtype)
     return LLMEngine(cfg, executor=executor), executor

@@ -14,8 +14,7 @@ from typing import Callable, Mapping
 
 from orcinus.config import ModelConfig
 from orcinus.executor.executor import Executor
-from orcinus.executor.messages import BatchMessage, NewRequestData
-from orcinus.sampler import SamplerOutput
+from orcinus.executor.messages import BatchMessage, NewRequestData, SamplerOutput, WorkerInfo
 from orcinus.sim.clock import PipelineTimeline, VirtualClock, VirtualFuture
 from orcinus.sim.cost_model import BatchShape, CostModel
 
@@ -80,9 +79,12 @@ class SimStats:
 class SimulatedExecutor(Executor):
     def __init__(self, model_config: ModelConfig, num_blocks: int, cost: CostModel, clock: VirtualClock,
                  lengths: LengthOracle | None = None, model_path: str = "simulated",
-                 record_iterations: bool = False, pad_static: bool = False) -> None:
+                 record_iterations: bool = False, pad_static: bool = False, dtype: str = "float16") -> None:
         self._model_config, self._model_path = model_config, model_path
         self.num_blocks = num_blocks
+        # What a worker would report when ready; the engine reads its device and dtype from here.
+        self.info = WorkerInfo(num_blocks, model_config, model_path, device="cpu", dtype=dtype,
+                               dtype_note=" (simulated)", cuda_graphs="off (simulated executor)")
         self.cost, self.clock = cost, clock
         self.overhead = cost.hw.overhead
         self.timeline = PipelineTimeline(cost.par.pp)

@@ -97,8 +97,6 @@ def load_hardware(spec: str) -> Hardware:
     """A preset name (`a100-40gb`, `h100`, ...), `this-machine` (the stored calibration) or a path
     to a JSON file in the presets' format."""
     if spec == THIS_MACHINE:
-        from orcinus.sim.calibrate import load_calibration
-
         return load_calibration()
     path = spec if spec.endswith(".json") or os.sep in spec else os.path.join(HARDWARE_DIR, f"{spec}.json")
     if not os.path.isfile(path):
@@ -108,3 +106,19 @@ def load_hardware(spec: str) -> Hardware:
             return Hardware.from_dict(json.load(f))
         except json.JSONDecodeError as exc:
             raise HardwareError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def calibration_path() -> str:
+    """Where `orcinus bench calibrate` stores this machine (sim/calibrate.py)."""
+    root = os.environ.get("ORCINUS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "orcinus"))
+    return os.path.join(root, "sim", "this-machine.json")
+
+
+def load_calibration(path: str | None = None) -> Hardware:
+    path = path or calibration_path()
+    try:
+        with open(path) as f:
+            return Hardware.from_dict(json.load(f))
+    except FileNotFoundError:
+        raise HardwareError(f"no calibration of this machine at {path}: run `orcinus bench calibrate` first, or "
+                            "give a hardware preset (e.g. --simulate xeon-2core)") from None
