@@ -33,10 +33,10 @@ LAYERS: list[list[str]] = [
     ["orcinus.engine"],
     ["orcinus"],  # the package itself: the public API (LLM, SamplingParams, ...)
     ["orcinus.server"],
-    ["orcinus.bench"],
+    ["orcinus.bench", "orcinus.sim"],  # the simulator is a benchmark: it drives the engine from outside
     ["orcinus.cli", "orcinus.__main__", "orcinus.distributed.launch"],
 ]
-BENCH_IMPORTERS = ("orcinus.bench", "orcinus.cli")
+BENCH_IMPORTERS = ("orcinus.bench", "orcinus.sim", "orcinus.cli")
 ENGINE_SEES_OF_EXECUTOR = {"orcinus.executor", "orcinus.executor.executor", "orcinus.executor.factory",
                            "orcinus.executor.messages"}
 # Known exceptions, each with its reason; the goal (reached) is none.

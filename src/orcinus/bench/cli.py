@@ -20,6 +20,9 @@ def add_bench_subparsers(sub: argparse._SubParsersAction) -> None:
     _add_sweep(sub)
     _add_bf16(sub)
     _add_random_checkpoint(sub)
+    from orcinus.sim.cli import add_sim_subparsers
+
+    add_sim_subparsers(sub)
 
 
 def _add_random_checkpoint(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +98,9 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detokenize", action="store_true",
                    help="orcinus backends: load the tokenizer and detokenise every output token, as a server does")
     _progress_flag(p)
+    from orcinus.sim.cli import add_simulate_flag
+
+    add_simulate_flag(p)
     add_trace_args(p, default_dataset="random", with_seed=False)
     add_engine_args(p)
     p.set_defaults(func=_cmd_offline)
@@ -107,17 +113,28 @@ def _cmd_offline(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args)
     spec = trace_spec_from_args(args)
-    trace = build_trace(spec, config.model)
-    resolved_device, resolved_dtype = resolve_for_config(config)
-    device = str(resolved_device)
+    if args.simulate:  # no model to resolve: a shape preset needs no checkpoint
+        from orcinus.sim.bench_hooks import sim_trace
+
+        trace = sim_trace(spec, config.model)
+        device, resolved = "simulated", ""
+    else:
+        trace = build_trace(spec, config.model)
+        resolved_device, resolved_dtype = resolve_for_config(config)
+        device, resolved = str(resolved_device), str(resolved_dtype).removeprefix("torch.")
     settings = {"model": config.model or "default (SmolLM2-135M-Instruct GGUF)", "dtype": config.dtype,
-                "resolved_dtype": str(resolved_dtype).removeprefix("torch."),
+                "resolved_dtype": resolved,
                 "device": device, "max_num_seqs": config.max_num_seqs, "kv_cache_memory": config.kv_cache_memory,
                 "trace": spec.describe(), "detokenize": args.detokenize}
     report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor,
-                lengths_known=args.lengths_known, profile=args.profile, detokenize=args.detokenize)
+    if args.simulate:
+        from orcinus.sim.bench_hooks import run_offline_simulated
+
+        run_offline_simulated(config, args.simulate, trace, backends, report, args.lengths_known, args.floor)
+    else:
+        run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor,
+                    lengths_known=args.lengths_known, profile=args.profile, detokenize=args.detokenize)
     report.machine["load_avg_1m_end"] = load_average()
     print(report.to_markdown())
     if args.kv_plot:
@@ -216,6 +233,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default="bench_results/sweep", help="sweep.json, sweep.md and figure10.png go here")
     p.add_argument("--title", default="", help="plot title")
     _progress_flag(p)
+    from orcinus.sim.cli import add_simulate_flag
+
+    add_simulate_flag(p)
     add_trace_args(p, default_dataset="orca", with_seed=False)
     add_engine_args(p)
     p.set_defaults(func=_cmd_sweep)
@@ -230,12 +250,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from orcinus.bench.workloads import trace_summary
 
     _quiet_http_logs()
+    if args.simulate:
+        args.target = "engine"  # the simulated executor runs in this process
     if args.target == "server" and not args.lengths_known:
         # the unforeseen end needs the engine in this process
         raise ValueError("--no-lengths-known needs --target engine")
     base = engine_config_from_args(args)
     spec = trace_spec_from_args(args)
-    trace = build_trace(spec, base.model)
+    if args.simulate:
+        from orcinus.sim.bench_hooks import sim_trace, simulate_sweep_config
+
+        trace = sim_trace(spec, base.model)
+    else:
+        trace = build_trace(spec, base.model)
     unchunked = unchunked_budget(resolve_device(base), [r.prompt_len for r in trace])
     configs = [parse_config(c, base.max_num_batched_tokens, unchunked) for c in args.configs]
     slos = parse_slos(args.goodput)
@@ -243,7 +270,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     machine = machine_info(str(resolve_device(base)))  # load average at the start
     points = []
     for cfg in configs:
-        if args.target == "engine":
+        if args.simulate:
+            points += simulate_sweep_config(base, cfg, args.simulate, args.rates, trace, args.arrival, args.seed,
+                                            add_engine_args, slos, args.lengths_known)
+        elif args.target == "engine":
             points += sweep_engine(base, cfg, args.rates, trace, args.arrival, args.seed, add_engine_args,
                                    slos, args.progress, args.lengths_known)
         else:
@@ -255,11 +285,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         how = "sampled every iteration" if args.target == "engine" else "the servers' /metrics, polled every 0.5 s"
         table += f"\n\nKV memory ({how}) and work done:\n\n" + memory
     png = os.path.join(args.output_dir, "figure10.png")
-    title = args.title or f"{spec.dataset} trace, {len(trace)} requests, target {args.target}"
+    title = args.title or (f"{spec.dataset} trace, {len(trace)} requests, target {args.target}"
+                           + (f", simulated on {args.simulate}" if args.simulate else ""))
     plot_figure10(points, png, title)
     write_json(os.path.join(args.output_dir, "sweep.json"),
                {"command": command_line(), "machine": machine | {"load_avg_1m_end": load_average()},
-                "target": args.target, "arrival": args.arrival, "lengths_known": args.lengths_known,
+                "target": args.target, "simulate": args.simulate, "arrival": args.arrival, "lengths_known": args.lengths_known,
                 "trace": spec.describe() | trace_summary(trace), "configs": [c.__dict__ for c in configs],
                 "points": points})
     with open(os.path.join(args.output_dir, "sweep.md"), "w") as f:

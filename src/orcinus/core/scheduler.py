@@ -226,9 +226,19 @@ class StaticScheduler(Scheduler):
 
 
 def running_first(candidates: list[Request]) -> list[Request]:
-    """Decoding requests, then prompts already partly computed, then new prompts; stable."""
-    def rank(r: Request) -> int:
-        if r.num_computed_tokens == 0 or r.state == RequestState.INITIATION:
-            return 2
-        return 0 if r.num_tokens - r.num_computed_tokens == 1 else 1
-    return sorted(candidates, key=rank)
+    """Decoding requests, then prompts already partly computed, then new prompts; stable.
+    Three buckets in one pass rather than a sort: with thousands of requests waiting (a
+    simulated 10,000-request trace, a loaded server) the sort was the scheduler's largest cost."""
+    decoding: list[Request] = []
+    partial: list[Request] = []
+    new: list[Request] = []
+    initiation = RequestState.INITIATION
+    for r in candidates:
+        if r.num_computed_tokens == 0 or r.state == initiation:
+            new.append(r)
+        elif r.num_tokens - r.num_computed_tokens == 1:
+            decoding.append(r)
+        else:
+            partial.append(r)
+    return decoding + partial + new
+
