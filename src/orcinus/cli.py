@@ -14,8 +14,14 @@ import sys
 import typing
 from typing import Any
 
-from orcinus.config import EngineConfig
-from orcinus.generation_config import BUILTIN
+from orcinus import thread_policy
+
+# --cpu-thread-policy must reach the environment before orcinus.config imports torch (libgomp
+# reads it once, at load); the parser below validates and documents the same flag.
+thread_policy.apply_from_argv(sys.argv[1:])
+
+from orcinus.config import EngineConfig  # noqa: E402
+from orcinus.generation_config import BUILTIN  # noqa: E402
 
 DEBUG_ENV = "ORCINUS_DEBUG"
 EXIT_USAGE = 2
@@ -43,6 +49,10 @@ ENGINE_FLAG_HELP = {
                          "generation_config.json, GGUF sampling metadata, or its model card's figures; for the "
                          f"default model {_SMOLLM2_DEFAULTS}), vllm (none: temperature 1, top_p 1), or a folder "
                          "holding a generation_config.json (default: %(default)s)",
+    "cpu_thread_policy": "how idle OpenMP threads wait: auto (default: passive, right on a quiet and on a busy "
+                         "machine), spin (libgomp's default: fastest on cores of its own, collapses beside other "
+                         "work), passive, or spin:N (GOMP_SPINCOUNT=N). Applied before torch loads (also "
+                         "ORCINUS_CPU_THREAD_POLICY); your own OMP_WAIT_POLICY/GOMP_SPINCOUNT wins",
     "override_generation_config": "JSON object changing single defaults, e.g. '{\"temperature\": 0.5, "
                                   "\"max_new_tokens\": 256}'",
 }

@@ -52,6 +52,10 @@ class EngineConfig:
     # generation_config.json; the override (a JSON object, or a dict) changes single fields on top.
     generation_config: str = "auto"
     override_generation_config: str | dict | None = None
+    # How idle OpenMP threads wait (orcinus/thread_policy.py): auto | spin | passive | spin:N. It
+    # takes effect before torch loads (the CLI flag, ORCINUS_CPU_THREAD_POLICY); here it is checked
+    # and reported on the start-up line.
+    cpu_thread_policy: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,6 +96,12 @@ class EngineConfig:
         if not self.generation_config:
             raise ConfigError("generation_config must be 'auto', 'vllm' or a folder holding generation_config.json")
         from orcinus.generation_config import check_mode, parse_override
+        from orcinus.thread_policy import ThreadPolicyError, check
+
+        try:
+            check(self.cpu_thread_policy)
+        except ThreadPolicyError as exc:
+            raise ConfigError(str(exc)) from None
 
         # Mistakes fail here, before a model loads, not after.
         check_mode(self.generation_config)

@@ -97,6 +97,9 @@ def _add_offline(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs
     p.add_argument("--detokenize", action="store_true",
                    help="orcinus backends: load the tokenizer and detokenise every output token, as a server does")
     _progress_flag(p)
+    from orcinus.bench.peers import add_peer_args
+
+    add_peer_args(p)  # --mode single, --vllm-python, ... (orcinus/bench/peers.py)
     add_trace_args(p, default_dataset="random", with_seed=False)
     add_engine_args(p)
     p.set_defaults(func=_cmd_offline)
@@ -118,8 +121,12 @@ def _cmd_offline(args: argparse.Namespace) -> int:
                 "trace": spec.describe(), "detokenize": args.detokenize}
     report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor,
-                lengths_known=args.lengths_known, profile=args.profile, detokenize=args.detokenize)
+    from orcinus.bench.peers import peer_settings_from_args
+
+    report.settings["mode"] = args.mode
+    run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor and args.mode == "batch",
+                lengths_known=args.lengths_known, profile=args.profile, detokenize=args.detokenize,
+                mode=args.mode, peers=peer_settings_from_args(args))
     report.machine["load_avg_1m_end"] = load_average()
     print(report.to_markdown())
     if args.kv_plot:
