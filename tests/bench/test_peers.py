@@ -9,7 +9,8 @@ import stat
 import subprocess
 import sys
 
-from orcinus.bench import peer_protocol, peers
+from orcinus.bench import peers
+from orcinus.bench.peer_workers import peer_protocol
 from orcinus.bench.workloads import BenchRequest
 
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(peers.__file__))))

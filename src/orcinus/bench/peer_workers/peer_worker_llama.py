@@ -1,7 +1,7 @@
 """`bench offline --backends llama-cpp`: the trace through `llama_cpp.Llama`, in its own interpreter.
 
 Started by orcinus/bench/peers.py as `python peer_worker_llama.py REQUEST.json RESULT.json`
-(protocol: peer_protocol.py); imports nothing of orcinus. It reads the same GGUF file orcinus
+(protocol: peer_protocol.py, beside it); imports nothing of orcinus. It reads the same GGUF file orcinus
 does, with its own quantized kernels. `llama_cpp.Llama` holds one sequence at a time, so the
 batch mode runs the trace's requests one after another (its server batches; its Python API
 does not): that is what a Python user of llama-cpp-python gets.

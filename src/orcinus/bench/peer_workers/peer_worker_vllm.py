@@ -1,7 +1,7 @@
 """`bench offline --backends vllm`: the trace through vLLM's offline `LLM`, in its own interpreter.
 
 Started by orcinus/bench/peers.py as `python peer_worker_vllm.py REQUEST.json RESULT.json`
-(protocol: peer_protocol.py); imports nothing of orcinus. vLLM keeps its own defaults (its CPU
+(protocol: peer_protocol.py, beside it); imports nothing of orcinus. vLLM keeps its own defaults (its CPU
 backend binds its OpenMP threads and runs its engine core in a child process); only what the
 trace needs is set: token-id prompts (no tokenizer), greedy, EOS ignored, max_num_seqs.
 """
