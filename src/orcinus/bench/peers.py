@@ -116,8 +116,13 @@ def run_peer_process(python: str, worker: str, request: dict, env: dict[str, str
             return PeerRun(f"error: the worker exited with status {proc.returncode} and no result: {tail}")
         with open(res_path) as f:
             data = json.load(f)
-    if proc.returncode not in (0,) and data.get("status", "").startswith("error"):
-        logger.warning("peer worker output:\n%s", proc.stdout[-4000:])
+    if data.get("status", "").startswith("error"):
+        logger.warning("peer worker output:\n%s", proc.stdout[-20000:])
+        # the first exception line is usually the root cause (vLLM re-raises it from its children)
+        causes = [ln.strip() for ln in proc.stdout.splitlines()
+                  if ("Error: " in ln or "Exception: " in ln) and not ln.startswith(" ")]
+        if causes and causes[0] not in data["status"]:
+            data["status"] += f" (first error in its output: {causes[0][:300]})"
     fields = {f.name for f in dataclasses.fields(PeerRun)}
     return PeerRun(**{k: v for k, v in data.items() if k in fields})
 
