@@ -198,27 +198,26 @@ def run_peer(backend: str, model_path: str, dtype: str, trace: Sequence[BenchReq
 
 
 def run_peer_backend(config, backend: str, trace: Sequence[BenchRequest], settings: PeerSettings | None,
-                     mode: str = "batch"):
-    """`bench offline`'s hook: the peer on the trace as a BackendResult (orcinus/bench/offline.py)."""
-    from orcinus.bench.offline import WARMUP_REQUESTS, BackendResult
+                     mode: str = "batch", warmup: int = 4) -> dict:
+    """`bench offline`'s hook: the peer on the trace, as the fields of offline.BackendResult."""
     from orcinus.bench.single_stream import summarize
     from orcinus.models.loader import resolve_model_path
 
     device = config.resolved_device()
     if device.type != "cpu":
-        return BackendResult(backend, status=f"n/a: the {backend} peer backend runs on CPU only")
+        return {"status": f"n/a: the {backend} peer backend runs on CPU only"}
     dtype = str(config.resolved_dtype(device)).removeprefix("torch.")
     run = run_peer(backend, resolve_model_path(config.model), dtype, trace, config.max_num_seqs,
-                   settings or PeerSettings(), mode, WARMUP_REQUESTS)
-    res = BackendResult(backend, status=run.status, elapsed_s=run.elapsed_s, cpu_s=run.cpu_s,
-                        output_tokens=run.output_tokens, load_s=run.load_s)
-    if res.ok:
+                   settings or PeerSettings(), mode, warmup)
+    res = {"status": run.status, "elapsed_s": run.elapsed_s, "cpu_s": run.cpu_s, "output_tokens": run.output_tokens,
+           "load_s": run.load_s}
+    if run.status == "ok":
         wanted = sum(r.output_len for r in trace)
         if run.output_tokens != wanted:
-            res.status = f"error: {backend} generated {run.output_tokens} tokens, the trace asked for {wanted}"
-        res.peer = {"version": run.version, "settings": run.settings}
+            res["status"] = f"error: {backend} generated {run.output_tokens} tokens, the trace asked for {wanted}"
+        res["peer"] = {"version": run.version, "settings": run.settings}
         if mode == "single" and run.single:
-            res.single = summarize(run.single) | {"rows": run.single}
+            res["single"] = summarize(run.single) | {"rows": run.single}
     return res
 
 

@@ -71,29 +71,29 @@ def _one(engine, rid: str, ids: list[int], n: int) -> StreamTiming:
     return StreamTiming(first - t0, (last - first) / (got - 1) if got > 1 else math.nan, got)
 
 
-def run_orcinus_single(config: EngineConfig, backend: str, trace: Sequence[BenchRequest], warmup: int = 4):
-    """The trace one request at a time through an orcinus engine; a BackendResult with `single`."""
-    from orcinus.bench.offline import BackendResult
+def run_orcinus_single(config: EngineConfig, backend: str, trace: Sequence[BenchRequest], warmup: int = 4) -> dict:
+    """The trace one request at a time through an orcinus engine: the fields of
+    offline.BackendResult, `single` among them."""
     from orcinus.engine.llm import LLM
 
-    res = BackendResult(backend)
+    res: dict = {"status": "ok"}
     policy = backend.removesuffix("-chunked")
     kwargs = dataclasses.asdict(dataclasses.replace(config, scheduler_policy=policy, skip_tokenizer_init=True))
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
-    res.load_s = time.perf_counter() - t0
+    res["load_s"] = time.perf_counter() - t0
     engine = llm.engine
     try:
         for i, r in enumerate(trace[:warmup]):
             _one(engine, f"warm-{i}", r.prompt_token_ids[:16], 4)
         c0, t0 = time.process_time(), time.perf_counter()
         rows = [_one(engine, f"single-{i}", r.prompt_token_ids, r.output_len) for i, r in enumerate(trace)]
-        res.elapsed_s, res.cpu_s = time.perf_counter() - t0, time.process_time() - c0
-        res.output_tokens = sum(t.output_tokens for t in rows)
+        res["elapsed_s"], res["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        res["output_tokens"] = sum(t.output_tokens for t in rows)
         wrong = [(t.output_tokens, r.output_len) for t, r in zip(rows, trace) if t.output_tokens != r.output_len]
         if wrong:
-            res.status = f"error: generated/asked token counts differ, e.g. {wrong[:3]}"
-        res.single = summarize(rows) | {"rows": [dataclasses.asdict(t) for t in rows]}
+            res["status"] = f"error: generated/asked token counts differ, e.g. {wrong[:3]}"
+        res["single"] = summarize(rows) | {"rows": [dataclasses.asdict(t) for t in rows]}
     finally:
         engine.shutdown()
     return res
