@@ -96,6 +96,16 @@ def peer_env(backend: str, python: str, settings: PeerSettings) -> dict[str, str
     return env
 
 
+def _stop_group(pgid: int) -> None:
+    """SIGKILL whatever is left of a peer's session (helpers that ignore SIGTERM included)."""
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_peer_process(python: str, worker: str, request: dict, env: dict[str, str] | None = None,
                      timeout_s: float = DEFAULT_TIMEOUT_S) -> PeerRun:
     """Start `python worker REQUEST RESULT`, wait, read its result. Anything that goes wrong (no
@@ -106,20 +116,31 @@ def run_peer_process(python: str, worker: str, request: dict, env: dict[str, str
         req_path, res_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
         with open(req_path, "w") as f:
             json.dump(request, f)
-        try:
-            proc = subprocess.run([python, worker, req_path, res_path], env=env, timeout=timeout_s,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        except subprocess.TimeoutExpired:
+        # Output to a file, not a pipe: a peer's helper processes (vLLM's resource tracker) may
+        # outlive it holding a pipe open. Its own session, so that everything it started can be
+        # stopped together.
+        with open(os.path.join(tmp, "output.log"), "w+") as log:
+            proc = subprocess.Popen([python, worker, req_path, res_path], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            try:
+                returncode = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            finally:
+                _stop_group(proc.pid)
+            log.seek(0)
+            output = log.read()
+        if returncode is None:
             return PeerRun(f"error: no result within {timeout_s:.0f} s")
         if not os.path.exists(res_path):
-            tail = " ".join(proc.stdout.strip().splitlines()[-3:])[-300:]
-            return PeerRun(f"error: the worker exited with status {proc.returncode} and no result: {tail}")
+            tail = " ".join(output.strip().splitlines()[-3:])[-300:]
+            return PeerRun(f"error: the worker exited with status {returncode} and no result: {tail}")
         with open(res_path) as f:
             data = json.load(f)
     if data.get("status", "").startswith("error"):
-        logger.warning("peer worker output:\n%s", proc.stdout[-20000:])
+        logger.warning("peer worker output:\n%s", output[-20000:])
         # the first exception line is usually the root cause (vLLM re-raises it from its children)
-        causes = [ln.strip() for ln in proc.stdout.splitlines()
+        causes = [ln.strip() for ln in output.splitlines()
                   if ("Error: " in ln or "Exception: " in ln) and not ln.startswith(" ")]
         if causes and causes[0] not in data["status"]:
             data["status"] += f" (first error in its output: {causes[0][:300]})"
