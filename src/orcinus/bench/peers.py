@@ -224,10 +224,12 @@ def run_peer_backend(config, backend: str, trace: Sequence[BenchRequest], settin
     from orcinus.bench.single_stream import summarize
     from orcinus.models.loader import resolve_model_path
 
-    device = config.resolved_device()
+    from orcinus.executor.platform import resolve_for_config
+
+    device, torch_dtype = resolve_for_config(config)
     if device.type != "cpu":
         return {"status": f"n/a: the {backend} peer backend runs on CPU only"}
-    dtype = str(config.resolved_dtype(device)).removeprefix("torch.")
+    dtype = str(torch_dtype).removeprefix("torch.")
     run = run_peer(backend, resolve_model_path(config.model), dtype, trace, config.max_num_seqs,
                    settings or PeerSettings(), mode, warmup)
     res = {"status": run.status, "elapsed_s": run.elapsed_s, "cpu_s": run.cpu_s, "output_tokens": run.output_tokens,
