@@ -22,7 +22,7 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 # longest matching prefix. Keep in step with the table at the top of docs/design.md.
 LAYERS: list[list[str]] = [
     ["orcinus.errors"],
-    ["orcinus.sampling_params", "orcinus.request", "orcinus.cpu_features"],
+    ["orcinus.sampling_params", "orcinus.request", "orcinus.cpu_features", "orcinus.thread_policy"],
     ["orcinus.core"],
     ["orcinus.config", "orcinus.generation_config"],
     ["orcinus.distributed.parallel_state", "orcinus.distributed.network"],

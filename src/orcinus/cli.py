@@ -13,10 +13,16 @@ import struct
 import sys
 from typing import Any
 
-from orcinus.config import EngineConfig  # noqa: F401
+from orcinus import thread_policy
+
+# --cpu-thread-policy must reach the environment before orcinus.config imports torch (libgomp
+# reads it once, at load); the parser validates and documents the same flag (engine/arg_utils.py).
+thread_policy.apply_from_argv(sys.argv[1:])
+
+from orcinus.config import EngineConfig  # noqa: E402,F401
 # Engine flags live in one module, shared with `orcinus bench` and distributed.launch; re-exported.
-from orcinus.engine.arg_utils import SMOLLM2_DEFAULTS as _SMOLLM2_DEFAULTS
-from orcinus.engine.arg_utils import ENGINE_FLAG_HELP, add_engine_args, engine_config_from_args  # noqa: F401
+from orcinus.engine.arg_utils import SMOLLM2_DEFAULTS as _SMOLLM2_DEFAULTS  # noqa: E402
+from orcinus.engine.arg_utils import ENGINE_FLAG_HELP, add_engine_args, engine_config_from_args  # noqa: E402,F401
 
 DEBUG_ENV = "ORCINUS_DEBUG"
 BENCH_EXTRA = ("httpx", "matplotlib")  # pyproject.toml's `bench` extra

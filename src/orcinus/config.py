@@ -56,6 +56,10 @@ class EngineConfig:
     # builds (~file-size memory, faster decode; layers/quantized_linear.py), "gguf" insists on it
     # (CPU only), "none" dequantises them to `dtype` at load as before.
     quantization: Literal["auto", "gguf", "none"] = "auto"
+    # How idle OpenMP threads wait (orcinus/thread_policy.py): auto | spin | passive | spin:N. It
+    # takes effect before torch loads (the CLI flag, ORCINUS_CPU_THREAD_POLICY); here it is checked
+    # and reported on the start-up line.
+    cpu_thread_policy: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +102,12 @@ class EngineConfig:
         if not self.generation_config:
             raise ConfigError("generation_config must be 'auto', 'vllm' or a folder holding generation_config.json")
         from orcinus.generation_config import check_mode, parse_override
+        from orcinus.thread_policy import ThreadPolicyError, check
+
+        try:
+            check(self.cpu_thread_policy)
+        except ThreadPolicyError as exc:
+            raise ConfigError(str(exc)) from None
 
         # Mistakes fail here, before a model loads, not after.
         check_mode(self.generation_config)

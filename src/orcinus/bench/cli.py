@@ -101,6 +101,9 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
     from orcinus.sim.cli import add_simulate_flag
 
     add_simulate_flag(p)
+    from orcinus.bench.peers import add_peer_args
+
+    add_peer_args(p)  # --mode single, --vllm-python, ... (orcinus/bench/peers.py)
     add_trace_args(p, default_dataset="random", with_seed=False)
     add_engine_args(p)
     p.set_defaults(func=_cmd_offline)
@@ -128,13 +131,20 @@ def _cmd_offline(args: argparse.Namespace) -> int:
                 "trace": spec.describe(), "detokenize": args.detokenize}
     report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    from orcinus.bench.peers import peer_settings_from_args
+
+    from orcinus.thread_policy import applied
+
+    report.settings["mode"] = args.mode
+    report.settings["cpu_thread_policy"] = applied().describe()
     if args.simulate:
         from orcinus.sim.bench_hooks import run_offline_simulated
 
         run_offline_simulated(config, args.simulate, trace, backends, report, args.lengths_known, args.floor)
     else:
-        run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor,
-                    lengths_known=args.lengths_known, profile=args.profile, detokenize=args.detokenize)
+        run_offline(config, trace, backends, report, progress=args.progress, with_floor=args.floor and args.mode == "batch",
+                    lengths_known=args.lengths_known, profile=args.profile, detokenize=args.detokenize,
+                    mode=args.mode, peers=peer_settings_from_args(args))
     report.machine["load_avg_1m_end"] = load_average()
     print(report.to_markdown())
     if args.kv_plot:

@@ -34,7 +34,9 @@ from orcinus.executor.platform import resolve_device, resolve_for_config
 
 logger = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("orca", "static", "hf", "hf-cb", "paged", "paged-chunked", "orca-chunked")
+BACKENDS: tuple[str, ...] = ("orca", "static", "hf", "hf-cb", "paged", "paged-chunked", "orca-chunked",
+                             "vllm", "llama-cpp")  # the last two: other engines, in processes of their own (peers.py)
+PEER_BACKENDS = ("vllm", "llama-cpp")
 DEFAULT_BACKENDS: tuple[str, ...] = ("orca", "static", "hf", "hf-cb")
 ORCINUS_BACKENDS = ("orca", "static", "paged", "paged-chunked", "orca-chunked")
 # budget of the *-chunked backends when --max-num-batched-tokens gives none
@@ -47,9 +49,12 @@ BACKEND_LABELS = {
     "orca-chunked": "orcinus, orca policy, chunked prefill",
     "hf": "transformers generate, static batches",
     "hf-cb": "transformers continuous batching",
+    "vllm": "vLLM offline LLM (CPU build), own process",
+    "llama-cpp": "llama.cpp via llama_cpp.Llama, own process, one request at a time",
 }
 # Ratios reported: orca against transformers' static batches, and against orcinus' static policy.
-RATIOS = (("orca", "hf"), ("orca", "static"))
+RATIOS = (("orca", "hf"), ("orca", "static"), ("orca", "vllm"), ("paged", "vllm"), ("orca", "llama-cpp"),
+          ("paged", "llama-cpp"))
 # A timed run shorter than this is mostly noise (scheduling jitter, timer, other load).
 MIN_COMPARABLE_S = 5.0
 # Warm-up: this many requests of the trace (its longest prompts, whole), a few output tokens each,
@@ -69,6 +74,8 @@ class BackendResult:
     kv: dict | None = None  # orcinus only: KVUsageSummary of the timed run
     kv_samples: list | None = None  # orcinus only: per-iteration KVSample dicts
     profile: dict | None = None  # per-phase seconds of the timed run (--profile)
+    single: dict | None = None  # --mode single: TTFT and ms per output token (single_stream.summarize)
+    peer: dict | None = None  # peer backends: their version and settings
 
     @property
     def ok(self) -> bool:
@@ -166,6 +173,11 @@ class OfflineReport:
                 text += (f"\n\nIterations: {its} iteration-level, {static_its} request-level (batches of "
                          f"max_num_seqs): at a fixed cost per iteration, orca can beat a static policy that "
                          f"does not pad by at most {fmt(static_its / its)}×")
+        from orcinus.bench.single_stream import single_stream_table
+
+        single = single_stream_table(self.results)
+        if single:
+            text += "\n\nOne request at a time (time to first token, ms per output token after it):\n\n" + single
         for r in self.results:
             if r.profile:
                 text += f"\n\nPer-iteration breakdown, {r.backend}:\n\n{r.profile['markdown']}"
@@ -319,14 +331,28 @@ def compute_floor(config: EngineConfig, trace: Sequence[BenchRequest], rates: De
 
 def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: Sequence[str], report: OfflineReport,
                 progress: bool = True, with_floor: bool = True, lengths_known: bool = True,
-                profile: bool = False, detokenize: bool = False) -> OfflineReport:
+                profile: bool = False, detokenize: bool = False, mode: str = "batch",
+                peers=None) -> OfflineReport:
+    """`mode`: batch (the whole trace at once) or single (one request at a time, single_stream.py);
+    `peers`: a peers.PeerSettings for the vllm / llama-cpp backends."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS}")
     for backend in backends:
         logger.info("bench offline: running %s", BACKEND_LABELS[backend])
         try:
-            if backend in ORCINUS_BACKENDS:
+            if backend in PEER_BACKENDS:
+                from orcinus.bench.peers import run_peer_backend
+
+                res = BackendResult(backend, **run_peer_backend(config, backend, trace, peers, mode, WARMUP_REQUESTS))
+            elif mode == "single" and backend in ORCINUS_BACKENDS:
+                from orcinus.bench.single_stream import run_orcinus_single
+
+                res = BackendResult(backend, **_on_own_thread(run_orcinus_single, config, backend, trace,
+                                                              WARMUP_REQUESTS))
+            elif mode == "single":
+                res = BackendResult(backend, status="n/a: --mode single runs orcinus and the peer backends")
+            elif backend in ORCINUS_BACKENDS:
                 res = _on_own_thread(run_orcinus, config, backend, trace, progress, lengths_known,
                                      profile=profile, detokenize=detokenize)
             else:

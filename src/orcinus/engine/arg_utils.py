@@ -35,6 +35,10 @@ ENGINE_FLAG_HELP = {
                          "generation_config.json, GGUF sampling metadata, or its model card's figures; for the "
                          f"default model {SMOLLM2_DEFAULTS}), vllm (none: temperature 1, top_p 1), or a folder "
                          "holding a generation_config.json (default: %(default)s)",
+    "cpu_thread_policy": "how idle OpenMP threads wait: auto (default: passive, right on a quiet and on a busy "
+                         "machine), spin (libgomp's default: fastest on cores of its own, collapses beside other "
+                         "work), passive, or spin:N (GOMP_SPINCOUNT=N). Applied before torch loads (also "
+                         "ORCINUS_CPU_THREAD_POLICY); your own OMP_WAIT_POLICY/GOMP_SPINCOUNT wins",
     "override_generation_config": "JSON object changing single defaults, e.g. '{\"temperature\": 0.5, "
                                   "\"max_new_tokens\": 256}'",
 }

@@ -123,6 +123,10 @@ class LLMEngine:
         )
         logger.info("orcinus engine: sampling defaults for fields a request leaves unset: %s",
                     self.generation_defaults.describe())
+        if self.device.type == "cpu":
+            from orcinus.thread_policy import engine_note
+
+            logger.info("orcinus engine: %s", engine_note(config.cpu_thread_policy))
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "LLMEngine":
