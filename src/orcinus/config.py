@@ -47,6 +47,9 @@ class EngineConfig:
     pipeline_parallel_size: int = 1  # stages of consecutive layers; batches in flight = max(n_workers, this)
     nnodes: int = 1  # machines sharing the ranks; the others run `python -m orcinus.distributed.launch`
     distributed_timeout_s: float = 120.0  # for ranks to join, and for one collective
+    # Worker processes that complete no layer for this long while a batch is in flight are
+    # stopped or stuck (SIGSTOP, a hung collective): the engine fails its requests and stops.
+    worker_stall_timeout_s: float = 120.0
     # Sampling defaults for fields a request leaves unset: "auto" (the model's own, see
     # orcinus/generation_config.py), "vllm" (none: temperature 1, ...) or a folder with a
     # generation_config.json; the override (a JSON object, or a dict) changes single fields on top.
@@ -87,6 +90,8 @@ class EngineConfig:
                               f"= {world} (each node runs the same number of ranks)")
         if self.distributed_timeout_s <= 0:
             raise ConfigError("distributed_timeout_s must be positive")
+        if self.worker_stall_timeout_s <= 0:
+            raise ConfigError("worker_stall_timeout_s must be positive")
         if self.attention_backend not in ("auto", "reference", "batched", "paged", "triton"):
             raise ConfigError("attention_backend must be auto, reference, batched, paged or triton")
         if not self.generation_config:

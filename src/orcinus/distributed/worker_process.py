@@ -88,9 +88,12 @@ class Failed:
 
 
 def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = None,
-                prev_conn: Connection | None = None, next_conn: Connection | None = None) -> None:
+                prev_conn: Connection | None = None, next_conn: Connection | None = None,
+                progress=None) -> None:
     """`conn`: this rank's pipe to the executor (start-up, replies; messages too on stage 0).
     `prev_conn` / `next_conn`: control pipes from the previous / to the next pipeline stage.
+    `progress`: the executor's progress.Progress, where this rank beats after every layer (on the
+    engine's machine only; ranks elsewhere have none).
     With `info.networked` the rank makes these connections itself (see network.py)."""
     import time
 
@@ -127,6 +130,10 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = 
         set_pipeline_stage(PipelineStage(info.stage, pp, info.rank - tp if info.stage > 0 else None,
                                          info.rank + tp if info.stage < pp - 1 else None))
         worker = Worker(config)
+        if progress is not None:
+            from orcinus.executor.progress import watch_layers
+
+            watch_layers(worker.runner.model, progress.beater(info.rank))
         conn.send(Ready(worker.available_kv_blocks(), worker.model_config, worker.model_path, os.getpid()))
         worker.initialize_kv_cache(conn.recv())
     except BaseException as exc:

@@ -28,6 +28,10 @@ class Executor(ABC):
     def shutdown(self) -> None:
         """Release workers; idempotent."""
 
+    def last_progress(self) -> float | None:
+        """time.monotonic() of the newest completed layer on any rank (progress.py), or None."""
+        return None
+
 
 class SingleProcessExecutor(Executor):
     """One worker in this process; runs the iteration at launch, the future is already resolved."""
@@ -35,7 +39,11 @@ class SingleProcessExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         from orcinus.executor.worker import Worker
 
+        from orcinus.executor.progress import Progress, watch_layers
+
         self.driver_worker = Worker(config)
+        self.progress = Progress(1)
+        watch_layers(self.driver_worker.runner.model, self.progress.beater())
         self.model_config = self.driver_worker.model_config
         self.model_path = self.driver_worker.model_path
         self.num_blocks = min(w.available_kv_blocks() for w in self.workers)
@@ -46,10 +54,14 @@ class SingleProcessExecutor(Executor):
     def workers(self) -> list:
         return [self.driver_worker]
 
+    def last_progress(self) -> float | None:
+        return self.progress.latest()
+
     def execute_async(self, msg: BatchMessage) -> "Future[SamplerOutput]":
         fut: Future[SamplerOutput] = Future()
         try:
             fut.set_result(self.driver_worker.execute(msg))
+            self.progress.beat()
         except BaseException as exc:  # surfaced to the engine when it waits on the batch
             fut.set_exception(exc)
         return fut

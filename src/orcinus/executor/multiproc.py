@@ -7,7 +7,9 @@ hidden states and all-reduces travel over torch.distributed. Every rank answers 
 its own pipe; a reader thread resolves the futures in order. A batch that failed on some rank is
 rolled back on the ranks where it succeeded, so the engine may retry its rows. A worker that dies
 fails every batch in flight within `poll_s`, and the executor then stops the other workers: none
-is left behind."""
+is left behind. A worker that stops without dying (SIGSTOP, a hung collective) is found by its
+silence: when no rank completes a layer (progress.py) for `worker_stall_timeout_s` while a batch
+is in flight, the executor treats it as dead the same way."""
 from __future__ import annotations
 
 import atexit
@@ -20,6 +22,7 @@ import logging
 import select
 import socket
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
@@ -30,6 +33,7 @@ from orcinus.config import ConfigError, EngineConfig
 from orcinus.distributed.worker_process import Failed, RankInfo, Ready, worker_main
 from orcinus.executor.executor import Executor, WorkerDied
 from orcinus.executor.messages import BatchMessage, Rollback
+from orcinus.executor.progress import Progress
 from orcinus.sampler import SamplerOutput
 
 logger = logging.getLogger(__name__)
@@ -63,6 +67,9 @@ class MultiprocExecutor(Executor):
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._closed = False
+        self.stall_timeout_s = config.worker_stall_timeout_s
+        self._progress = Progress(self.world_size, ctx)
+        self._last_activity = time.monotonic()  # a message sent or a reply received
         if config.nnodes > 1:
             self._start_networked(ctx, config)
         else:
@@ -96,7 +103,7 @@ class MultiprocExecutor(Executor):
             info = RankInfo(rank, tp, pp, "127.0.0.1", port, timeout_s=config.distributed_timeout_s)
             prev_conn = links[rank - tp][0] if rank >= tp else None
             next_conn = links[rank][1] if rank in links else None
-            self._procs.append(spawn_worker(ctx, info, config, child, prev_conn, next_conn))
+            self._procs.append(spawn_worker(ctx, info, config, child, prev_conn, next_conn, progress=self._progress))
             child.close()
             self._conns.append(parent)
         for recv_end, send_end in links.values():  # the workers hold them now
@@ -119,7 +126,7 @@ class MultiprocExecutor(Executor):
         per_node = self.world_size // config.nnodes
         for rank in range(self.world_size):
             info = RankInfo(rank, self.tp, self.pp, addr, port, timeout_s=timeout, networked=True)
-            self._procs.append(spawn_worker(ctx, info, config) if rank < per_node else None)
+            self._procs.append(spawn_worker(ctx, info, config, progress=self._progress) if rank < per_node else None)
         joined: dict[int, Connection] = {}
 
         def accept() -> None:
@@ -170,6 +177,7 @@ class MultiprocExecutor(Executor):
                 fut.set_exception(WorkerDied(self._dead))
                 return fut
             self._pending.append((msg.seq, fut))
+            self._last_activity = time.monotonic()
             self._send_to_first_stage(msg)
         return fut
 
@@ -200,11 +208,18 @@ class MultiprocExecutor(Executor):
                     if wait(self._watch(rank), self.poll_s) and not conn.poll():
                         self._die(self._death_note())
                         return
+                    silent = time.monotonic() - max(self._progress.latest(), self._last_activity)
+                    if silent > self.stall_timeout_s:
+                        self._die(f"no worker process completed any work for {silent:.0f} s with a batch in flight "
+                                  f"(worker_stall_timeout_s={self.stall_timeout_s:g}): a worker is stopped or stuck "
+                                  f"(rank {rank} has not answered); the engine cannot run iterations any more")
+                        return
                     with self._lock:
                         if self._closed:
                             return
                 try:
                     replies.append(conn.recv())
+                    self._last_activity = time.monotonic()
                 except (EOFError, OSError):
                     self._die(self._death_note())
                     return
@@ -254,6 +269,9 @@ class MultiprocExecutor(Executor):
             if not fut.done():
                 fut.set_exception(WorkerDied(reason))
 
+    def last_progress(self) -> float | None:
+        return self._progress.latest()
+
     def shutdown(self) -> None:
         with self._lock:
             self._closed = True
@@ -289,8 +307,10 @@ def _main_module_hidden():
         main.__spec__ = saved_spec
 
 
-def spawn_worker(ctx, info: RankInfo, config: EngineConfig, *conns: Connection | None):
-    proc = ctx.Process(target=worker_main, args=(info, config, *conns), daemon=True,
+def spawn_worker(ctx, info: RankInfo, config: EngineConfig, *conns: Connection | None,
+                 progress: Progress | None = None):
+    conns = (conns + (None, None, None))[:3]
+    proc = ctx.Process(target=worker_main, args=(info, config, *conns, progress), daemon=True,
                        name=f"orcinus-pp{info.stage}-tp{info.tp_rank}")
     with _main_module_hidden():
         proc.start()

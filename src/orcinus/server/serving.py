@@ -92,11 +92,17 @@ class ServingContext:
         client that disconnects while its prompts wait for preparation drops them (raises
         ClientDisconnected)."""
         try:
-            return await until_disconnect(request, self.engine.submit(requests))
+            return await until_disconnect(request, self.engine.submit(requests, client_of(request)))
         except ClientDisconnected:
             raise
         except Exception as exc:
             raise from_exception(exc) from exc
+
+
+def client_of(request: Request) -> str:
+    """Who takes turns for prompt preparation: the peer address (behind a proxy, everyone is the
+    proxy and turns are first come, first served again)."""
+    return request.client.host if request.client else ""
 
 
 def new_request_id(prefix: str, request: Request) -> str:

@@ -14,6 +14,7 @@ from orcinus.server.errors import OpenAIError
 from orcinus.server.logprobs import chat_logprobs
 from orcinus.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                      ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, DeltaMessage)
+from orcinus.server.prompt_budget import check_head_fits
 from orcinus.server.serving import FinishedTracker, ServingContext, new_request_id, respond, sse
 
 
@@ -35,6 +36,8 @@ def chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> Callable[[]
         tok = engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer, and this server runs without one (skip_tokenizer_init)")
+        # Refuse a conversation whose text alone cannot fit before rendering and tokenising all of it.
+        check_head_fits(tok, "\n".join(m["content"] for m in messages), engine.engine.max_model_len, "messages")
         return tok.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
 
     return build
