@@ -54,7 +54,8 @@ async def _echo_texts(ctx: ServingContext, prompts: list[str | list[int]], reque
 def _check_echo_size(echo: list[str], n: int, bound: int) -> None:
     """echo repeats each prompt in front of each of its n samples: without a bound a 0.5 MB
     request made a 32 MB response (and 400 MB of server memory). The echoed text may total at
-    most the server's request-body limit."""
+    most an eighth of the server's request-body limit (1 MiB by default), far more than prompts
+    that fit a context hold."""
     echoed = sum(len(text.encode("utf-8", "surrogatepass")) for text in echo) * n
     if echoed > bound:
         raise OpenAIError(400, f"echo with n={n} would repeat {echoed} bytes of prompt in the response, more than "
@@ -85,7 +86,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     params = body.sampling_params(max_tokens, body.logprobs, defaults.values)
     echo = await _echo_texts(ctx, prompts, request) if body.echo else None
     if echo is not None:
-        _check_echo_size(echo, body.num_samples, ctx.settings.max_request_bytes)
+        _check_echo_size(echo, body.num_samples, max(ctx.settings.max_request_bytes // 8, 65536))
     tokenizer = ctx.engine.tokenizer
     stream = await ctx.submit(request, [GenerateRequest(f"{request_id}-{i}", _prompt(tokenizer, p, max_len), params)
                                for i, p in enumerate(prompts)])
