@@ -106,10 +106,19 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = 
 
     tp, pp = info.tensor_parallel_size, info.pipeline_parallel_size
     if info.networked:
+        import sys
+
+        from orcinus.config import ConfigError
         from orcinus.distributed.network import connect_rank
 
-        conn, prev_conn, next_conn = connect_rank(info.rank, tp, pp, info.master_addr, info.master_port,
-                                                  info.timeout_s)
+        try:
+            conn, prev_conn, next_conn = connect_rank(info.rank, tp, pp, info.master_addr, info.master_port,
+                                                      info.timeout_s)
+        except ConfigError as exc:  # the user's to fix (key, addresses): one line, no traceback
+            print(f"error: rank {info.rank}: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        if os.environ.get("ORCINUS_LAUNCHER"):  # a launcher's rank: say so on its terminal
+            print(f"rank {info.rank} joined the engine at {info.master_addr}:{info.master_port + 1}", flush=True)
     try:
         device = config.resolved_device()
         if device.type == "cuda":

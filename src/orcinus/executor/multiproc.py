@@ -26,7 +26,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from multiprocessing.connection import Connection, Listener, wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 
 from orcinus.config import ConfigError, EngineConfig
@@ -113,13 +113,14 @@ class MultiprocExecutor(Executor):
     def _start_networked(self, ctx, config: EngineConfig) -> None:
         """This machine runs the first world_size / nnodes ranks; the other nodes' launchers run
         the rest. Every rank connects back to the control listener opened here."""
-        from orcinus.distributed.network import cluster_key, control_port, open_store
+        from orcinus.distributed.network import ClusterJoinError, RankListener, cluster_key, control_port, open_store
 
         addr, port = master_from_env()
+        key = cluster_key()  # no key, no cluster: refused before anything listens
         timeout = config.distributed_timeout_s
         try:
             self._store = open_store(addr, port, True, timeout)
-            listener = Listener((addr, control_port(port)), authkey=cluster_key())
+            listener = RankListener((addr, control_port(port)), key)
         except (OSError, RuntimeError) as exc:
             raise ConfigError(f"cannot listen on MASTER_ADDR={addr} ports {port + 1}-{port + 2} ({exc}); "
                               "set MASTER_ADDR to this machine's address and MASTER_PORT to a free port") from None
@@ -127,24 +128,22 @@ class MultiprocExecutor(Executor):
         for rank in range(self.world_size):
             info = RankInfo(rank, self.tp, self.pp, addr, port, timeout_s=timeout, networked=True)
             self._procs.append(spawn_worker(ctx, info, config, progress=self._progress) if rank < per_node else None)
-        joined: dict[int, Connection] = {}
-
-        def accept() -> None:
-            while len(joined) < self.world_size:
-                conn = listener.accept()
-                joined[conn.recv()] = conn
-
-        acceptor = threading.Thread(target=accept, daemon=True)
-        acceptor.start()
-        acceptor.join(timeout)
+        # Connections that fail the handshake (wrong key, strangers) are refused and logged while
+        # the listener goes on waiting for the right nodes (network.py).
+        local = [p for p in self._procs if p is not None]
+        joined = listener.accept_ranks(set(range(self.world_size)), timeout, local=set(range(per_node)),
+                                       give_up=lambda: any(p.exitcode is not None for p in local))
         listener.close()
         if len(joined) < self.world_size:
             missing = sorted(set(range(self.world_size)) - set(joined))
             _stop(list(joined.values()), [p for p in self._procs if p is not None])
-            raise WorkerDied(
-                f"ranks {missing} did not join within distributed_timeout_s={timeout:.0f} s; start "
+            refused = f" ({len(listener.refused)} connection(s) refused, the last: {listener.refused[-1]})" \
+                if listener.refused else ""
+            raise ClusterJoinError(
+                f"ranks {missing} did not join within distributed_timeout_s={timeout:.0f} s{refused}; start "
                 f"`python -m orcinus.distributed.launch --nnodes {config.nnodes} --node-rank K` with the same "
-                f"engine flags on every other node, with MASTER_ADDR={addr} and MASTER_PORT={port}")
+                f"engine flags and ORCINUS_CLUSTER_KEY on every other node, with MASTER_ADDR={addr} and "
+                f"MASTER_PORT={port}")
         self._conns = [joined[r] for r in range(self.world_size)]
 
     def _watch(self, rank: int) -> list:
