@@ -7,7 +7,7 @@ import functools
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Protocol, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -86,6 +86,13 @@ class ServingContext:
             return None
         longest = max((len(piece) for piece in tokenizer.hf.get_vocab()), default=1)
         return self.engine.engine.max_model_len * max(longest, 1)
+
+    @functools.cached_property
+    def token_bytes(self) -> Callable[[int, str], list[int]]:
+        """A token's own bytes for log-probs (token_bytes.py)."""
+        from orcinus.token_bytes import token_bytes_fn
+
+        return token_bytes_fn(self.engine.tokenizer)
 
     async def submit(self, request: Request, requests: list[GenerateRequest]) -> RequestStream:
         """Submit to the engine; whatever it refuses becomes the error the client should see. A
