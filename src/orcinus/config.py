@@ -6,6 +6,7 @@ name (underscores become dashes), so a user learns one vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,6 +16,7 @@ SCHEDULER_POLICIES = ("orca", "static", "paged")
 DEFAULT_BATCHED_TOKENS_CPU = 512
 DEFAULT_BATCHED_TOKENS_CUDA = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,8 @@ class EngineConfig:
         self.validate()
 
     def validate(self) -> None:
+        if not _DEVICE.fullmatch(str(self.device)):
+            raise ConfigError(f"device={self.device!r} is not supported; use auto, cpu, cuda or cuda:N")
         if self.scheduler_policy not in SCHEDULER_POLICIES:
             raise ConfigError(
                 f"scheduler_policy={self.scheduler_policy!r} is unknown; choose one of {SCHEDULER_POLICIES}"

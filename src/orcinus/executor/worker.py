@@ -11,6 +11,7 @@ from orcinus.config import EngineConfig, ModelConfig
 from orcinus.cpu_features import configure_cpu_threads
 from orcinus.distributed.parallel_state import pipeline_stage, recv_from_prev_stage, send_to_next_stage
 from orcinus.executor.messages import BatchMessage, SamplingSettings
+from orcinus.executor.kv_budget import check_kv_budget
 from orcinus.executor.model_runner import ModelRunner, default_cpu_kv_bytes
 from orcinus.executor.request_state import RequestStates, WorkerRequest
 from orcinus.models.loader import load_model
@@ -50,6 +51,7 @@ class Worker:
         ec = self.config
         if ec.kv_cache_memory is not None:
             budget = ec.kv_cache_memory
+            check_kv_budget(budget, self.device)
         elif self.device.type == "cuda":
             budget = self._profiled_cuda_budget()
         else:

@@ -176,7 +176,19 @@ def inspect_model(model: str | None) -> tuple[type[nn.Module], ModelConfig]:
     else:
         hf_config = _read_config_json(path)
     arch = resolve(hf_config)
-    return arch.model_class, arch.parse_config(hf_config)
+    return arch.model_class, _parse_config(arch, hf_config, path)
+
+
+def _parse_config(arch, hf_config: dict, path: str) -> ModelConfig:
+    """The architecture's config, or an error naming the field a config.json lacks (a bare
+    KeyError said only 'num_attention_heads')."""
+    try:
+        return arch.parse_config(hf_config)
+    except KeyError as exc:
+        field = exc.args[0] if exc.args else "?"
+        kind = hf_config.get("model_type", "this")
+        raise UnsupportedModel(f"the configuration of {path} lacks the field {field!r}, which {kind} models need; "
+                               "add it to config.json (see the model's original config)") from None
 
 
 def _read_config_json(path: str) -> dict:
@@ -224,7 +236,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
         weights = _safetensors_weights(path)
         is_gguf = False
     arch = resolve(hf_config)
-    cfg = arch.parse_config(hf_config)
+    cfg = _parse_config(arch, hf_config, path)
     check_tensor_parallel(arch.model_class, cfg, tensor_parallel().size, pipeline_stage().num_stages)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
