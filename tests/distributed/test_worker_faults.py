@@ -74,34 +74,49 @@ def test_stopped_worker_ends_requests_with_an_error_and_the_engine_dies(checkpoi
 
     folder, _ = checkpoint_factory("llama")
     engine = LLMEngine(EngineConfig(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22,
-                                    block_size=4, tensor_parallel_size=2, worker_stall_timeout_s=5))
+                                    block_size=4, tensor_parallel_size=2, worker_stall_timeout_s=12))
     pid = engine.executor._procs[1].pid
     dead: list[str] = []
 
     async def main():
-        ae = AsyncEngine(engine, stall_timeout_s=3, on_dead=dead.append)
+        ae = AsyncEngine(engine, stall_timeout_s=2, on_dead=dead.append)
         ae.start()
         stream = await ae.submit([GenerateRequest("a", [5, 6, 7], SamplingParams(max_tokens=500, ignore_eos=True,
                                                                                  temperature=0.0))])
+        seen: dict[str, object] = {}
+
+        async def watch() -> None:
+            # Between the stop and the executor giving up: /health is bad and new work is refused.
+            while ae.health().ok:
+                await asyncio.sleep(0.05)
+            seen["health"] = ae.health()
+            try:
+                await ae.submit([GenerateRequest("late", [5], SamplingParams(max_tokens=2))])
+            except EngineUnavailable as exc:
+                seen["refused"] = str(exc)
+
         got = 0
+        watcher = None
         with pytest.raises(EngineUnavailable) as err:
             async for _ in stream:
                 got += 1
                 if got == 2:
                     os.kill(pid, signal.SIGSTOP)
-        assert got >= 2
-        health = ae.health()
+                    watcher = asyncio.create_task(watch())
+        assert got >= 2 and watcher is not None
+        await watcher
         with pytest.raises(EngineUnavailable):
-            await ae.submit([GenerateRequest("late", [5], SamplingParams(max_tokens=2))])
+            await ae.submit([GenerateRequest("later", [5], SamplingParams(max_tokens=2))])
         await ae.shutdown()
-        return str(err.value), health
+        return str(err.value), seen["health"], seen.get("refused")
 
     try:
-        message, health = asyncio.run(asyncio.wait_for(main(), LIVENESS_S * 5))
+        message, health, refused = asyncio.run(asyncio.wait_for(main(), LIVENESS_S * 5))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
     assert "worker process failed or stopped answering" in message
     assert "pid" not in message and str(pid) not in message and "exit code" not in message
-    assert not health.ok and str(pid) not in health.reason
+    assert not health.ok and "made no progress" in health.reason and str(pid) not in health.reason
+    assert refused is not None and "no progress" in refused
     assert dead and not multiprocessing.active_children()

@@ -307,6 +307,11 @@ class AsyncEngine:
 
     def _check_admission(self, num_seqs: int = 1) -> None:
         self._check_accepting()
+        c = self._counters
+        if c.busy and time.monotonic() - max(c.heartbeat, self._executor_progress()) > self.stall_timeout_s:
+            # Stalled (a stopped worker, say): taking more work would only add clients that hang
+            # until the executor gives up on the worker.
+            raise EngineUnavailable("the engine is making no progress; retry later or on another instance")
         bound = self.max_waiting_requests
         if bound is None:
             return
