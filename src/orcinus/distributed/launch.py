@@ -18,10 +18,10 @@ import logging
 import os
 import sys
 
-from orcinus.cli import add_engine_args, engine_config_from_args
-from orcinus.config import ConfigError
+from orcinus.engine.arg_utils import add_engine_args, engine_config_from_args
+from orcinus.errors import ConfigError
+from orcinus.executor.worker_process import RankInfo
 from orcinus.distributed.network import cluster_key
-from orcinus.distributed.worker_process import RankInfo
 from orcinus.executor.multiproc import master_from_env, spawn_worker
 
 

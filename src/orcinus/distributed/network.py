@@ -28,7 +28,7 @@ from typing import Callable
 from multiprocessing.connection import (AuthenticationError, Client, Connection, answer_challenge,
                                         deliver_challenge)
 
-from orcinus.config import ConfigError
+from orcinus.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

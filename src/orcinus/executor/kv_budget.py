@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from orcinus.config import ConfigError
+from orcinus.errors import ConfigError
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
