@@ -19,6 +19,7 @@ from orcinus.config import ModelConfig
 from orcinus.errors import ModelNotFound  # noqa: F401  (re-exported: raised here)
 from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
 from orcinus.layers.linear import lay_out_for_cpu
+from orcinus.models.hf_config import UnsupportedModel
 from orcinus.models.registry import resolve
 from orcinus.models.weights import FullTensor
 
