@@ -32,7 +32,7 @@ def test_the_wheel_carries_the_c_decode_kernel(tmp_path) -> None:
     import zipfile
 
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-                          "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("orcinus-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -6,6 +6,7 @@ name (underscores become dashes), so a user learns one vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +20,7 @@ QUANTIZATION_MODES = ("auto", "gguf", "none")
 DEFAULT_BATCHED_TOKENS_CPU = 512
 DEFAULT_BATCHED_TOKENS_CUDA = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -47,6 +49,9 @@ class EngineConfig:
     pipeline_parallel_size: int = 1  # stages of consecutive layers; batches in flight = max(n_workers, this)
     nnodes: int = 1  # machines sharing the ranks; the others run `python -m orcinus.distributed.launch`
     distributed_timeout_s: float = 120.0  # for ranks to join, and for one collective
+    # Worker processes that complete no layer for this long while a batch is in flight are
+    # stopped or stuck (SIGSTOP, a hung collective): the engine fails its requests and stops.
+    worker_stall_timeout_s: float = 120.0
     # Sampling defaults for fields a request leaves unset: "auto" (the model's own, see
     # orcinus/generation_config.py), "vllm" (none: temperature 1, ...) or a folder with a
     # generation_config.json; the override (a JSON object, or a dict) changes single fields on top.
@@ -65,6 +70,8 @@ class EngineConfig:
         self.validate()
 
     def validate(self) -> None:
+        if not _DEVICE.fullmatch(str(self.device)):
+            raise ConfigError(f"device={self.device!r} is not supported; use auto, cpu, cuda or cuda:N")
         if self.scheduler_policy not in SCHEDULER_POLICIES:
             raise ConfigError(
                 f"scheduler_policy={self.scheduler_policy!r} is unknown; choose one of {SCHEDULER_POLICIES}"
@@ -95,6 +102,8 @@ class EngineConfig:
                               f"= {world} (each node runs the same number of ranks)")
         if self.distributed_timeout_s <= 0:
             raise ConfigError("distributed_timeout_s must be positive")
+        if self.worker_stall_timeout_s <= 0:
+            raise ConfigError("worker_stall_timeout_s must be positive")
         if self.attention_backend not in ("auto", "reference", "batched", "paged", "triton"):
             raise ConfigError("attention_backend must be auto, reference, batched, paged or triton")
         if self.quantization not in QUANTIZATION_MODES:

@@ -13,7 +13,7 @@ from orcinus.models.loader import default_model_path
 
 def _run(args: list[str], env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "ORCINUS_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "orcinus", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "orcinus", *args], capture_output=True, text=True, timeout=1200,
                           env={**environ, **(env or {})}, input=stdin)
 
 

@@ -19,7 +19,7 @@ def test_unguarded_script_runs_once(checkpoint_factory, tmp_path):
     script = tmp_path / "user_script.py"
     script.write_text(SCRIPT.format(folder=folder))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS")]
     assert len(lines) == 1 and len(lines[0].split(",")) == 3, proc.stdout

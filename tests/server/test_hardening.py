@@ -212,8 +212,11 @@ def test_a_huge_prompt_is_refused_before_tokenising(http: httpx.Client, guarded:
 # ---------------------------------------------------------------------- 8: the log
 def test_the_access_log_cannot_be_forged_and_hides_credentials(http: httpx.Client, guarded: ServerProcess) -> None:
     resp = http.get("/v1/models/x%0A2000-01-01 00:00:00 INFO FORGED LINE%1b[31m",
-                    params={"api_key": "sekrit-1", "access_token": "sekrit-2", "page": "2"})
+                    params={"api_key": "sekrit-1", "access_token": "sekrit-2", "page": "2", "bearer": "sekrit-3",
+                            "pwd": "sekrit-4", "pass": "sekrit-5", "sig": "sekrit-6", "db_pass": "sekrit-7"})
     assert resp.status_code == 404
+    # Issue 19: ";" separates parameters too; a secret behind one must not hide in the value before.
+    assert http.get("/v1/models/y?page=3;token=sekrit-8;sig=sekrit-9").status_code == 404
     assert wait_until(lambda: "FORGED" in Path(guarded.log_path).read_text(), 10)
     log = Path(guarded.log_path).read_text()
     assert not any(line.startswith("2000-01-01") for line in log.splitlines())
@@ -221,6 +224,8 @@ def test_the_access_log_cannot_be_forged_and_hides_credentials(http: httpx.Clien
     line = next(line for line in log.splitlines() if "FORGED" in line)
     assert "x\\x0a2000-01-01" in line and "api_key=***" in line and "page=2" in line
     assert "sekrit" not in log
+    assert wait_until(lambda: "/v1/models/y?page=3" in Path(guarded.log_path).read_text(), 10)
+    assert "sekrit" not in Path(guarded.log_path).read_text()
 
 
 # ---------------------------------------------------------------------- 9: connections
@@ -238,10 +243,15 @@ def _closed_by_server(sock: socket.socket, timeout_s: float) -> bool:
 
 
 def test_silent_and_slowloris_connections_are_closed(guarded: ServerProcess) -> None:
+    quiet_before = Path(guarded.log_path).read_text().count("sent nothing within")
     silent = socket.create_connection(("127.0.0.1", guarded.port))
-    slow = socket.create_connection(("127.0.0.1", guarded.port))
+    slow = None
     try:
         assert _closed_by_server(silent, 30)
+        # Issue 19: a connection that sent nothing (a load balancer's TCP check) is closed without a log line.
+        assert Path(guarded.log_path).read_text().count("sent nothing within") == quiet_before
+        # Opened only now: it starts sending at once, so its deadline is the one for slow headers.
+        slow = socket.create_connection(("127.0.0.1", guarded.port))
         slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
         closed = False
         for i in range(300):  # one header line at a time, never the blank line that ends them
@@ -254,9 +264,11 @@ def test_silent_and_slowloris_connections_are_closed(guarded: ServerProcess) -> 
                 closed = True
                 break
         assert closed, "a connection trickling headers for 30 s stayed open"
+        assert wait_until(lambda: "incomplete request headers" in Path(guarded.log_path).read_text(), 30)
     finally:
         silent.close()
-        slow.close()
+        if slow is not None:
+            slow.close()
 
 
 def test_a_body_that_does_not_arrive_gets_408(guarded: ServerProcess) -> None:
@@ -312,7 +324,7 @@ def test_soak_with_cancellations_leaks_no_blocks(guarded: ServerProcess) -> None
     for t in threads:
         t.start()
     for t in threads:
-        t.join(600)
+        t.join(1500)  # a hang guard: on a busy machine 100 requests take many minutes
     assert len(statuses) == 100 and statuses.count(-1) == 20 and statuses.count(200) == 80
     assert wait_until(lambda: _kv_all_free(guarded), 30)
     assert metric(_metrics(guarded), "orcinus:stream_buffered_outputs") == 0
@@ -350,3 +362,66 @@ def test_the_openapi_schema_says_what_the_server_accepts_and_streams(http: httpx
         for event in events[:-1]:
             model.model_validate_json(event)
     ErrorResponse.model_validate_json(_post_raw(http, COMPLETIONS, {"prompt": "x", "top_k": -5}).text)
+
+
+# ---------------------------------------------------------------------- issue 19, 1: one body freezes everyone
+def test_a_huge_body_of_ids_is_refused_while_neighbours_flow(http: httpx.Client, guarded: ServerProcess) -> None:
+    """The issue's body (the 8 MB limit filled with token ids) used to hold the event loop for
+    seconds each: /health and every stream waited behind it. Measured by progress, not time:
+    while six such bodies are refused one after another, /health answers many times per body and
+    the neighbour's stream goes on to its end."""
+    attack = json.dumps({"prompt": [1] * 3_900_000}, separators=(",", ":")).encode()  # just under the 8 MiB limit
+    neighbour = {"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "stream": True}
+    refused: list[int] = []
+    health_answers: list[int] = []
+    attacks_done = threading.Event()
+
+    def attacker() -> None:
+        with httpx.Client(base_url=guarded.base_url, timeout=600) as c:
+            for _ in range(6):
+                resp = c.post(COMPLETIONS, content=attack, headers={"content-type": "application/json"})
+                refused.append(resp.status_code)
+                assert_openai_error(resp, 400, param="prompt")
+        attacks_done.set()
+
+    def prober() -> None:
+        with httpx.Client(base_url=guarded.base_url, timeout=600) as c:
+            while not attacks_done.is_set():
+                health_answers.append(c.get("/health").status_code)
+
+    with http.stream("POST", COMPLETIONS, json=neighbour) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # it is running
+        threads = [threading.Thread(target=attacker), threading.Thread(target=prober)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert refused == [400] * 6
+    # Each refusal costs the loop a few passes over the bytes: /health got through many times per
+    # body (a loop held for seconds per body answers about once per body).
+    assert len(health_answers) >= 3 * len(refused) and set(health_answers) == {200}
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_many_long_prompts_are_refused_without_tokenising_them_whole(http: httpx.Client) -> None:
+    """Scaled down from the issue's 12 x 650k characters: prompts under the character bound but
+    far over the context are refused after their heads, and a tiny request is served after."""
+    text = "The quick brown fox jumps over the lazy dog. " * 2000  # 90k characters, ~20k tokens
+    err = assert_openai_error(http.post(COMPLETIONS, json={"prompt": [text] * MAX_WAITING, "max_tokens": 1}), 400,
+                              param="prompt")
+    assert "context length is 2048" in err["message"]
+    assert http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
+def test_echo_times_n_is_bounded(http: httpx.Client) -> None:
+    """echo repeats the prompt in front of every sample: 0.5 MB x n=64 made a 32 MB response."""
+    prompt = "ab " * 20
+    ok = http.post(COMPLETIONS, json={"prompt": prompt, "echo": True, "n": 2, "max_tokens": 1})
+    assert ok.status_code == 200 and all(c["text"].startswith(prompt) for c in ok.json()["choices"])
+    big = "x" * 40_000  # within the character bound; 8 prompts x 4 samples would echo 1.28 MB
+    err = assert_openai_error(http.post(COMPLETIONS, json={"prompt": [big] * MAX_PROMPTS, "echo": True, "n": MAX_N,
+                                                           "max_tokens": 1}), 400, param="echo")
+    assert "n=4" in err["message"]

@@ -35,9 +35,12 @@ def test_api_key_is_enforced(http: httpx.Client, small_server: ServerProcess) ->
             == 200
     assert_openai_error(http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY.upper()}"}), 401)
     assert_openai_error(http.get("/v1/models", headers={"Authorization": f"Basic {API_KEY}"}), 401)
-    # Operations endpoints stay open (load balancers, Prometheus).
-    for path in ("/health", "/metrics", "/version"):
-        assert http.get(path).status_code == 200
+    # Only /health stays open (load balancers); Prometheus scrapes /metrics with the key, and the
+    # schema and version are for clients, who have it (issue 19: /metrics told prompts apart).
+    assert http.get("/health").status_code == 200
+    for path in ("/metrics", "/version", "/openapi.json", "/docs", "/no-such-path"):
+        assert_openai_error(http.get(path), 401, code="invalid_api_key")
+        assert http.get(path, headers=AUTH).status_code == (404 if path == "/no-such-path" else 200)
     client = openai.OpenAI(base_url=small_server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
     assert [m.id for m in client.models.list()] == ["tiny", "other-name"]
     resp = client.chat.completions.create(model="other-name", messages=[{"role": "user", "content": "hi"}])
@@ -62,7 +65,7 @@ def test_body_size_limit(http: httpx.Client) -> None:
 
 
 def _waiting(small_server: ServerProcess) -> float:
-    return metric(httpx.get(small_server.base_url + "/metrics", timeout=10).text, "orcinus:num_requests_waiting")
+    return metric(httpx.get(small_server.base_url + "/metrics", headers=AUTH, timeout=10).text, "orcinus:num_requests_waiting")
 
 
 def test_queue_bound_returns_503(http: httpx.Client, small_server: ServerProcess) -> None:

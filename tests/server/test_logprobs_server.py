@@ -92,3 +92,17 @@ def test_chat_logprobs_of_the_default_model_match_transformers(float32_cpu_serve
         assert [a["token"] for a in entry["top_logprobs"]] == [tok.decode([t]) for t, _ in others], pos
         for alt, (_, v) in zip(entry["top_logprobs"], others):
             assert alt["logprob"] == pytest.approx(v, abs=2e-3), pos
+
+
+def test_chat_logprob_bytes_are_each_tokens_own(http: httpx.Client) -> None:
+    """Issue 19: over the real server, the tokens' bytes put together are exactly the reply's
+    UTF-8, emoji included (a piece of one used to report U+FFFD's bytes)."""
+    body = {"messages": [{"role": "user", "content": "Reply with three emoji and nothing else: 😀🦀🎉"}],
+            "logprobs": True, "top_logprobs": 2, "max_tokens": 24, "temperature": 0}
+    resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    choice = resp.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    joined = b"".join(bytes(c["bytes"]) for c in content)
+    assert joined == choice["message"]["content"].encode("utf-8")
+    assert all(len(t["bytes"]) > 0 for c in content for t in c["top_logprobs"])

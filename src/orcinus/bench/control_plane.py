@@ -61,7 +61,7 @@ def measure(num_requests: int, iterations: int = 300) -> ControlPlaneResult:
     for i in range(num_requests):
         r = Request(f"req-{i}", list(range(prompt_len)), SamplingParams(max_tokens=iterations + 2),
                     max_new_tokens=iterations + 2)
-        kv.allocate(r.request_id, r.max_tokens)
+        kv.allocate(r.request_id, r.max_total_tokens)
         reqs.append(r)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

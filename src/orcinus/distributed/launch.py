@@ -4,24 +4,30 @@ On the first node, the engine (`orcinus serve ... --nnodes 2`, or `LLM(..., nnod
 ranks 0 .. world/nnodes - 1 itself; on node K run, with the same engine flags and the same
 MASTER_ADDR / MASTER_PORT (the first node's address and a free port):
 
-    MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 python -m orcinus.distributed.launch --node-rank 1 \
+    ORCINUS_CLUSTER_KEY=... MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 python -m orcinus.distributed.launch --node-rank 1 \
         --nnodes 2 --tensor-parallel-size 2 --model /models/llama
 
-It exits when the engine shuts down (0) or a rank fails (non-zero).
+Every node needs the same ORCINUS_CLUSTER_KEY (there is no default). It prints a line when its
+ranks joined, and exits when the engine shuts down (0), with 2 and one line for a setting to fix
+(a wrong key, nothing listening, a bad --node-rank), or non-zero when a rank fails.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from orcinus.engine.arg_utils import add_engine_args, engine_config_from_args
 from orcinus.errors import ConfigError
 from orcinus.executor.worker_process import RankInfo
+from orcinus.distributed.network import cluster_key
 from orcinus.executor.multiproc import master_from_env, spawn_worker
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 when the engine shut down, 2 for a setting to fix (printed in one line), else
+    the highest status of this node's ranks."""
     import torch.multiprocessing as mp
 
     parser = argparse.ArgumentParser(prog="python -m orcinus.distributed.launch", description=__doc__.splitlines()[0])
@@ -29,20 +35,36 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = engine_config_from_args(args)
-    if not 1 <= args.node_rank < config.nnodes:
-        raise ConfigError(f"--node-rank must be in 1 .. {config.nnodes - 1} (node 0 runs the engine); "
-                          f"got {args.node_rank}")
-    addr, port = master_from_env()
+    try:
+        config = engine_config_from_args(args)
+        if not 1 <= args.node_rank < config.nnodes:
+            raise ConfigError(f"--node-rank must be in 1 .. {config.nnodes - 1} (node 0 runs the engine); "
+                              f"got {args.node_rank}")
+        addr, port = master_from_env()
+        cluster_key()  # refused here, before any rank starts, when missing
+    except ConfigError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     per_node = tp * pp // config.nnodes
+    ranks = range(args.node_rank * per_node, (args.node_rank + 1) * per_node)
     ctx = mp.get_context("spawn")
+    os.environ["ORCINUS_LAUNCHER"] = "1"  # the ranks print a line when they joined
     procs = [spawn_worker(ctx, RankInfo(rank, tp, pp, addr, port, config.distributed_timeout_s, networked=True),
                           config)
-             for rank in range(args.node_rank * per_node, (args.node_rank + 1) * per_node)]
-    for proc in procs:
-        proc.join()
-    return max((abs(p.exitcode or 0) for p in procs), default=0)
+             for rank in ranks]
+    print(f"node {args.node_rank}: started ranks {ranks.start}..{ranks.stop - 1}; joining the engine at "
+          f"{addr}:{port + 1}", flush=True)
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        print(f"node {args.node_rank}: interrupted", file=sys.stderr)
+        return 130
+    status = max((abs(p.exitcode or 0) for p in procs), default=0)
+    if status == 0:
+        print(f"node {args.node_rank}: the engine shut down; exiting", flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ ENGINE_FLAG_HELP = {
     "quantization": "GGUF weights: auto (default: kept in their quantized blocks on CPU when the C kernel "
                     "builds, ~file-size memory) | gguf (always kept, CPU only) | none (dequantised at load)",
     "trust_remote_code": "let a Hugging Face tokenizer folder run its own code",
+    "worker_stall_timeout_s": "seconds worker processes may complete no layer while a batch is in flight before the "
+                              "engine fails its requests and stops (a stopped or stuck worker; default: %(default)s)",
     "generation_config": "sampling defaults for what a request leaves unset: auto (the model's: its "
                          "generation_config.json, GGUF sampling metadata, or its model card's figures; for the "
                          f"default model {SMOLLM2_DEFAULTS}), vllm (none: temperature 1, top_p 1), or a folder "

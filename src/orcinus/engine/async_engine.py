@@ -27,10 +27,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
+from orcinus.engine.fair_prepare import FairPreparer
 from orcinus.engine.llm_engine import EngineStats, LLMEngine, PromptType
 from orcinus.engine.request_stream import END, RequestStream
 from orcinus.generation_config import GenerationDefaults
@@ -128,7 +128,9 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._counters = _Counters(stats=engine.stats())
         self._thread: threading.Thread | None = None
-        self._prepare_pool = ThreadPoolExecutor(max_workers=prepare_workers, thread_name_prefix="orcinus-prepare")
+        # Clients take turns on these threads (fair_prepare.py): one client's big prompts do not
+        # make everyone else's small ones wait.
+        self._prepare_pool = FairPreparer(prepare_workers)
         self._live_streams: weakref.WeakSet[RequestStream] = weakref.WeakSet()  # event-loop side only
         self._stopping = False
         self._dead_reason: str | None = None
@@ -147,7 +149,7 @@ class AsyncEngine:
             self._stopping = True
             self._inbox.append(_Stop())
             self._cond.notify()
-        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        self._prepare_pool.shutdown(cancel_futures=True)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout_s)
             if self._thread.is_alive():
@@ -185,11 +187,18 @@ class AsyncEngine:
         if self._stopping:
             return Health(False, "the server is shutting down")
         c = self._counters
-        silent = time.monotonic() - c.heartbeat
+        # Progress is an iteration ending or, within one, any layer of any rank completing (the
+        # chunks of a long prefill emit no token for minutes but complete layers all along).
+        silent = time.monotonic() - max(c.heartbeat, self._executor_progress())
         if silent > self.stall_timeout_s:
-            what = "no iteration has finished" if c.busy else "the engine loop has not woken up"
+            what = "the engine made no progress" if c.busy else "the engine loop has not woken up"
             return Health(False, f"{what} for {silent:.0f} s")
         return Health(True)
+
+    def _executor_progress(self) -> float:
+        executor = getattr(self.engine, "executor", None)
+        last = executor.last_progress() if executor is not None and hasattr(executor, "last_progress") else None
+        return last if last is not None else float("-inf")
 
     def stats(self) -> EngineStats:
         """The engine's statistics as of the end of its last iteration (or command)."""
@@ -209,7 +218,7 @@ class AsyncEngine:
         return sum(s.num_buffered for s in list(self._live_streams))
 
     # ------------------------------------------------------------------ requests
-    async def submit(self, requests: Sequence[GenerateRequest]) -> RequestStream:
+    async def submit(self, requests: Sequence[GenerateRequest], client: str = "") -> RequestStream:
         """Queue requests as one unit and wait until the engine accepted all of them.
 
         Raises the engine's own validation errors (RequestRejected, SamplingParamsError, or a
@@ -217,7 +226,8 @@ class AsyncEngine:
         (prompts x n) would take the waiting queue past its bound, RequestRejected when they
         could never fit in it, EngineUnavailable when the loop is not running. On rejection
         nothing stays queued. Cancelling the caller while prompts are still being prepared
-        drops its preparation if it has not started.
+        drops its preparation if it has not started. Prompts are prepared one job each, in
+        turn with other clients' (`client` names who asks: the server uses the peer address).
         """
         loop = asyncio.get_running_loop()
         reqs = list(requests)
@@ -225,7 +235,7 @@ class AsyncEngine:
         with self._cond:
             self._check_admission(num_seqs)  # refuse at once, before any tokenizer work
         if any(callable(r.prompt) for r in reqs):
-            reqs = await self.prepare(lambda: _prepare(reqs))
+            reqs = await self._prepare_each(reqs, client)
         stream = RequestStream([r.request_id for r in reqs], loop, abort=self.abort, forget=self._live_streams.discard)
         cmd = _Add(reqs, stream, loop.create_future(), num_seqs)
         with self._cond:
@@ -273,13 +283,26 @@ class AsyncEngine:
             self._cond.notify()
         return await cmd.result
 
-    async def prepare(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the prompt-preparation thread (tokenizer work that must not hold up anyone)."""
+    async def prepare(self, fn: Callable[[], Any], client: str = "") -> Any:
+        """Run fn on a prompt-preparation thread (tokenizer work that must not hold up anyone),
+        in turn with other clients' jobs."""
         try:
-            future = asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn)
+            future = asyncio.wrap_future(self._prepare_pool.submit(client, fn))
         except RuntimeError as exc:  # the pool was shut down: we are stopping
             raise EngineUnavailable("the server is shutting down") from exc
         return await future
+
+    async def _prepare_each(self, reqs: list[GenerateRequest], client: str) -> list[GenerateRequest]:
+        """Each callable prompt as a job of its own; the first failure cancels the rest."""
+        jobs = {i: asyncio.ensure_future(self.prepare(r.prompt, client)) for i, r in enumerate(reqs)
+                if callable(r.prompt)}
+        try:
+            prompts = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+        except BaseException:
+            for job in jobs.values():
+                job.cancel()
+            raise
+        return [dataclasses.replace(r, prompt=prompts[i]) if i in prompts else r for i, r in enumerate(reqs)]
 
     def _check_accepting(self) -> None:
         if self._dead_reason is not None or self._thread is None or not self._thread.is_alive():
@@ -289,6 +312,11 @@ class AsyncEngine:
 
     def _check_admission(self, num_seqs: int = 1) -> None:
         self._check_accepting()
+        c = self._counters
+        if c.busy and time.monotonic() - max(c.heartbeat, self._executor_progress()) > self.stall_timeout_s:
+            # Stalled (a stopped worker, say): taking more work would only add clients that hang
+            # until the executor gives up on the worker.
+            raise EngineUnavailable("the engine is making no progress; retry later or on another instance")
         bound = self.max_waiting_requests
         if bound is None:
             return
@@ -343,7 +371,10 @@ class AsyncEngine:
                     return f"{failures} iterations failed in a row ({type(exc.cause).__name__})"
                 continue
             except WorkerDied as exc:  # nothing can run any more: stop now (health turns 503)
-                return str(exc)
+                # The detail (ranks, pids, exit codes) is for the log; clients and /health get
+                # what happened, not how the host's processes are laid out.
+                logger.critical("a worker failed: %s", exc)
+                return "a worker process failed or stopped answering; the server must be restarted"
             except Exception as exc:
                 # The engine aborted the failed batch; its state is suspect, so fail every
                 # request (their clients get an error, not a hang) but keep serving: one bad
@@ -481,18 +512,16 @@ class AsyncEngine:
     def _publish(self, adds: int, progressed: bool = False) -> None:
         """Refresh what other threads read; inbox adds leave the pending count only now, so that
         waiting requests are never under-counted in between. The heartbeat moves only when an
-        iteration produced something (or in idle waits): a loop that turns without progress is
-        as stuck as one that does not turn."""
+        iteration produced something or completed (a prefill chunk emits nothing but is progress),
+        or in idle waits: a loop that turns without progress is as stuck as one that does not turn."""
         stats = self.engine.stats()
         with self._cond:
+            if stats.iterations_total != self._counters.stats.iterations_total:
+                progressed = True
             self._counters.stats = stats
             if progressed:
                 self._counters.heartbeat = time.monotonic()
             self._pending_seqs = max(0, self._pending_seqs - adds)
-
-
-def _prepare(requests: list[GenerateRequest]) -> list[GenerateRequest]:
-    return [dataclasses.replace(r, prompt=r.prompt()) if callable(r.prompt) else r for r in requests]
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> bool:

@@ -1,6 +1,7 @@
 """The offline API, in vLLM's shape: `LLM(model=...).generate(prompts, sampling_params)`."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -9,6 +10,9 @@ from orcinus.config import EngineConfig
 from orcinus.engine.llm_engine import LLMEngine, PromptType
 from orcinus.request import RequestOutput
 from orcinus.sampling_params import SamplingParams
+
+# The server's --default-max-tokens default and the CLI's, for chat without sampling parameters.
+DEFAULT_CHAT_MAX_TOKENS = 512
 
 
 class LLM:
@@ -64,7 +68,18 @@ class LLM:
         if tok is None:
             raise ValueError("chat needs a tokenizer; this engine was built with skip_tokenizer_init")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if sampling_params is None:
+            sampling_params = self._default_chat_params()
         return self.generate([tok.chat_prompt(conv) for conv in conversations], sampling_params, use_tqdm)
+
+    def _default_chat_params(self) -> SamplingParams:
+        """What the server gives a chat request without max_tokens (README, "Sampling defaults"):
+        the model's max_new_tokens, at most DEFAULT_CHAT_MAX_TOKENS, and never more than the
+        context leaves after the prompt. OpenAI's 16 (a completions default) cut replies short."""
+        params = self.get_default_sampling_params()
+        bounds = [b for b in (self.engine.generation_defaults.get("max_tokens"), DEFAULT_CHAT_MAX_TOKENS)
+                  if b is not None]
+        return dataclasses.replace(params, max_tokens=None, max_tokens_cap=min(bounds))
 
     def _run(self, ids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from orcinus.config import EngineConfig
+from orcinus.errors import ConfigError
 from orcinus.core.kv_cache import KVCacheManager
 from orcinus.core.policies import make_scheduler
 from orcinus.core.scheduler import ScheduledBatch
@@ -83,8 +84,12 @@ class LLMEngine:
                     raise  # the user named a tokenizer: not finding it is an error
                 # A weights-only checkpoint still serves token-id prompts (vLLM's skip_tokenizer_init).
                 logger.warning("%s; running without a tokenizer: prompts must be token ids", exc)
+        if config.max_model_len is not None and config.max_model_len > model_config.max_position_embeddings:
+            self.shutdown()
+            raise ConfigError(f"max_model_len={config.max_model_len} is more than the model's context of "
+                              f"{model_config.max_position_embeddings} tokens (its max_position_embeddings); use at "
+                              "most that, or leave it out for the model's own")
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
-        self.max_model_len = min(self.max_model_len, model_config.max_position_embeddings)
         self.kv_cache = KVCacheManager(self.executor.num_blocks, config.block_size,
                                        enable_prefix_caching=config.resolved_prefix_caching())
         self.scheduler = make_scheduler(config.scheduler_policy, self.kv_cache, config.max_num_seqs,

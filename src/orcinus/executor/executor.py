@@ -35,3 +35,7 @@ class Executor(ABC):
 
     def shutdown(self) -> None:
         """Release workers; idempotent."""
+
+    def last_progress(self) -> float | None:
+        """time.monotonic() of the newest completed layer on any rank (progress.py), or None."""
+        return None

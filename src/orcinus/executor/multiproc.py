@@ -7,7 +7,9 @@ hidden states and all-reduces travel over torch.distributed. Every rank answers 
 its own pipe; a reader thread resolves the futures in order. A batch that failed on some rank is
 rolled back on the ranks where it succeeded, so the engine may retry its rows. A worker that dies
 fails every batch in flight within `poll_s`, and the executor then stops the other workers: none
-is left behind."""
+is left behind. A worker that stops without dying (SIGSTOP, a hung collective) is found by its
+silence: when no rank completes a layer (progress.py) for `worker_stall_timeout_s` while a batch
+is in flight, the executor treats it as dead the same way."""
 from __future__ import annotations
 
 import atexit
@@ -20,10 +22,11 @@ import logging
 import select
 import socket
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from multiprocessing.connection import Connection, Listener, wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 
 from orcinus.config import EngineConfig
@@ -32,6 +35,7 @@ from orcinus.executor.worker_process import RankInfo, worker_main
 from orcinus.errors import WorkerDied
 from orcinus.executor.executor import Executor
 from orcinus.executor.messages import BatchMessage, Failed, Ready, Rollback, SamplerOutput
+from orcinus.executor.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,9 @@ class MultiprocExecutor(Executor):
         self._dead: str | None = None
         self._closed = False
         _check_placement(config, self.world_size)  # before any process starts
+        self.stall_timeout_s = config.worker_stall_timeout_s
+        self._progress = Progress(self.world_size, ctx)
+        self._last_activity = time.monotonic()  # a message sent or a reply received
         if config.nnodes > 1:
             self._start_networked(ctx, config)
         else:
@@ -97,7 +104,7 @@ class MultiprocExecutor(Executor):
             info = RankInfo(rank, tp, pp, "127.0.0.1", port, timeout_s=config.distributed_timeout_s)
             prev_conn = links[rank - tp][0] if rank >= tp else None
             next_conn = links[rank][1] if rank in links else None
-            self._procs.append(spawn_worker(ctx, info, config, child, prev_conn, next_conn))
+            self._procs.append(spawn_worker(ctx, info, config, child, prev_conn, next_conn, progress=self._progress))
             child.close()
             self._conns.append(parent)
         for recv_end, send_end in links.values():  # the workers hold them now
@@ -107,38 +114,37 @@ class MultiprocExecutor(Executor):
     def _start_networked(self, ctx, config: EngineConfig) -> None:
         """This machine runs the first world_size / nnodes ranks; the other nodes' launchers run
         the rest. Every rank connects back to the control listener opened here."""
-        from orcinus.distributed.network import cluster_key, control_port, open_store
+        from orcinus.distributed.network import ClusterJoinError, RankListener, cluster_key, control_port, open_store
 
         addr, port = master_from_env()
+        key = cluster_key()  # no key, no cluster: refused before anything listens
         timeout = config.distributed_timeout_s
         try:
             self._store = open_store(addr, port, True, timeout)
-            listener = Listener((addr, control_port(port)), authkey=cluster_key())
+            listener = RankListener((addr, control_port(port)), key)
         except (OSError, RuntimeError) as exc:
             raise ConfigError(f"cannot listen on MASTER_ADDR={addr} ports {port + 1}-{port + 2} ({exc}); "
                               "set MASTER_ADDR to this machine's address and MASTER_PORT to a free port") from None
         per_node = self.world_size // config.nnodes
         for rank in range(self.world_size):
             info = RankInfo(rank, self.tp, self.pp, addr, port, timeout_s=timeout, networked=True)
-            self._procs.append(spawn_worker(ctx, info, config) if rank < per_node else None)
-        joined: dict[int, Connection] = {}
-
-        def accept() -> None:
-            while len(joined) < self.world_size:
-                conn = listener.accept()
-                joined[conn.recv()] = conn
-
-        acceptor = threading.Thread(target=accept, daemon=True)
-        acceptor.start()
-        acceptor.join(timeout)
+            self._procs.append(spawn_worker(ctx, info, config, progress=self._progress) if rank < per_node else None)
+        # Connections that fail the handshake (wrong key, strangers) are refused and logged while
+        # the listener goes on waiting for the right nodes (network.py).
+        local = [p for p in self._procs if p is not None]
+        joined = listener.accept_ranks(set(range(self.world_size)), timeout, local=set(range(per_node)),
+                                       give_up=lambda: any(p.exitcode is not None for p in local))
         listener.close()
         if len(joined) < self.world_size:
             missing = sorted(set(range(self.world_size)) - set(joined))
             _stop(list(joined.values()), [p for p in self._procs if p is not None])
-            raise WorkerDied(
-                f"ranks {missing} did not join within distributed_timeout_s={timeout:.0f} s; start "
+            refused = f" ({len(listener.refused)} connection(s) refused, the last: {listener.refused[-1]})" \
+                if listener.refused else ""
+            raise ClusterJoinError(
+                f"ranks {missing} did not join within distributed_timeout_s={timeout:.0f} s{refused}; start "
                 f"`python -m orcinus.distributed.launch --nnodes {config.nnodes} --node-rank K` with the same "
-                f"engine flags on every other node, with MASTER_ADDR={addr} and MASTER_PORT={port}")
+                f"engine flags and ORCINUS_CLUSTER_KEY on every other node, with MASTER_ADDR={addr} and "
+                f"MASTER_PORT={port}")
         self._conns = [joined[r] for r in range(self.world_size)]
 
     def _watch(self, rank: int) -> list:
@@ -171,6 +177,7 @@ class MultiprocExecutor(Executor):
                 fut.set_exception(WorkerDied(self._dead))
                 return fut
             self._pending.append((msg.seq, fut))
+            self._last_activity = time.monotonic()
             self._send_to_first_stage(msg)
         return fut
 
@@ -201,11 +208,18 @@ class MultiprocExecutor(Executor):
                     if wait(self._watch(rank), self.poll_s) and not conn.poll():
                         self._die(self._death_note())
                         return
+                    silent = time.monotonic() - max(self._progress.latest(), self._last_activity)
+                    if silent > self.stall_timeout_s:
+                        self._die(f"no worker process completed any work for {silent:.0f} s with a batch in flight "
+                                  f"(worker_stall_timeout_s={self.stall_timeout_s:g}): a worker is stopped or stuck "
+                                  f"(rank {rank} has not answered); the engine cannot run iterations any more")
+                        return
                     with self._lock:
                         if self._closed:
                             return
                 try:
                     replies.append(conn.recv())
+                    self._last_activity = time.monotonic()
                 except (EOFError, OSError):
                     self._die(self._death_note())
                     return
@@ -255,6 +269,9 @@ class MultiprocExecutor(Executor):
             if not fut.done():
                 fut.set_exception(WorkerDied(reason))
 
+    def last_progress(self) -> float | None:
+        return self._progress.latest()
+
     def shutdown(self) -> None:
         with self._lock:
             self._closed = True
@@ -290,8 +307,10 @@ def _main_module_hidden():
         main.__spec__ = saved_spec
 
 
-def spawn_worker(ctx, info: RankInfo, config: EngineConfig, *conns: Connection | None):
-    proc = ctx.Process(target=worker_main, args=(info, config, *conns), daemon=True,
+def spawn_worker(ctx, info: RankInfo, config: EngineConfig, *conns: Connection | None,
+                 progress: Progress | None = None):
+    conns = (conns + (None, None, None))[:3]
+    proc = ctx.Process(target=worker_main, args=(info, config, *conns, progress), daemon=True,
                        name=f"orcinus-pp{info.stage}-tp{info.tp_rank}")
     with _main_module_hidden():
         proc.start()

@@ -37,7 +37,12 @@ class SingleProcessExecutor(Executor):
     def _start(self, config: EngineConfig) -> None:  # on the forward thread
         from orcinus.executor.worker import Worker
 
+        from orcinus.executor.progress import Progress, watch_layers
+
         self.driver_worker = Worker(config)
+        # Liveness follows every finished layer, not only finished iterations (progress.py).
+        self.progress = Progress(1)
+        watch_layers(self.driver_worker.runner.model, self.progress.beater())
         self.info = self.driver_worker.ready_info()
         self.num_blocks = self.info.num_blocks
         self.driver_worker.initialize_kv_cache(self.num_blocks)
@@ -49,7 +54,12 @@ class SingleProcessExecutor(Executor):
     def _execute(self, msg: BatchMessage) -> SamplerOutput | None:  # on the forward thread
         # The worker is looked up when the message runs, not when it was queued (tests swap
         # `driver_worker.execute` between steps while the next iteration is already queued).
-        return self.driver_worker.execute(msg)
+        out = self.driver_worker.execute(msg)
+        self.progress.beat()
+        return out
+
+    def last_progress(self) -> float | None:
+        return self.progress.latest()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

@@ -13,6 +13,7 @@ from orcinus.distributed.parallel_state import pipeline_stage, recv_from_prev_st
 from orcinus.executor.cuda_memory import (CudaMemoryPlan, MemoryProbe, TorchCudaProbe, graph_reserve,
                                            measure_peak, rank_device)
 from orcinus.executor.messages import BatchMessage, SamplerOutput, SamplingSettings, WorkerInfo
+from orcinus.executor.kv_budget import check_kv_budget
 from orcinus.executor.model_runner import ModelRunner, default_cpu_kv_bytes
 from orcinus.executor.request_state import RequestStates, WorkerRequest
 from orcinus.executor.platform import dtype_note, resolve_device, resolve_dtype
@@ -75,6 +76,7 @@ class Worker:
         ec = self.config
         if ec.kv_cache_memory is not None:
             budget = ec.kv_cache_memory
+            check_kv_budget(budget, self.device)
         elif self.device.type == "cuda" or self.memory_probe is not None:
             budget = self._profiled_cuda_budget()
         else:

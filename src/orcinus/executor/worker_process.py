@@ -43,9 +43,12 @@ class RankInfo:
 
 
 def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = None,
-                prev_conn: Connection | None = None, next_conn: Connection | None = None) -> None:
+                prev_conn: Connection | None = None, next_conn: Connection | None = None,
+                progress=None) -> None:
     """`conn`: this rank's pipe to the executor (start-up, replies; messages too on stage 0).
     `prev_conn` / `next_conn`: control pipes from the previous / to the next pipeline stage.
+    `progress`: the executor's progress.Progress, where this rank beats after every layer (on the
+    engine's machine only; ranks elsewhere have none).
     With `info.networked` the rank makes these connections itself (see network.py)."""
     import time
 
@@ -59,10 +62,19 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = 
 
     tp, pp = info.tensor_parallel_size, info.pipeline_parallel_size
     if info.networked:
-        from orcinus.distributed.network import connect_rank
+        import sys
 
-        conn, prev_conn, next_conn = connect_rank(info.rank, tp, pp, info.master_addr, info.master_port,
-                                                  info.timeout_s)
+        from orcinus.distributed.network import connect_rank
+        from orcinus.errors import ConfigError
+
+        try:
+            conn, prev_conn, next_conn = connect_rank(info.rank, tp, pp, info.master_addr, info.master_port,
+                                                      info.timeout_s)
+        except ConfigError as exc:  # the user's to fix (key, addresses): one line, no traceback
+            print(f"error: rank {info.rank}: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        if os.environ.get("ORCINUS_LAUNCHER"):  # a launcher's rank: say so on its terminal
+            print(f"rank {info.rank} joined the engine at {info.master_addr}:{info.master_port + 1}", flush=True)
     try:
         device = resolve_device(config)
         if device.type == "cuda":  # a GPU of its own (the Worker sets it as this thread's device)
@@ -86,6 +98,10 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = 
         set_pipeline_stage(PipelineStage(info.stage, pp, info.rank - tp if info.stage > 0 else None,
                                          info.rank + tp if info.stage < pp - 1 else None))
         worker = Worker(config)
+        if progress is not None:
+            from orcinus.executor.progress import watch_layers
+
+            watch_layers(worker.runner.model, progress.beater(info.rank))
         conn.send(Ready(worker.ready_info(), os.getpid()))
         worker.initialize_kv_cache(conn.recv())
     except BaseException as exc:

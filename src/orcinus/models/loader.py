@@ -20,6 +20,7 @@ from orcinus.config import ModelConfig
 from orcinus.errors import ModelNotFound  # noqa: F401  (re-exported: raised here)
 from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
 from orcinus.layers.linear import lay_out_for_cpu
+from orcinus.models.hf_config import UnsupportedModel
 from orcinus.layers.quantized_linear import finalize as quantized_finalize
 from orcinus.layers.quantized_linear import quantized_bytes
 from orcinus.models.registry import resolve
@@ -121,7 +122,19 @@ def inspect_model(model: str | None) -> tuple[type[nn.Module], ModelConfig]:
     else:
         hf_config = _read_config_json(path)
     arch = resolve(hf_config)
-    return arch.model_class, arch.parse_config(hf_config)
+    return arch.model_class, _parse_config(arch, hf_config, path)
+
+
+def _parse_config(arch, hf_config: dict, path: str) -> ModelConfig:
+    """The architecture's config, or an error naming the field a config.json lacks (a bare
+    KeyError said only 'num_attention_heads')."""
+    try:
+        return arch.parse_config(hf_config)
+    except KeyError as exc:
+        field = exc.args[0] if exc.args else "?"
+        kind = hf_config.get("model_type", "this")
+        raise UnsupportedModel(f"the configuration of {path} lacks the field {field!r}, which {kind} models need; "
+                               "add it to config.json (see the model's original config)") from None
 
 
 def _read_config_json(path: str) -> dict:
@@ -166,7 +179,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device,
         weights = _safetensors_weights(path)
         is_gguf = False
     arch = resolve(hf_config)
-    cfg = arch.parse_config(hf_config)
+    cfg = _parse_config(arch, hf_config, path)
     check_tensor_parallel(arch.model_class, cfg, tensor_parallel().size, pipeline_stage().num_stages)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -23,6 +23,7 @@ from orcinus.config import EngineConfig
 from orcinus.engine.async_engine import AsyncEngine, Health
 from orcinus.server.errors import OpenAIError, install_error_handlers
 from orcinus.server.metrics import ServerMetrics
+from orcinus.server.body_precheck import GenerationBodyPrecheck
 from orcinus.server.connection_guard import guarded_protocol
 from orcinus.server.middleware import AccessLog, ApiKeyAuth, BodySizeLimit, BodyTimeout, Draining, DrainState
 from orcinus.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -100,10 +101,17 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, drain: DrainState 
     _with_chunk_schemas(app, CompletionChunk, ChatCompletionChunk)
     # add_middleware wraps: the last added runs first. Order: log, turn away while draining,
     # authenticate, bound the body's time and size.
+    # Innermost: a generation body, bounded in size and time by the two outside it, is checked
+    # from its bytes before the app parses it (body_precheck.py).
+    app.add_middleware(GenerationBodyPrecheck,
+                       limits=lambda: (engine.engine.max_model_len, ctx.max_prompt_chars))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     if settings.api_key:
-        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+        # Everything but /health needs the key (Prometheus scrapes with a bearer token), unless
+        # the operator opens /metrics explicitly.
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key,
+                           open_paths=("/health", "/metrics") if settings.public_metrics else ("/health",))
     app.add_middleware(Draining, state=drain)
     if settings.access_log:
         app.add_middleware(AccessLog)

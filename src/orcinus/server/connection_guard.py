@@ -23,6 +23,7 @@ class HeaderDeadlineH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
+        self._partial_headers = False  # bytes of a request arrived, its headers are not complete
         super().connection_made(transport)
         self._arm()
 
@@ -30,6 +31,7 @@ class HeaderDeadlineH11Protocol(H11Protocol):
         if self.conn.their_state is h11.IDLE:
             self._arm()  # a new request starts (or goes on arriving): its headers have a deadline
         super().data_received(data)
+        self._partial_headers = self.conn.their_state is h11.IDLE and bool(data)
         if self.conn.their_state is not h11.IDLE:
             self._disarm()  # the headers are in
 
@@ -50,8 +52,11 @@ class HeaderDeadlineH11Protocol(H11Protocol):
         self._header_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
-        logger.info("closing a connection that sent no complete request headers within %.0f s",
-                    self.header_timeout_s)
+        # A connection that sent nothing at all (a load balancer's TCP check, a browser's
+        # preconnect) is routine: a line each would drown the log. Half-sent headers are not.
+        logger.log(logging.INFO if self._partial_headers else logging.DEBUG,
+                   "closing a connection that sent %s within %.0f s",
+                   "incomplete request headers" if self._partial_headers else "nothing", self.header_timeout_s)
         self.transport.close()
 
 

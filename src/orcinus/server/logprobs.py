@@ -1,6 +1,8 @@
 """Turning the engine's per-token log-probs into OpenAI's two shapes (legacy completions, chat)."""
 from __future__ import annotations
 
+from typing import Callable
+
 from orcinus.request import Logprob
 from orcinus.server.protocol import CompletionLogprobs, ChatLogprobs, TokenLogprob, TopLogprob
 
@@ -36,7 +38,11 @@ def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]],
     return out
 
 
-def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top_k: int) -> ChatLogprobs:
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top_k: int,
+                  token_bytes: Callable[[int, str], list[int]] | None = None) -> ChatLogprobs:
+    """`bytes` are each token's own (token_bytes.py): for a piece of a multi-byte character the
+    decoded text is U+FFFD, whose UTF-8 would say nothing about the token."""
+    to_bytes = token_bytes or (lambda _id, text: list(text.encode("utf-8")))
     content = []
     for tok, entry in zip(token_ids, entries):
         chosen = entry.get(tok)
@@ -44,8 +50,8 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top_k
             continue
         piece = _text(chosen)
         content.append(TokenLogprob(
-            token=piece, logprob=chosen.logprob, bytes=list(piece.encode("utf-8")),
-            top_logprobs=[TopLogprob(token=_text(lp), logprob=lp.logprob, bytes=list(_text(lp).encode("utf-8")))
+            token=piece, logprob=chosen.logprob, bytes=to_bytes(tok, piece),
+            top_logprobs=[TopLogprob(token=_text(lp), logprob=lp.logprob, bytes=to_bytes(lp.token_id, _text(lp)))
                           for lp in _ranked(entry, tok, top_k)],
         ))
     return ChatLogprobs(content=content)

@@ -3,8 +3,10 @@
 - BodySizeLimit refuses request bodies above a size with 413: a declared Content-Length at once,
   before the body is read, and a chunked body as soon as the bytes received pass the limit.
 - BodyTimeout answers 408 to a client that does not deliver its whole body within a deadline.
-- ApiKeyAuth demands `Authorization: Bearer <key>` on /v1/* before the body is even read, so an
-  unauthenticated client cannot make the server parse anything.
+- ApiKeyAuth demands `Authorization: Bearer <key>` on every path but /health (and /metrics when
+  the operator opens it) before the body is even read, so an unauthenticated client cannot make
+  the server parse anything, nor read its metrics: the prefix-cache counters there told another
+  client's secret prompt apart in a few guesses (issue 19).
 - Draining answers 503 to new requests once the server is shutting down, while those in flight
   finish, and counts those in flight.
 - AccessLog writes one line per request when its response ends (streams included): client,
@@ -126,13 +128,13 @@ class Draining:
 
 
 class ApiKeyAuth:
-    def __init__(self, app: ASGIApp, api_key: str, prefix: str = "/v1") -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: tuple[str, ...] = ("/health",)) -> None:
         self.app = app
         self._expected = api_key.encode()
-        self.prefix = prefix
+        self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and _under(scope["path"], self.prefix):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"] not in self.open_paths:
             scheme, _, token = Headers(scope=scope).get("authorization", "").strip().partition(" ")
             # The scheme is case-insensitive (RFC 7235). Constant-time comparison of the key:
             # response timing must not reveal how much of it matched.
@@ -176,8 +178,12 @@ class AccessLog:
                                (time.perf_counter() - start) * 1000)
 
 
-# Query parameters whose values are secrets (the name contains one of these words).
-_SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "auth", "session", "signature", "credential")
+# Query parameters whose values are secrets: the name contains one of these words, or one of its
+# parts (split at "_", "-", ".") is one of the short ones (which are too common inside other words).
+_SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "auth", "session", "signature", "credential",
+                 "bearer")
+_SECRET_PARTS = frozenset({"pwd", "pass", "sig", "pw", "jwt", "sas"})
+_NAME_PARTS = re.compile(r"[_\-.\[\]]+")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
 
 
@@ -199,15 +205,18 @@ def escape_for_log(text: str, limit: int = 2048) -> str:
 def redact_query(query: str) -> str:
     """The query string with the values of credential-like parameters replaced by '***'."""
     parts = []
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if any(word in name.lower() for word in _SECRET_WORDS):
+    # ";" separates parameters too for many servers and frameworks: a secret after one must not
+    # hide inside the previous parameter's value.
+    for name, value in parse_qsl(query.replace(";", "&"), keep_blank_values=True):
+        if _is_secret(name):
             value = "***"
         parts.append(f"{quote(name, safe='')}={quote(value, safe='*')}")
     return escape_for_log("&".join(parts))
 
 
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + "/")
+def _is_secret(name: str) -> bool:
+    lower = name.lower()
+    return any(word in lower for word in _SECRET_WORDS) or not _SECRET_PARTS.isdisjoint(_NAME_PARTS.split(lower))
 
 
 async def _run_or_answer(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
@@ -232,6 +241,11 @@ async def _run_or_answer(app: ASGIApp, scope: Scope, receive: Receive, send: Sen
 
 def _as_openai(exc: HTTPException) -> OpenAIError:
     return OpenAIError(exc.status_code, str(exc.detail), code="request_too_large")
+
+
+async def send_error(send: Send, error: OpenAIError) -> None:
+    """Answer with an OpenAI-style error and close the connection (for middlewares)."""
+    await _send_error(send, error)
 
 
 async def _send_error(send: Send, error: OpenAIError) -> None:

@@ -7,7 +7,7 @@ import functools
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Protocol, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -87,16 +87,29 @@ class ServingContext:
         longest = max((len(piece) for piece in tokenizer.hf.get_vocab()), default=1)
         return self.engine.max_model_len * max(longest, 1)
 
+    @functools.cached_property
+    def token_bytes(self) -> Callable[[int, str], list[int]]:
+        """A token's own bytes for log-probs (token_bytes.py)."""
+        from orcinus.token_bytes import token_bytes_fn
+
+        return token_bytes_fn(self.engine.tokenizer)
+
     async def submit(self, request: Request, requests: list[GenerateRequest]) -> RequestStream:
         """Submit to the engine; whatever it refuses becomes the error the client should see. A
         client that disconnects while its prompts wait for preparation drops them (raises
         ClientDisconnected)."""
         try:
-            return await until_disconnect(request, self.engine.submit(requests))
+            return await until_disconnect(request, self.engine.submit(requests, client_of(request)))
         except ClientDisconnected:
             raise
         except Exception as exc:
             raise from_exception(exc) from exc
+
+
+def client_of(request: Request) -> str:
+    """Who takes turns for prompt preparation: the peer address (behind a proxy, everyone is the
+    proxy and turns are first come, first served again)."""
+    return request.client.host if request.client else ""
 
 
 def new_request_id(prefix: str, request: Request) -> str:

@@ -14,6 +14,7 @@ from orcinus.server.errors import OpenAIError
 from orcinus.server.logprobs import chat_logprobs
 from orcinus.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                      ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, DeltaMessage)
+from orcinus.server.prompt_budget import check_head_fits
 from orcinus.server.serving import FinishedTracker, ServingContext, new_request_id, respond, sse
 
 
@@ -35,6 +36,8 @@ def chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> Callable[[]
         tok = engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer, and this server runs without one (skip_tokenizer_init)")
+        # Refuse a conversation whose text alone cannot fit before rendering and tokenising all of it.
+        check_head_fits(tok, "\n".join(m["content"] for m in messages), engine.engine.max_model_len, "messages")
         return tok.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
 
     return build
@@ -57,14 +60,15 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     ctx.check_text_length(sum(len(m.text()) for m in body.messages), "messages")
     stream = await ctx.submit(request, [GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
-    view = _ChatView(ctx.model_name, request_id, created, body, top)
+    view = _ChatView(ctx.model_name, request_id, created, body, top, ctx.token_bytes)
     return await respond(request, tracker, view, body.streaming)
 
 
 class _ChatView:
     def __init__(self, model: str, request_id: str, created: int, body: ChatCompletionRequest,
-                 top_logprobs: int | None) -> None:
+                 top_logprobs: int | None, token_bytes: Callable[[int, str], list[int]] | None = None) -> None:
         self.model = model
+        self.token_bytes = token_bytes
         self.id = request_id
         self.created = created
         self.body = body
@@ -73,7 +77,7 @@ class _ChatView:
     def _logprobs(self, c: CompletionOutput, start: int = 0) -> ChatLogprobs | None:
         if self.top is None or c.logprobs is None:
             return None
-        return chat_logprobs(c.token_ids[start:], c.logprobs[start:], self.top)
+        return chat_logprobs(c.token_ids[start:], c.logprobs[start:], self.top, self.token_bytes)
 
     def response(self, finals: list[RequestOutput], tracker: FinishedTracker) -> ChatCompletionResponse:
         choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=self._logprobs(c),

@@ -13,7 +13,8 @@ from orcinus.request import CompletionOutput, RequestOutput
 from orcinus.server.errors import OpenAIError
 from orcinus.server.logprobs import completion_logprobs
 from orcinus.server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
-from orcinus.server.serving import FinishedTracker, ServingContext, new_request_id, respond, sse
+from orcinus.server.prompt_budget import encode_within
+from orcinus.server.serving import FinishedTracker, ServingContext, client_of, new_request_id, respond, sse
 
 if TYPE_CHECKING:
     from orcinus.tokenizer import Tokenizer
@@ -29,22 +30,37 @@ def _check_supported(body: CompletionRequest) -> None:
                           param="echo")
 
 
-def _prompt(tokenizer: Tokenizer | None, prompt: str | list[int]) -> PromptType | Callable[[], PromptType]:
-    """Text is tokenised on the engine's prompt-preparation thread, not in its iteration loop.
-    Without a tokenizer the engine itself refuses text, with its own message."""
+def _prompt(tokenizer: Tokenizer | None, prompt: str | list[int], max_model_len: int
+            ) -> PromptType | Callable[[], PromptType]:
+    """Text is tokenised on the engine's prompt-preparation thread, not in its iteration loop,
+    and a text far too long for the context is refused after tokenising only its head. Without
+    a tokenizer the engine itself refuses text, with its own message."""
     if isinstance(prompt, list) or tokenizer is None:
         return prompt
-    return lambda: {"prompt": prompt, "prompt_token_ids": tokenizer.encode(prompt)}
+    return lambda: {"prompt": prompt, "prompt_token_ids": encode_within(tokenizer, prompt, max_model_len)}
 
 
-async def _echo_texts(ctx: ServingContext, prompts: list[str | list[int]]) -> list[str]:
+async def _echo_texts(ctx: ServingContext, prompts: list[str | list[int]], request: Request) -> list[str]:
     """The prompt text to put in front of each completion for echo (token prompts decoded)."""
     if all(isinstance(p, str) for p in prompts):
         return list(prompts)
     tokenizer = ctx.engine.tokenizer
     if tokenizer is None:
         raise OpenAIError(400, "echo of token-id prompts needs a tokenizer", param="echo")
-    return await ctx.engine.prepare(lambda: [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts])
+    return await ctx.engine.prepare(lambda: [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts],
+                                    client_of(request))
+
+
+def _check_echo_size(echo: list[str], n: int, bound: int) -> None:
+    """echo repeats each prompt in front of each of its n samples: without a bound a 0.5 MB
+    request made a 32 MB response (and 400 MB of server memory). The echoed text may total at
+    most an eighth of the server's request-body limit (1 MiB by default), far more than prompts
+    that fit a context hold."""
+    echoed = sum(len(text.encode("utf-8", "surrogatepass")) for text in echo) * n
+    if echoed > bound:
+        raise OpenAIError(400, f"echo with n={n} would repeat {echoed} bytes of prompt in the response, more than "
+                               f"this server's bound of {bound}; send a smaller n, shorter prompts, or no echo",
+                          param="echo")
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request) -> Response:
@@ -68,9 +84,11 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set \
         else defaults.get("max_tokens", body.max_tokens)
     params = body.sampling_params(max_tokens, body.logprobs, defaults.values)
-    echo = await _echo_texts(ctx, prompts) if body.echo else None
+    echo = await _echo_texts(ctx, prompts, request) if body.echo else None
+    if echo is not None:
+        _check_echo_size(echo, body.num_samples, max(ctx.settings.max_request_bytes // 8, 65536))
     tokenizer = ctx.engine.tokenizer
-    stream = await ctx.submit(request, [GenerateRequest(f"{request_id}-{i}", _prompt(tokenizer, p), params)
+    stream = await ctx.submit(request, [GenerateRequest(f"{request_id}-{i}", _prompt(tokenizer, p, max_len), params)
                                for i, p in enumerate(prompts)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
     view = _CompletionView(ctx.model_name, request_id, created, body, stream.request_ids, echo)

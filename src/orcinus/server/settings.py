@@ -14,6 +14,9 @@ class ServerSettings:
     host: str = "127.0.0.1"  # loopback unless the operator decides otherwise
     port: int = 8000
     api_key: str | None = None
+    # With an API key, /metrics needs it too unless this is set (its counters tell about other
+    # clients' prompts); /health never needs it.
+    public_metrics: bool = False
     # Sequences allowed to wait for admission; beyond it new requests get 503 at once.
     max_waiting_requests: int | None = 512
     max_request_bytes: int = 8 * 1024 * 1024
@@ -85,7 +88,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default=d.host, help="address to bind (default: loopback only; 0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=d.port, help="port to bind (0: any free port)")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
+                   help=f"require 'Authorization: Bearer KEY' on every path but /health, /metrics included "
+                        f"(default: ${API_KEY_ENV})")
+    g.add_argument("--public-metrics", action="store_true",
+                   help="with --api-key, let /metrics be read without the key (it reveals other clients' "
+                        "prefix-cache hits: only where every client is trusted)")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use for the model; the first is reported in responses "
                         "(default: the --model value, or the default model's name)")
@@ -127,6 +134,7 @@ def settings_from_args(args: argparse.Namespace, model: str | None) -> ServerSet
         host=args.host,
         port=args.port,
         api_key=args.api_key,
+        public_metrics=args.public_metrics,
         max_waiting_requests=args.max_waiting_requests or None,
         max_request_bytes=args.max_request_bytes,
         default_max_tokens=args.default_max_tokens or None,
