@@ -117,3 +117,26 @@ def test_on_cuda_forward_and_sampling_are_timed_with_cuda_events(checkpoint_fact
     assert prof.seconds["forward"] > 0 and prof.seconds["sampling"] > 0
     assert set(prof.host_seconds) == {"forward", "sampling"}
     assert "GPU time" in prof.to_markdown()
+
+
+def test_profile_of_a_multi_process_engine_carries_the_last_stages_phases(checkpoint_factory):
+    """Pipeline parallelism on CPU (gloo): the sampling stage runs in another process; its timings
+    come back in its reply."""
+    from orcinus.config import EngineConfig
+    from orcinus.engine.llm_engine import LLMEngine
+
+    folder, _ = checkpoint_factory("llama")
+    engine = LLMEngine(EngineConfig(model=folder, skip_tokenizer_init=True, dtype="float32", kv_cache_memory=1 << 22,
+                                    block_size=4, max_num_seqs=2, pipeline_parallel_size=2))
+    try:
+        for i, p in enumerate([[5, 6, 7], [8, 9], [10, 11, 12, 13]]):
+            engine.add_request(f"r{i}", {"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=3,
+                                                                                ignore_eos=True))
+        with profile_phases(engine) as prof:
+            while engine.has_unfinished_requests():
+                engine.step()
+    finally:
+        engine.shutdown()
+    assert prof.iterations == engine.iterations_total > 0
+    assert prof.calls["input preparation"] == prof.calls["sampling"] == prof.iterations
+    assert prof.seconds["forward"] > 0 and prof.seconds["sampling"] > 0
