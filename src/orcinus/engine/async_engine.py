@@ -219,8 +219,11 @@ class AsyncEngine:
         num_seqs = sum(r.params.n for r in reqs)
         with self._cond:
             self._check_admission(num_seqs)  # refuse at once, before any tokenizer work
-        if any(callable(r.prompt) for r in reqs):
-            reqs = await self.prepare(lambda: _prepare(reqs))
+        if any(callable(r.prompt) or r.params.structured_outputs is not None for r in reqs):
+            # Prompts and grammars are prepared off the engine loop; the engine then finds each
+            # grammar compiled in its cache.
+            structured = self.engine.structured
+            reqs = await self.prepare(lambda: _prepare(reqs, structured))
         stream = RequestStream([r.request_id for r in reqs], loop, abort=self.abort, forget=self._live_streams.discard)
         cmd = _Add(reqs, stream, loop.create_future(), num_seqs)
         with self._cond:
@@ -486,7 +489,10 @@ class AsyncEngine:
             self._pending_seqs = max(0, self._pending_seqs - adds)
 
 
-def _prepare(requests: list[GenerateRequest]) -> list[GenerateRequest]:
+def _prepare(requests: list[GenerateRequest], structured=None) -> list[GenerateRequest]:
+    for r in requests:
+        if structured is not None and r.params.structured_outputs is not None:
+            structured.compile(r.params.structured_outputs)  # raises GrammarError: a 400
     return [dataclasses.replace(r, prompt=r.prompt()) if callable(r.prompt) else r for r in requests]
 
 

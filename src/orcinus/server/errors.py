@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from orcinus.engine.async_engine import EngineUnavailable, QueueFull
 from orcinus.errors import EngineStepError
 from orcinus.request import RequestRejected
+from orcinus.structured.params import GrammarError
 from orcinus.sampling_params import SamplingParamsError
 from orcinus.server.protocol import ErrorInfo, ErrorResponse
 
@@ -62,8 +63,8 @@ def from_exception(exc: BaseException) -> OpenAIError:
         return OpenAIError(503, str(exc), UNAVAILABLE, code="engine_unavailable")
     if isinstance(exc, EngineStepError):
         return OpenAIError(500, str(exc), SERVER_ERROR)
-    if isinstance(exc, ValueError):  # e.g. a tokenizer with no chat template
-        return OpenAIError(400, str(exc))
+    if isinstance(exc, ValueError):  # e.g. a tokenizer with no chat template, a grammar that does not compile
+        return OpenAIError(400, str(exc), param=getattr(exc, "param", None))
     logger.error("unexpected error while serving a request", exc_info=exc)
     return OpenAIError(500, f"internal server error: {type(exc).__name__}", SERVER_ERROR)
 
@@ -112,7 +113,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Handlers for specific classes run inside the app; one for Exception would run in the
     # outermost middleware, which re-raises after answering and makes uvicorn drop the connection.
-    for known in (RequestRejected, SamplingParamsError, QueueFull, EngineUnavailable, EngineStepError):
+    for known in (RequestRejected, SamplingParamsError, QueueFull, EngineUnavailable, EngineStepError, GrammarError):
         app.add_exception_handler(known, _known)
 
     @app.exception_handler(Exception)
