@@ -130,14 +130,18 @@ def test_same_tokens_batched_with_unconstrained(vocab_llama, reference) -> None:
     dict(n_workers=2),  # two batches in flight: a running request is never scheduled ahead
 ])
 def test_same_tokens_under_engine_settings(vocab_llama, reference, settings) -> None:
+    preempt = "num_blocks" in settings
+    # Under preemption, long unconstrained neighbours make the pool run short.
+    free = [("Tell me a story", SamplingParams(temperature=1.0, seed=200 + i, max_tokens=100, ignore_eos=True))
+            for i in range(4)] if preempt else []
     engine = _engine(vocab_llama, **settings)
     try:
-        got = _run(engine, _constrained(2))
-        if "num_blocks" in settings:
+        got = _run(engine, _constrained(2) + free)
+        if preempt:
             assert engine.stats().num_preemptions_total > 0
     finally:
         engine.shutdown()
-    assert _tokens(got) == _tokens(reference[2])
+    assert _tokens({k: v for k, v in got.items() if k in ("r0", "r1", "r2", "r3")}) == _tokens(reference[2])
 
 
 def test_prefix_cache_hit_gives_same_tokens(vocab_llama, reference) -> None:

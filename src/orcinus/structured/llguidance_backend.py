@@ -84,7 +84,6 @@ class LLGuidanceBackend:
         self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size,
                                                 eos_token=list(eos_token_ids) or None)
         self.vocab_size = self.tokenizer.vocab_size
-        self._executor = llguidance.LLExecutor()
 
     def compile(self, spec: StructuredOutputsParams) -> LLGuidanceGrammar:
         try:
@@ -99,12 +98,12 @@ class LLGuidanceBackend:
         return LLGuidanceGrammar(matcher)
 
     def fill_bitmask(self, matchers: Sequence[LLGuidanceMatcher], bitmask: np.ndarray) -> None:
-        if len(matchers) == 1:
-            self._llg.numpy.fill_next_token_bitmask(matchers[0]._m, bitmask, 0)
-            return
-        # Several rows: llguidance's own thread pool, outside the GIL.
-        self._llg.numpy.fill_next_token_bitmask_par(
-            self._executor, [(m._m, i) for i, m in enumerate(matchers)], bitmask)
+        # Row by row on this thread. llguidance's thread pool (fill_next_token_bitmask_par) lost
+        # badly on a busy 2-core machine: 64 rows of a 20-field schema took 11.5 ms a step against
+        # 0.67 ms in a loop (docs/benchmarks.md, "Grammar backends"); a JSON mask costs ~10 us.
+        fill = self._llg.numpy.fill_next_token_bitmask
+        for i, m in enumerate(matchers):
+            fill(m._m, bitmask, i)
 
 
 def _what(spec: StructuredOutputsParams) -> str:
