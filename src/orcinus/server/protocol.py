@@ -290,6 +290,17 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 # ---------------------------------------------------------------------------------- responses
+class _GenerationResponse(ResponseModel):
+    """OpenAI types system_fingerprint as a string (no null): left out while there is none."""
+
+    @model_serializer(mode="wrap")
+    def _omit_null_fingerprint(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("system_fingerprint", "") is None:
+            del data["system_fingerprint"]
+        return data
+
+
 class UsageInfo(ResponseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -311,7 +322,7 @@ class CompletionChoice(ResponseModel):
     stop_reason: int | str | None = Field(None, description="the stop string or token id that ended it")
 
 
-class CompletionResponse(ResponseModel):
+class CompletionResponse(_GenerationResponse):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -355,7 +366,7 @@ class ChatChoice(ResponseModel):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(ResponseModel):
+class ChatCompletionResponse(_GenerationResponse):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -384,7 +395,7 @@ class ChatStreamChoice(ResponseModel):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionChunk(ResponseModel):
+class ChatCompletionChunk(_GenerationResponse):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -394,7 +405,7 @@ class ChatCompletionChunk(ResponseModel):
     system_fingerprint: str | None = None
 
 
-class CompletionChunk(ResponseModel):
+class CompletionChunk(_GenerationResponse):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
