@@ -27,6 +27,8 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 REGEX = r"[A-Z][a-z]{1,5}-\d{2}"
 CHOICES = ["alpha", "beta gamma", "δ"]
 BLOCK = 4
+# A shared prefix of several full blocks: what the prefix cache can reuse.
+SYSTEM = "You are a careful assistant who always answers in exactly the requested format. "
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +71,10 @@ def _run(engine: LLMEngine, requests: list[tuple[str, SamplingParams]]) -> dict[
 def _constrained(seed: int, n: int = 2) -> list[tuple[str, SamplingParams]]:
     common = dict(temperature=1.0, seed=seed, n=n, max_tokens=120)
     return [
-        ("Give a person:", SamplingParams(**common, structured_outputs={"json": PERSON})),
-        ("A code:", SamplingParams(**common, structured_outputs={"regex": REGEX})),
-        ("Pick one:", SamplingParams(**common, structured_outputs={"choice": CHOICES})),
-        ("Any JSON:", SamplingParams(**common, structured_outputs={"json_object": True})),
+        (SYSTEM + "Give a person:", SamplingParams(**common, structured_outputs={"json": PERSON})),
+        (SYSTEM + "A code:", SamplingParams(**common, structured_outputs={"regex": REGEX})),
+        (SYSTEM + "Pick one:", SamplingParams(**common, structured_outputs={"choice": CHOICES})),
+        (SYSTEM + "Any JSON:", SamplingParams(**common, structured_outputs={"json_object": True})),
     ]
 
 
@@ -124,7 +126,7 @@ def test_same_tokens_batched_with_unconstrained(vocab_llama, reference) -> None:
 
 
 @pytest.mark.parametrize("settings", [
-    dict(num_blocks=34, max_num_seqs=8),  # forced preemption: recompute keeps the matcher's place
+    dict(num_blocks=40, max_num_seqs=8),  # forced preemption: recompute keeps the matcher's place
     dict(enable_prefix_caching=False),
     dict(max_num_batched_tokens=8),  # prompts in chunks: a chunk that samples nothing gets no mask
     dict(n_workers=2),  # two batches in flight: a running request is never scheduled ahead
@@ -132,7 +134,7 @@ def test_same_tokens_batched_with_unconstrained(vocab_llama, reference) -> None:
 def test_same_tokens_under_engine_settings(vocab_llama, reference, settings) -> None:
     preempt = "num_blocks" in settings
     # Under preemption, long unconstrained neighbours make the pool run short.
-    free = [("Tell me a story", SamplingParams(temperature=1.0, seed=200 + i, max_tokens=100, ignore_eos=True))
+    free = [("Tell me a story", SamplingParams(temperature=1.0, seed=200 + i, max_tokens=60, ignore_eos=True))
             for i in range(4)] if preempt else []
     engine = _engine(vocab_llama, **settings)
     try:
@@ -218,6 +220,24 @@ def test_logit_bias_steers_and_is_validated(vocab_llama) -> None:
             engine.add_request("bad", "x", SamplingParams(logit_bias={49152: 1.0}))
     finally:
         engine.shutdown()
+
+
+def test_offline_chat_with_tools_and_a_forced_call(default_llm) -> None:
+    """LLM.chat(tools=...): the tools reach the prompt; a required call is forced with the spec
+    the server uses, and the generic parser reads the result."""
+    from orcinus.tools.parsers import get_parser
+    from orcinus.tools.tool_choice import Function, required_spec
+
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    spec = required_spec([Function("get_weather", None, params)], parallel=False)
+    out = default_llm.chat([{"role": "user", "content": "Weather in Paris?"}],
+                           SamplingParams(temperature=0, max_tokens=40, structured_outputs=spec), tools=tools)
+    text = out[0].outputs[0].text
+    assert "get_weather" in out[0].prompt
+    (call,) = get_parser("json", ["get_weather"]).parse(text).calls
+    jsonschema.validate(json.loads(call.arguments), params)
 
 
 def test_default_model_json_schema_n2(default_llm) -> None:

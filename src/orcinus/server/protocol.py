@@ -121,6 +121,8 @@ class SamplingRequest(RequestModel):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
     guided_decoding_backend: str | None = Field(None, description="only 'llguidance' (or 'auto')")
+    prompt_logprobs: int | None = Field(None, description="vLLM extra; not supported (prompt log-probs are not "
+                                                          "computed): refused rather than ignored")
     # ---- end of structured outputs ----
 
     @model_validator(mode="before")
