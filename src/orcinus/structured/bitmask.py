@@ -5,6 +5,7 @@ Only rows of constrained requests travel (int32 words, bit t % 32 of word t // 3
 allowed); the sampling rank expands them to its rows, all-ones for unconstrained requests."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,7 +45,14 @@ _SHIFTS = torch.arange(32, dtype=torch.int32)
 def allowed_tokens(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[rows, words] int32 -> [rows, vocab_size] bool; ids beyond the bitmask are not allowed."""
     rows, words = bits.shape
-    allowed = ((bits.unsqueeze(-1) >> _SHIFTS.to(bits.device)) & 1).bool().view(rows, words * 32)
+    if bits.device.type == "cpu" and sys.byteorder == "little":
+        # numpy unpacks bits ~100x faster than torch's shift-and-mask on CPU (0.3 ms against
+        # ~35 ms for [64, 1536] words on a busy 2-core Xeon). Little-endian: byte k of a word
+        # holds its bits 8k..8k+7, so little-order unpacking gives bit t at position t.
+        unpacked = np.unpackbits(bits.contiguous().numpy().view(np.uint8), axis=1, bitorder="little")
+        allowed = torch.from_numpy(unpacked).view(torch.bool)
+    else:
+        allowed = ((bits.unsqueeze(-1) >> _SHIFTS.to(bits.device)) & 1).bool().view(rows, words * 32)
     if words * 32 >= vocab_size:
         return allowed[:, :vocab_size]
     pad = torch.zeros(rows, vocab_size - words * 32, dtype=torch.bool, device=bits.device)
