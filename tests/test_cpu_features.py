@@ -8,9 +8,10 @@ import os
 
 import torch
 
-from orcinus.bench.bf16_check import Bf16Verdict, cpu_model, stored_verdict, verdict_path
 from orcinus.config import EngineConfig
-from orcinus.cpu_features import auto_cpu_dtype, choose_cpu_dtype, configure_cpu_threads, cpu_flags, cpu_threads
+from orcinus.cpu_features import (Bf16Verdict, auto_cpu_dtype, choose_cpu_dtype, configure_cpu_threads, cpu_flags,
+                                   cpu_model, cpu_threads, stored_verdict, verdict_path)
+from orcinus.executor.platform import resolve_dtype
 
 CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx512f {extra}\n\nprocessor\t: 1\n"
 
@@ -55,13 +56,31 @@ def test_stored_verdict_round_trips_per_model_and_cpu(tmp_path, monkeypatch):
     assert stored_verdict(str(tmp_path / "other.gguf")) is None
 
 
-def test_auto_dtype_on_this_cpu_follows_the_rule():
-    # An explicit dtype is never overridden; auto is whatever the flag rule gives this machine.
-    assert EngineConfig(dtype="float32").resolved_dtype(torch.device("cpu")) is torch.float32
-    got = EngineConfig(dtype="auto").resolved_dtype(torch.device("cpu"))
-    assert got is auto_cpu_dtype(None).dtype
+def test_auto_dtype_on_this_cpu_follows_the_rule(tmp_path, monkeypatch):
+    # An explicit dtype is never overridden; auto is whatever the flag rule gives this machine,
+    # with the verdict stored for the resolved model path.
+    monkeypatch.setenv("ORCINUS_CACHE", str(tmp_path))
+    model = str(tmp_path / "model.gguf")
+    cpu = torch.device("cpu")
+    assert resolve_dtype(EngineConfig(dtype="float32"), cpu, model) is torch.float32
+    got = resolve_dtype(EngineConfig(dtype="auto"), cpu, model)
+    assert got is auto_cpu_dtype(model).dtype
     if not any(f in cpu_flags() for f in ("amx_bf16", "avx512_bf16")):
         assert got is torch.float32
+
+
+def test_auto_dtype_reads_the_verdict_stored_for_the_resolved_path(tmp_path, monkeypatch):
+    # The store is cpu_features' own (dtype resolution never imports the benchmarks): a verdict
+    # written by store_verdict for this path and CPU turns bf16 on where the CPU has the units.
+    from orcinus import cpu_features
+
+    monkeypatch.setenv("ORCINUS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    model = str(tmp_path / "model.gguf")
+    assert cpu_features.auto_cpu_dtype.__wrapped__(model).dtype is torch.float32  # nothing stored yet
+    cpu_features.store_verdict(Bf16Verdict(model, cpu_model(), 1.0, 1.4, 8, 8))
+    assert cpu_features.auto_cpu_dtype.__wrapped__(model).dtype is torch.bfloat16
+    assert cpu_features.auto_cpu_dtype.__wrapped__(None).dtype is torch.float32  # no path, no verdict
 
 
 def test_threads_follow_the_affinity_mask_unless_omp_num_threads_is_set(monkeypatch):

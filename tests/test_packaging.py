@@ -37,3 +37,25 @@ def test_the_wheel_carries_the_c_decode_kernel(tmp_path) -> None:
     (wheel,) = tmp_path.glob("orcinus-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "orcinus/attention/paged_decode.c" in names and "orcinus/py.typed" in names
+
+
+def test_the_benchmark_dependencies_are_an_extra_the_product_never_imports() -> None:
+    import argparse
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from orcinus.cli import BENCH_EXTRA, user_error_message
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert set(project["optional-dependencies"]["bench"]) == set(BENCH_EXTRA)
+    assert set(BENCH_EXTRA) <= set(project["optional-dependencies"]["test"])  # CI still runs the bench tests
+    assert not {d.split(">")[0].split("=")[0] for d in project["dependencies"]} & set(BENCH_EXTRA)
+    # the engine, the offline API, the server and the CLI start without them
+    probe = ("import sys, orcinus, orcinus.cli, orcinus.server.app, orcinus.engine.async_engine; "
+             "print(sorted(m for m in ('httpx', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    # and `orcinus bench` without them says what to install
+    message = user_error_message(ModuleNotFoundError("No module named 'httpx'", name="httpx"), argparse.Namespace())
+    assert message is not None and "orcinus[bench]" in message

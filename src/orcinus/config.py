@@ -11,14 +11,13 @@ from typing import Literal
 
 import torch
 
-SCHEDULER_POLICIES = ("orca", "static", "paged")
+from orcinus.core.policies import POLICIES
+from orcinus.errors import ConfigError  # noqa: F401  (re-exported: raised here)
+
+SCHEDULER_POLICIES = tuple(POLICIES)  # orca, static, paged: named once, in core/policies.py
 DEFAULT_BATCHED_TOKENS_CPU = 512
 DEFAULT_BATCHED_TOKENS_CUDA = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message says what to change."""
 
 
 @dataclass
@@ -111,21 +110,8 @@ class EngineConfig:
             return self.scheduler_policy == "paged"
         return self.enable_prefix_caching
 
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={self.device!r} was asked for but CUDA is not available; use device='cpu'")
-        return dev
-
-    def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            if device.type == "cuda":
-                return torch.bfloat16
-            from orcinus.cpu_features import auto_cpu_dtype
-            return auto_cpu_dtype(self.model).dtype
-        return DTYPES[self.dtype]
+    # device="auto" and dtype="auto" are resolved on the executor side, where the model's path is
+    # known: orcinus/executor/platform.py.
 
     @classmethod
     def field_names(cls) -> list[str]:

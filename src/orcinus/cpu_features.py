@@ -6,8 +6,10 @@ float32 (measurements on this project's AMD EPYC: docs/benchmarks.md, "Speed").
 So `auto` considers bf16 only when /proc/cpuinfo lists amx_bf16 or avx512_bf16, and then only if
 `orcinus bench bf16` (orcinus/bench/bf16_check.py) has measured, for this model on this CPU, that
 bf16 is faster end to end AND gives the same greedy tokens as float32 on the reference prompts.
-Running both at every start-up would cost more than most runs save, so the verdict is stored;
-float32 stays the default wherever the check has not been run or did not pass.
+Running both at every start-up would cost more than most runs save, so the verdict is stored
+(`store_verdict`, read back by `stored_verdict`: the store lives here, at the bottom layer, so that
+resolving `dtype="auto"` never imports the benchmarks); float32 stays the default wherever the
+check has not been run or did not pass.
 
 Threads: PyTorch defaults to the number of physical cores of the whole machine, even when this
 process may only run on some (taskset, cgroups, containers). Two processes each spinning
@@ -19,8 +21,11 @@ OMP_WAIT_POLICY=passive (idle OpenMP threads sleep instead of spinning) and spli
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+import platform
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -42,13 +47,72 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (the bf16 verdict is stored per model and CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@dataclass
+class Bf16Verdict:
+    """What `orcinus bench bf16` measured for one model on one CPU."""
+
+    model: str
+    cpu: str
+    float32_tok_s: float
+    bfloat16_tok_s: float
+    prompts: int
+    agreeing_prompts: int  # prompts whose greedy tokens are identical in both dtypes
+
+    @property
+    def faster(self) -> bool:
+        return self.bfloat16_tok_s > self.float32_tok_s
+
+    @property
+    def agrees(self) -> bool:
+        return self.agreeing_prompts == self.prompts
+
+    @property
+    def use_bf16(self) -> bool:
+        return self.faster and self.agrees
+
+
+def verdict_path(model: str, cpu: str) -> str:
+    root = os.environ.get("ORCINUS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "orcinus"))
+    key = hashlib.sha256(f"{os.path.abspath(model)}\n{cpu}".encode()).hexdigest()[:16]
+    return os.path.join(root, "bf16", f"{key}.json")
+
+
+def stored_verdict(model: str) -> Bf16Verdict | None:
+    try:
+        with open(verdict_path(model, cpu_model())) as f:
+            return Bf16Verdict(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def store_verdict(verdict: Bf16Verdict) -> str:
+    """Write `verdict` where `stored_verdict` finds it; returns the path."""
+    out = verdict_path(verdict.model, verdict.cpu)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(asdict(verdict), f, indent=2)
+    return out
+
+
 @dataclass(frozen=True)
 class DtypeChoice:
     dtype: torch.dtype
     reason: str
 
 
-def choose_cpu_dtype(flags: frozenset[str], verdict=None) -> DtypeChoice:
+def choose_cpu_dtype(flags: frozenset[str], verdict: Bf16Verdict | None = None) -> DtypeChoice:
     """float32 unless the CPU has native bf16 units and `verdict` (a stored `orcinus bench bf16`
     result for this model and CPU) says bf16 was faster and agreed with float32."""
     native = [f for f in BF16_FLAGS if f in flags]
@@ -69,17 +133,13 @@ def choose_cpu_dtype(flags: frozenset[str], verdict=None) -> DtypeChoice:
 
 
 @functools.lru_cache(maxsize=8)
-def auto_cpu_dtype(model: str | None = None) -> DtypeChoice:
-    """This machine's choice for `model`, decided once per process."""
+def auto_cpu_dtype(model_path: str | None = None) -> DtypeChoice:
+    """This machine's choice for the checkpoint at `model_path` (already resolved: a folder or a
+    .gguf file; None: no verdict to read), decided once per process."""
     flags = cpu_flags()
     verdict = None
-    if any(f in flags for f in BF16_FLAGS):
-        from orcinus.bench.bf16_check import stored_verdict
-        from orcinus.models.loader import ModelNotFound, resolve_model_path
-        try:
-            verdict = stored_verdict(resolve_model_path(model))
-        except ModelNotFound:
-            verdict = None
+    if model_path is not None and any(f in flags for f in BF16_FLAGS):
+        verdict = stored_verdict(model_path)
     return choose_cpu_dtype(flags, verdict)
 
 

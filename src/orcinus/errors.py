@@ -1,9 +1,51 @@
 """Exceptions shared by the engine and its front ends (offline API, CLI, HTTP server).
 
-Kept apart from the engine so that the server can name them without importing the engine's
-internals, and so that there is one class per failure, whoever raises it.
+The bottom layer (see docs/design.md, "Layers"): it imports nothing of orcinus, so any module may
+name a failure without importing the module that raises it (the CLI and the server map these to
+one `error:` line or an HTTP status). The modules that raise them re-export them under their old
+names.
 """
 from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says what to change."""
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter out of range; the message names the parameter."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class RequestRejected(ValueError):
+    """A request that can never run (too long for the cache or the model); says why."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFound(FileNotFoundError):
+    """No checkpoint folder or GGUF file where the model was looked for."""
+
+
+class TokenizerNotFound(FileNotFoundError):
+    """No tokenizer at the given path; the message says what was looked for."""
+
+
+class WorkerDied(RuntimeError):
+    """A worker process exited or failed beyond recovery; the executor cannot run batches."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine loop is not running (dead, stopped or shutting down): answer 503."""
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: answer 503 at once rather than let requests pile up."""
 
 
 class EngineStepError(RuntimeError):

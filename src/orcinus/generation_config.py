@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from orcinus.config import ConfigError
+from orcinus.errors import ConfigError
 
 # generation_config.json key -> SamplingParams field (the keys vLLM honours, with its mapping).
 HF_KEYS = {

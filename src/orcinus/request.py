@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from orcinus.errors import RequestRejected  # noqa: F401  (re-exported: raised here)
 from orcinus.sampling_params import SamplingParams
 
 
@@ -19,14 +20,6 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"
-
-
-class RequestRejected(ValueError):
-    """A request that can never run (too long for the cache or the model); says why."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass
@@ -89,10 +82,6 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.state == RequestState.FINISHED
-
-    def tokens_to_compute(self) -> list[int]:
-        """Tokens this request brings to its next iteration: the whole prompt, then one token."""
-        return self.all_token_ids[self.num_computed_tokens:]
 
 
 @dataclass

@@ -6,6 +6,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from orcinus.errors import SamplingParamsError  # noqa: F401  (re-exported: raised here)
+
 
 # Integers the engine turns into tensors must fit int32 (top_k) or the generator's 64 bits (seed).
 INT32_MAX = 2**31 - 1
@@ -17,14 +19,6 @@ MIN_TOP_P = 1e-6
 # and the penalty's sign flips or the row turns to NaN.
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_LOGPROBS = 20
-
-
-class SamplingParamsError(ValueError):
-    """A sampling parameter out of range; the message names the parameter."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass

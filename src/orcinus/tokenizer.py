@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from orcinus.errors import TokenizerNotFound  # noqa: F401  (re-exported: raised here)
+
 # Any one of these makes a folder worth handing to AutoTokenizer.
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -27,10 +29,6 @@ _REPLACEMENT_CHAR = "\ufffd"
 # transformers' decode methods that hand ids straight to the Rust tokenizer (no Python post-processing
 # besides the clean-up we switch off): only then does DecodeStream give the same text as `decode`.
 _PLAIN_FAST_DECODES = ("TokenizersBackend._decode", "PreTrainedTokenizerFast._decode")
-
-
-class TokenizerNotFound(FileNotFoundError):
-    """No tokenizer at the given path; the message says what was looked for."""
 
 
 def _ids(value: Any) -> list[int]:

@@ -164,3 +164,27 @@ def test_the_pthreads_build_matches_reference(case, threads, pthreads_build):
         assert_matches_reference(PagedCpuAttention(), case)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_compiler
+def test_the_kernel_is_built_when_a_cpu_worker_starts_not_in_its_first_decode(checkpoint_factory, monkeypatch):
+    from orcinus.config import EngineConfig
+    from orcinus.executor.messages import BatchMessage, CachedRequestData, NewRequestData, SamplingSettings
+    from orcinus.executor.worker import Worker
+
+    folder, _ = checkpoint_factory("llama")
+    opened: list[str] = []
+    real_open = native._open
+    monkeypatch.setattr(native, "_open", lambda compiler: opened.append("start") or real_open(compiler))
+    native.reset_for_tests()
+    try:
+        worker = Worker(EngineConfig(model=folder, dtype="float32", device="cpu", kv_cache_memory=1 << 20,
+                                     block_size=4))
+        assert opened == ["start"] and native._state["lib"] is not None  # loaded before any iteration
+        worker.initialize_kv_cache(8)
+        greedy = SamplingSettings(temperature=0.0)
+        first = worker.execute(BatchMessage(0, [NewRequestData("r", [5, 6, 7], greedy, [0, 1])])).token_ids
+        worker.execute(BatchMessage(1, [CachedRequestData("r", first[0])]))  # a decode: the kernel runs
+        assert opened == ["start"]
+    finally:
+        native.reset_for_tests()

@@ -15,7 +15,7 @@ from collections import deque
 import pytest
 
 from orcinus.core.kv_cache import KVCacheManager
-from orcinus.core.scheduler import make_scheduler
+from orcinus.core.policies import make_scheduler
 from orcinus.request import FinishReason, Request, RequestState
 from orcinus.sampling_params import SamplingParams
 

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orcinus.core.kv_cache import KVCacheManager
-from orcinus.core.scheduler import Scheduler, make_scheduler
+from orcinus.core.policies import make_scheduler
+from orcinus.core.scheduler import Scheduler
 from orcinus.request import FinishReason, Request, RequestRejected, RequestState
 from orcinus.sampling_params import SamplingParams
 

@@ -10,7 +10,6 @@ import torch
 
 from orcinus.config import EngineConfig
 from orcinus.engine.llm_engine import LLMEngine
-from orcinus.models.registry import UnsupportedModel
 from orcinus.sampling_params import SamplingParams
 from references import hf_generate_greedy
 
@@ -38,9 +37,13 @@ def _generate(engine: LLMEngine) -> dict[str, list[int]]:
     return results
 
 
-@pytest.mark.parametrize("arch, tp, pp", [("llama", 1, 2), ("qwen3", 1, 2), ("llama", 2, 2)])
+# Every family: llama (GQA), qwen3 (tied embeddings split across stages), gpt2 (learned positions
+# and fused Conv1D q/k/v on the first stage), opt (narrower word embeddings: project_in on the first
+# stage, project_out before the tied head on the last).
+@pytest.mark.parametrize("arch, tp, pp", [("llama", 1, 2), ("qwen3", 1, 2), ("llama", 2, 2), ("gpt2", 1, 2),
+                                          ("gpt2", 2, 2), ("opt", 1, 2), ("opt", 2, 2)])
 def test_pipeline_greedy_equals_single_process_and_transformers(arch, tp, pp, checkpoint_factory):
-    folder, hf_model = checkpoint_factory(arch)  # qwen3: tied embeddings split across stages
+    folder, hf_model = checkpoint_factory(arch)
     engine = _engine(folder, tp, pp)
     try:
         got = _generate(engine)
@@ -52,6 +55,31 @@ def test_pipeline_greedy_equals_single_process_and_transformers(arch, tp, pp, ch
     for i, p in enumerate(PROMPTS):
         assert got[f"r{i}"] == hf_generate_greedy(hf_model, p, MAX_NEW[i])
     assert {stage for stage, *_ in timings} == set(range(pp))
+
+
+def test_per_layer_windows_follow_model_wide_layer_indices_on_later_stages(tmp_path):
+    """Qwen2 with max_window_layers=2 of 3: only layer 2 slides. On stage 1 it is the stage's first
+    layer (KV index 0), yet it must still slide, as in transformers."""
+    import transformers as tf
+
+    from checkpoints import build_from_config
+
+    cfg = tf.Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, bos_token_id=1, eos_token_id=2, use_sliding_window=True,
+                         sliding_window=8, max_window_layers=2)
+    hf_model = build_from_config(cfg, str(tmp_path))
+    engine = _engine(str(tmp_path), pp=2)
+    prompt = list(range(40, 70))  # 30 tokens: far past the window of 8
+    try:
+        engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=6, **GREEDY))
+        got = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                got = out.outputs[0].token_ids
+    finally:
+        engine.shutdown()
+    assert got == hf_generate_greedy(hf_model, prompt, 6)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +129,7 @@ def test_impossible_pipeline_splits_are_refused(checkpoint_factory):
     llama, _ = checkpoint_factory("llama")  # 2 layers
     with pytest.raises(ValueError, match="pipeline_parallel_size=3 exceeds the model's 2 layers"):
         _engine(llama, pp=3)
-    gpt2, _ = checkpoint_factory("gpt2")
-    with pytest.raises(UnsupportedModel, match="pipeline_parallel_size=2"):
-        _engine(gpt2, pp=2)
+    gpt2, _ = checkpoint_factory("gpt2")  # every family is split by the same rule
+    with pytest.raises(ValueError, match="pipeline_parallel_size=3 exceeds the model's 2 layers"):
+        _engine(gpt2, pp=3)
     assert not multiprocessing.active_children()

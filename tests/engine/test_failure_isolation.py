@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orcinus.engine.llm_engine import EngineStepError, LLMEngine
-from orcinus.sampler import Sampler
+from orcinus.executor.sampler import Sampler
 from orcinus.sampling_params import SamplingParams
 
 POISON_TOP_K = 7  # a parameter value the injected fault chokes on
@@ -69,25 +69,3 @@ def test_only_the_culprit_fails_and_the_others_are_unchanged(joins_at, checkpoin
     assert not any(rid in str(error) for rid in PARAMS)  # never reveals who else was in the batch
     assert engine.free_all_check() and not engine.has_unfinished_requests()
     assert len(engine.executor.driver_worker.states) == 0  # workers forgot every request
-
-
-def test_interrupt_while_waiting_leaves_the_engine_consistent(checkpoint_factory):
-    folder, _ = checkpoint_factory("llama")
-    engine = _engine(folder)
-    engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, temperature=0.0))
-    engine.step()
-    worker = engine.executor.driver_worker
-    original = worker.execute
-
-    def interrupted(msg):
-        worker.execute = original
-        raise KeyboardInterrupt
-
-    worker.execute = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        engine.step()
-    assert engine.free_all_check() and not engine.has_unfinished_requests()
-    engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, temperature=0.0))
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert engine.free_all_check()

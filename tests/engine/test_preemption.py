@@ -80,19 +80,6 @@ def test_seeded_sampling_continues_its_random_stream_after_preemption(n_workers,
     assert got == plenty
 
 
-def test_a_request_too_big_even_alone_is_refused_at_submission(checkpoint_factory):
-    from orcinus.request import RequestRejected
-
-    folder, _ = checkpoint_factory("llama")
-    engine = _engine(folder, num_blocks=8, scheduler_policy="paged")  # 32 slots
-    with pytest.raises(RequestRejected, match="KV cache"):
-        engine.add_request("big", {"prompt_token_ids": [5] * 20}, SamplingParams(max_tokens=20))
-    engine.add_request("ok", {"prompt_token_ids": [5] * 20}, SamplingParams(max_tokens=12, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert engine.free_all_check()
-
-
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_preemption_and_chunks_across_worker_processes(tp, pp, checkpoint_factory):
     """Tensor-parallel ranks each park their own generator; two pipeline stages keep two batches in

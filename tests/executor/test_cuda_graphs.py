@@ -10,10 +10,15 @@ import os
 import subprocess
 import sys
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
 
+from orcinus.attention.backend import GraphBuffer
+from orcinus.attention.metadata import AttentionMetadata
+from orcinus.attention.reference import ReferenceAttention
 from orcinus.cli import build_parser, engine_config_from_args
 from orcinus.config import EngineConfig
 from orcinus.executor.cuda_graphs import (DecodeGraphs, GraphPlan, capture_sizes, fill_decode_inputs, padded_size,
@@ -40,7 +45,8 @@ def test_a_batch_replays_the_smallest_size_that_holds_it():
 
 
 def test_only_increment_only_batches_within_the_largest_size_replay():
-    graphs = DecodeGraphs([1, 2, 4], max_blocks_per_seq=3, block_size=4, padding_block=9, device=torch.device("cpu"))
+    graphs = DecodeGraphs([1, 2, 4], max_blocks_per_seq=3, block_size=4, padding_block=9, device=torch.device("cpu"),
+                          backend=ReferenceAttention())
     assert graphs.padded_size(np.array([1, 1, 1])) == 4
     assert graphs.padded_size(np.array([1, 5, 1])) is None  # a prompt chunk: eager (selective batching)
     assert graphs.padded_size(np.array([1] * 5)) is None  # more than the largest size: eager
@@ -65,7 +71,7 @@ def test_plan_is_off_on_cpu_with_enforce_eager_parallel_ranks_and_uncapturable_b
 
 def test_padding_rows_map_to_the_padding_block_and_real_rows_are_copied_unchanged():
     graphs = DecodeGraphs([1, 2, 4, 8], max_blocks_per_seq=4, block_size=4, padding_block=11,
-                          device=torch.device("cpu"))
+                          device=torch.device("cpu"), backend=ReferenceAttention())
     host = graphs.buffers.host
     host["block_tables"][:] = 77  # what an earlier iteration left
     table = np.array([[3, 5, 0], [6, 7, 8], [2, 0, 0]])
@@ -90,7 +96,7 @@ def test_the_static_triton_metadata_is_what_the_backend_builds_for_the_same_deco
     from orcinus.executor.host_staging import zero_copy_upload
 
     graphs = DecodeGraphs([1, 2, 4, 8], max_blocks_per_seq=6, block_size=4, padding_block=50,
-                          device=torch.device("cpu"))
+                          device=torch.device("cpu"), backend=TritonPagedAttention())
     seq_lens = np.array([3, 17, 9, 1, 24])
     table = np.arange(5 * 6).reshape(5, 6)
     slots = table[np.arange(5), (seq_lens - 1) // 4] * 4 + (seq_lens - 1) % 4
@@ -106,6 +112,56 @@ def test_the_static_triton_metadata_is_what_the_backend_builds_for_the_same_deco
     assert (static.block_tables[5:, 0] == 50).all()
 
 
+@dataclass
+class MarkedMetadata(AttentionMetadata):
+    row_marks: torch.Tensor  # this backend's own static region
+
+
+class MarkingBackend(ReferenceAttention):
+    """A backend that owns a static region of its own (row i holds 7 * i) and checks, at every
+    attention call, that its graph metadata reads it: the hooks' contract, on CPU."""
+
+    name = "marking"
+    calls = 0
+
+    def graph_buffers(self) -> list[GraphBuffer]:
+        return [GraphBuffer("row_marks", np.int64, extra=1, fill=lambda n: 7 * np.arange(n))]
+
+    def graph_metadata(self, static, rows, seq_lens, block_size) -> MarkedMetadata:
+        common = super().graph_metadata(static, rows, seq_lens, block_size)
+        return MarkedMetadata(**vars(common), row_marks=static["row_marks"][:rows + 1])
+
+    def attend(self, q, k_cache, v_cache, meta, scale, sliding_window=None):
+        if isinstance(meta, MarkedMetadata):
+            assert meta.row_marks.tolist() == [7 * i for i in range(q.shape[0] + 1)]
+            MarkingBackend.calls += 1
+        return super().attend(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def test_a_backend_owns_its_graph_buffers_and_metadata(checkpoint_factory):
+    """DecodeGraphs allocates and fills the backend's own static region and runs the forward over
+    the metadata the backend builds: the padded increment batch still gives the eager logits."""
+    folder, _ = checkpoint_factory("qwen3")
+    worker = _worker(folder, "reference", [1, 2, 4, 8])
+    worker.runner.backend = backend = MarkingBackend()
+    worker.runner.graphs = DecodeGraphs([1, 2, 4, 8], worker.runner.max_blocks_per_seq, 4, padding_block=40,
+                                        device=torch.device("cpu"), backend=backend)
+    assert worker.runner.graphs.buffers.host["row_marks"].tolist() == [7 * i for i in range(9)]
+    tokens = _prefill(worker, [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16]])
+    msg = BatchMessage(1, [CachedRequestData(f"r{i}", t) for i, t in enumerate(tokens)])
+    MarkingBackend.calls = 0
+    eager, padded, _, _, inp = _padded_vs_eager(worker, msg)
+    assert inp.padded == 8 and isinstance(inp.meta, MarkedMetadata)
+    assert MarkingBackend.calls == worker.model_config.num_layers  # every layer of the padded forward
+    torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_capturability_is_the_backends_own_claim():
+    from orcinus.attention.selector import BACKEND_NAMES, backend_class
+
+    assert [n for n in BACKEND_NAMES if n != "auto" and backend_class(n).capturable] == ["triton"]
+
+
 def _worker(folder: str, backend: str, sizes: list[int]) -> Worker:
     """A CPU worker whose runner pads increment-only batches as CUDA graphs do (the padding block
     allocated, the static buffers in place) and runs them eagerly: nothing is captured on CPU."""
@@ -119,7 +175,7 @@ def _worker(folder: str, backend: str, sizes: list[int]) -> Worker:
         v.zero_()
     assert runner.graphs is None  # capture_cuda_graphs does nothing without CUDA
     runner.graphs = DecodeGraphs(sizes, runner.max_blocks_per_seq, runner.block_size, padding_block=40,
-                                 device=torch.device("cpu"))
+                                 device=torch.device("cpu"), backend=runner.backend)
     return worker
 
 

@@ -33,8 +33,8 @@ def _recording_engine(folder: str) -> tuple[LLMEngine, list[BatchMessage]]:
                                    kv_cache_memory=1 << 22, block_size=4, scheduler_policy="orca")
     sent: list[BatchMessage] = []
     # Recorded where the engine launches (its thread, in launch order), not where the worker runs.
-    original = engine._launcher.execute_async
-    engine._launcher.execute_async = lambda msg: sent.append(pickle.loads(pickle.dumps(msg))) or original(msg)
+    original = engine.executor.execute_async
+    engine.executor.execute_async = lambda msg: sent.append(pickle.loads(pickle.dumps(msg))) or original(msg)
     return engine, sent
 
 

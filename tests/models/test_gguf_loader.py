@@ -20,7 +20,8 @@ from orcinus.models.gguf_loader import (
     read_gguf_header,
     read_gguf_metadata,
 )
-from orcinus.models.registry import UnsupportedModel, parse_llama_like
+from orcinus.models.llama import parse_llama_config as parse_llama_like
+from orcinus.models.registry import UnsupportedModel
 from gguf_files import llamacpp_permute, tiny_model, write_gguf
 
 

@@ -79,8 +79,9 @@ def post_ln_opt(tmp_path_factory):
 def test_post_ln_opt_greedy_matches_transformers(post_ln_opt):
     folder, hf_model = post_ln_opt
     engine = _engine(folder, dtype="float32")
-    dec = engine.executor.driver_worker.runner.model.model.decoder
-    assert dec.project_in is None and dec.project_out is None and dec.final_layer_norm is None
+    dec = engine.executor.driver_worker.runner.model.model  # the shared layout (models/causal_lm.py)
+    assert dec.project_in is None and dec.project_out is None and dec.norm is None
+    assert not dec.layers[0].pre_norm
     assert _generate(engine, PROMPTS) == [_hf_generate(hf_model, p) for p in PROMPTS]
 
 

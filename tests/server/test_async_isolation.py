@@ -9,7 +9,7 @@ import pytest
 from orcinus.config import EngineConfig
 from orcinus.engine.async_engine import AsyncEngine, EngineStepError
 from orcinus.engine.llm_engine import LLMEngine
-from orcinus.sampler import Sampler
+from orcinus.executor.sampler import Sampler
 from orcinus.sampling_params import SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -42,17 +42,7 @@ class AttentionMetadata:
     # host copies for backends that loop or size buffers (no device sync needed)
     query_lens_host: list[int]
     seq_lens_host: list[int]
-    max_query_len: int
-    max_seq_len: int
     block_size: int
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.query_lens_host)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.slot_mapping.shape[0])
 
     @classmethod
     def common(cls, layout: BatchLayout, upload: Upload) -> dict:
@@ -64,7 +54,5 @@ class AttentionMetadata:
             slot_mapping=upload(layout.slot_mapping),
             query_lens_host=layout.query_lens.tolist(),
             seq_lens_host=layout.seq_lens.tolist(),
-            max_query_len=int(layout.query_lens.max()),
-            max_seq_len=int(layout.seq_lens.max()),
             block_size=layout.block_size,
         )

@@ -1,4 +1,5 @@
-"""The CPU decode-attention kernel (`paged_decode.c`): compiled on first use, loaded with ctypes.
+"""The CPU decode-attention kernel (`paged_decode.c`): compiled (or found in the cache) when a CPU
+worker starts (`PagedCpuAttention.warm_up`), loaded with ctypes.
 
 Why compile at run time rather than at install: `-march=native` makes the compiler use the vector
 units of the machine that runs it (AVX-512 here, AVX2 elsewhere), and a plain C file with no

@@ -62,6 +62,12 @@ class PagedCpuMetadata(AttentionMetadata):
 class PagedCpuAttention(AttentionBackend):
     name = "paged"
 
+    def warm_up(self, device: torch.device) -> None:
+        # Compile (or find in the cache) the C decode kernel now, at start-up, rather than inside
+        # the first iteration that has a decode in it.
+        if device.type == "cpu":
+            native.load()
+
     def build(self, layout: BatchLayout, upload: Upload) -> PagedCpuMetadata:
         bs, table = layout.block_size, layout.block_table
         nblocks = -(-layout.seq_lens // bs)

@@ -27,19 +27,26 @@ def auto_backend_name(device: torch.device) -> str:
     return "paged"
 
 
+def backend_class(name: str) -> type[AttentionBackend]:
+    """The class of a named backend (not `auto`), imported only when asked for."""
+    if name == "triton":
+        from orcinus.attention.triton_paged import TritonPagedAttention
+        return TritonPagedAttention
+    if name == "paged":
+        from orcinus.attention.paged_cpu import PagedCpuAttention
+        return PagedCpuAttention
+    if name == "batched":
+        from orcinus.attention.batched import BatchedAttention
+        return BatchedAttention
+    if name == "reference":
+        from orcinus.attention.reference import ReferenceAttention
+        return ReferenceAttention
+    raise ValueError(f"attention_backend={name!r} is unknown; choose one of {BACKEND_NAMES}")
+
+
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
     if name not in BACKEND_NAMES:
         raise ValueError(f"attention_backend={name!r} is unknown; choose one of {BACKEND_NAMES}")
     if name == "auto":
         name = auto_backend_name(device)
-    if name == "triton":
-        from orcinus.attention.triton_paged import TritonPagedAttention
-        return TritonPagedAttention()  # ImportError with the install hint when triton is missing
-    if name == "paged":
-        from orcinus.attention.paged_cpu import PagedCpuAttention
-        return PagedCpuAttention()
-    if name == "batched":
-        from orcinus.attention.batched import BatchedAttention
-        return BatchedAttention()
-    from orcinus.attention.reference import ReferenceAttention
-    return ReferenceAttention()
+    return backend_class(name)()  # triton without the package: ImportError with the install hint

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orcinus.attention.backend import AttentionBackend
+from orcinus.attention.backend import AttentionBackend, GraphBuffer, graph_common
 from orcinus.attention.metadata import AttentionMetadata, BatchLayout, Upload
 
 try:
@@ -141,6 +141,9 @@ def query_tiles(query_lens: np.ndarray, block_m: int) -> tuple[np.ndarray, np.nd
 
 class TritonPagedAttention(AttentionBackend):
     name = "triton"
+    # The kernel reads the batch from device tensors only; a decode-only batch of B rows is a grid
+    # of B tiles of one token, so the graphs' tile tables are constant (arange).
+    capturable = True
 
     def __init__(self) -> None:
         if not AVAILABLE:
@@ -151,6 +154,13 @@ class TritonPagedAttention(AttentionBackend):
         tile_req, tile_start = query_tiles(layout.query_lens, block_m)
         return TritonMetadata(**AttentionMetadata.common(layout, upload),
                               tile_req=upload(tile_req), tile_start=upload(tile_start), block_m=block_m)
+
+    def graph_buffers(self) -> list[GraphBuffer]:
+        return [GraphBuffer("tile_req", np.int32), GraphBuffer("tile_start", np.int32)]
+
+    def graph_metadata(self, static, rows, seq_lens, block_size) -> TritonMetadata:
+        return TritonMetadata(**graph_common(static, rows, seq_lens, block_size), tile_req=static["tile_req"][:rows],
+                              tile_start=static["tile_start"][:rows], block_m=1)
 
     def attend(self, q, k_cache, v_cache, meta: TritonMetadata, scale, sliding_window=None):
         num_tokens, num_heads, head_dim = q.shape

@@ -6,20 +6,18 @@ import json
 import logging
 import math
 import os
-from typing import Callable
 
 from orcinus.bench.arrivals import ARRIVAL_MODES, parse_rate, with_arrivals
 from orcinus.bench.trace_builder import add_trace_args, build_trace, trace_spec_from_args
+from orcinus.engine.arg_utils import add_engine_args, engine_config_from_args
+from orcinus.executor.platform import resolve_device, resolve_for_config
 
 logger = logging.getLogger(__name__)
 
-AddEngineArgs = Callable[[argparse.ArgumentParser], None]
-
-
-def add_bench_subparsers(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) -> None:
-    _add_offline(sub, add_engine_args)
+def add_bench_subparsers(sub: argparse._SubParsersAction) -> None:
+    _add_offline(sub)
     _add_serve(sub)
-    _add_sweep(sub, add_engine_args)
+    _add_sweep(sub)
     _add_bf16(sub)
     _add_random_checkpoint(sub)
 
@@ -77,7 +75,7 @@ def _progress_flag(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------- offline
-def _add_offline(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) -> None:
+def _add_offline(sub: argparse._SubParsersAction) -> None:
     from orcinus.bench.offline import BACKENDS, DEFAULT_BACKENDS
 
     p = sub.add_parser("offline", help="one trace through orcinus (orca, static) and transformers (generate, "
@@ -106,14 +104,14 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     from orcinus.bench.offline import OfflineReport, run_offline
     from orcinus.bench.report import command_line, load_average, machine_info, write_json
     from orcinus.bench.workloads import trace_summary
-    from orcinus.cli import engine_config_from_args
 
     config = engine_config_from_args(args)
     spec = trace_spec_from_args(args)
     trace = build_trace(spec, config.model)
-    device = str(config.resolved_device())
+    resolved_device, resolved_dtype = resolve_for_config(config)
+    device = str(resolved_device)
     settings = {"model": config.model or "default (SmolLM2-135M-Instruct GGUF)", "dtype": config.dtype,
-                "resolved_dtype": str(config.resolved_dtype(config.resolved_device())).removeprefix("torch."),
+                "resolved_dtype": str(resolved_dtype).removeprefix("torch."),
                 "device": device, "max_num_seqs": config.max_num_seqs, "kv_cache_memory": config.kv_cache_memory,
                 "trace": spec.describe(), "detokenize": args.detokenize}
     report = OfflineReport(settings, trace_summary(trace), machine_info(device), command_line())
@@ -195,7 +193,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- sweep
-def _add_sweep(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) -> None:
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
     from orcinus.bench.sweep import DEFAULT_CONFIGS
 
     p = sub.add_parser("sweep", help="configurations x request rates; draws the paper's Figure 10")
@@ -220,7 +218,7 @@ def _add_sweep(sub: argparse._SubParsersAction, add_engine_args: AddEngineArgs) 
     _progress_flag(p)
     add_trace_args(p, default_dataset="orca", with_seed=False)
     add_engine_args(p)
-    p.set_defaults(func=_cmd_sweep, add_engine_args=add_engine_args)
+    p.set_defaults(func=_cmd_sweep)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -229,7 +227,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from orcinus.bench.report import command_line, load_average, machine_info, write_json
     from orcinus.bench.sweep import parse_config, sweep_engine, sweep_server
     from orcinus.bench.workloads import trace_summary
-    from orcinus.cli import engine_config_from_args
 
     _quiet_http_logs()
     if args.target == "server" and not args.lengths_known:
@@ -241,11 +238,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = trace_spec_from_args(args)
     trace = build_trace(spec, base.model)
     os.makedirs(args.output_dir, exist_ok=True)
-    machine = machine_info(str(base.resolved_device()))  # load average at the start
+    machine = machine_info(str(resolve_device(base)))  # load average at the start
     points = []
     for cfg in configs:
         if args.target == "engine":
-            points += sweep_engine(base, cfg, args.rates, trace, args.arrival, args.seed, args.add_engine_args,
+            points += sweep_engine(base, cfg, args.rates, trace, args.arrival, args.seed, add_engine_args,
                                    slos, args.progress, args.lengths_known)
         else:
             points += sweep_server(base, cfg, args.rates, trace, args.arrival, args.seed, slos, args.progress,

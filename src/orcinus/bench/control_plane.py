@@ -37,7 +37,7 @@ def _echo_worker(conn: Connection) -> None:
     import torch
 
     from orcinus.executor.request_state import RequestStates
-    from orcinus.sampler import SamplerOutput
+    from orcinus.executor.messages import SamplerOutput
 
     states = RequestStates(torch.device("cpu"))
     while True:

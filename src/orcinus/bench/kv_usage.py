@@ -1,6 +1,7 @@
 """Per-iteration KV memory samples of an engine run, their summary, and the utilisation plot.
 
-After every `step()` the recorder reads the engine's stats: how many sequences hold KV space,
+After every `step()` the recorder reads the engine's stats (it observes the engine's iterations,
+`LLMEngine.add_observer`; it patches nothing): how many sequences hold KV space,
 how many KV slots requests hold (Orca: reserved worst cases; paged: blocks as they fill) and how
 many of those hold a computed token. Utilisation is real / allocated, the vLLM paper's measure
 of how much of the memory given to requests does useful work.
@@ -15,6 +16,8 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from orcinus.engine.iteration_stats import IterationStats
 
 
 @dataclass
@@ -51,46 +54,26 @@ class KVUsageSummary:
 
 @dataclass
 class KVRecorder:
-    """Wraps `engine.step` so that every iteration leaves a sample; `detach()` undoes it."""
+    """Observes `engine` (`LLMEngine.add_observer`): every step leaves a sample; `detach()` stops."""
 
     engine: object
     samples: list[KVSample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._t0 = time.perf_counter()
-        self._step = self.engine.step
-
-        def step():
-            before = self.tokens_computed
-            self._largest_batch = 0
-            out = self._step()
-            s = self.engine.stats()
-            self.samples.append(KVSample(time.perf_counter() - self._t0, s.num_running, s.kv_real_token_slots,
-                                         s.kv_allocated_slots, self.tokens_computed - before,
-                                         self._largest_batch))
-            return out
-
-        self.engine.step = step
         self.prompt_tokens_computed = 0
         self.tokens_computed = 0
-        self._largest_batch = 0
         # counter values the summary subtracts: none before restart(), the engine's since start
         self._preempt0 = self._q0 = self._h0 = 0
-        scheduler = self.engine.scheduler
-        self._schedule = scheduler.schedule
+        self.engine.add_observer(self._observe)
 
-        def schedule():
-            batch = self._schedule()
-            if batch is not None:
-                # num_computed_tokens already counts a cached prefix found at admission
-                for req, n in zip(batch.requests, batch.num_new_tokens):
-                    start = req.num_computed_tokens
-                    self.prompt_tokens_computed += max(0, min(start + n, req.num_prompt_tokens) - start)
-                    self.tokens_computed += n
-                self._largest_batch = max(self._largest_batch, sum(batch.num_new_tokens))
-            return batch
-
-        scheduler.schedule = schedule
+    def _observe(self, it: IterationStats) -> None:
+        tokens = sum(b.num_tokens for b in it.launched)
+        self.prompt_tokens_computed += sum(b.num_prompt_tokens for b in it.launched)
+        self.tokens_computed += tokens
+        s = it.stats
+        self.samples.append(KVSample(time.perf_counter() - self._t0, s.num_running, s.kv_real_token_slots,
+                                     s.kv_allocated_slots, tokens, max((b.num_tokens for b in it.launched), default=0)))
 
     def restart(self) -> None:
         """Forget samples so far (e.g. those of a warm-up) and restart the clock."""
@@ -102,8 +85,7 @@ class KVRecorder:
                                               s.prefix_cache_hits_total)
 
     def detach(self) -> None:
-        self.engine.step = self._step
-        self.engine.scheduler.schedule = self._schedule
+        self.engine.remove_observer(self._observe)
 
     def summary(self) -> KVUsageSummary:
         s = self.engine.stats()

@@ -28,6 +28,7 @@ from orcinus.bench.profile import profile_phases
 from orcinus.bench.report import fmt, markdown_table
 from orcinus.bench.workloads import BenchRequest
 from orcinus.config import EngineConfig
+from orcinus.executor.platform import resolve_for_config
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def _on_own_thread(fn, *args, **kwargs):
     every thread that ran parallel work; a team left behind by one backend (transformers on the
     main thread, say) makes libgomp count more threads than cores during the next one and stop
     spinning between parallel regions, which cost orcinus ~20 % of a decode step on two cores
-    (orcinus/engine/background_executor.py). With each backend on its own thread, the order of
+    (orcinus/executor/uniproc.py). With each backend on its own thread, the order of
     --backends does not change their numbers."""
     box: dict[str, object] = {}
 
@@ -271,9 +272,9 @@ def run_transformers(config: EngineConfig, backend: str, trace: Sequence[BenchRe
                                             run_hf_static)
 
     res = BackendResult(backend)
-    device = config.resolved_device()
+    device, dtype = resolve_for_config(config)
     t0 = time.perf_counter()
-    hf = load_hf_model(config.model, config.resolved_dtype(device), device)
+    hf = load_hf_model(config.model, dtype, device)
     res.load_s = time.perf_counter() - t0
     try:
         tiny = [BenchRequest(r.prompt_token_ids[:16], 4) for r in _warmup_requests(trace)]
@@ -298,8 +299,7 @@ def run_transformers(config: EngineConfig, backend: str, trace: Sequence[BenchRe
 def compute_floor(config: EngineConfig, trace: Sequence[BenchRequest], rates: DeviceRates | None = None) -> Floor:
     from orcinus.bench.trace_builder import read_model_config
 
-    device = config.resolved_device()
-    dtype = config.resolved_dtype(device)
+    device, dtype = resolve_for_config(config)
     dims = ModelDims.from_model_config(read_model_config(config.model), dtype)
     rates = rates or measure_device(device, dtype)
     return trace_floor(dims, [r.prompt_len for r in trace], [r.output_len for r in trace], config.max_num_seqs, rates)

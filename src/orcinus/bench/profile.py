@@ -8,7 +8,7 @@ Two threads do the work. The engine thread (inside `LLMEngine.step`): scheduling
 and the batch message), output tokens (appending tokens and the stops that need no text, before
 the next launch), output processing (detokenisation, log-prob text, stop strings, outputs, while
 the next iteration runs), and waiting for the iteration; the unaccounted rest is "other". The
-forward thread (`BackgroundLauncher`): input preparation (the model runner's flat tensors and
+forward thread (`SingleProcessExecutor`'s): input preparation (the model runner's flat tensors and
 attention metadata), forward (the model to the sampled rows' logits) and sampling. Their share is
 also given against the step time, but they overlap the engine thread's phases (and the caller's
 time between steps), so they are not part of its sum.
@@ -33,7 +33,7 @@ ENGINE_THREAD_PHASES: dict[str, list[tuple[str, str, str]]] = {
 FORWARD_THREAD_PHASES: dict[str, list[tuple[str, str, str]]] = {
     "input preparation": [("orcinus.executor.model_runner", "ModelRunner", "prepare")],
     "forward": [("orcinus.executor.model_runner", "ModelRunner", "forward_logits")],
-    "sampling": [("orcinus.sampler", "Sampler", "__call__")],
+    "sampling": [("orcinus.executor.sampler", "Sampler", "__call__")],
 }
 PHASES = FORWARD_THREAD_PHASES | ENGINE_THREAD_PHASES
 TOTAL = ("orcinus.engine.llm_engine", "LLMEngine", "step")

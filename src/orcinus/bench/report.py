@@ -15,6 +15,8 @@ import shlex
 import sys
 from typing import Any, Sequence
 
+from orcinus.cpu_features import cpu_model  # noqa: F401  (re-exported: bench modules name it here)
+
 
 def machine_info(device: str | None = None) -> dict[str, Any]:
     import torch
@@ -42,17 +44,6 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def command_line() -> str:

@@ -21,6 +21,7 @@ from orcinus.bench.figure import SweepPoint
 from orcinus.bench.load_generator import LoadRun
 from orcinus.bench.workloads import BenchRequest
 from orcinus.config import EngineConfig
+from orcinus.engine.arg_utils import engine_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def apply_flags(base: EngineConfig, flags: Sequence[str], add_engine_args: Calla
     add_engine_args(parser)
     parser.set_defaults(**dataclasses.asdict(base))
     ns = parser.parse_args(list(flags))
-    return EngineConfig(**{name: getattr(ns, name) for name in EngineConfig.field_names()})
+    return engine_config_from_args(ns)
 
 
 def point_of(label: str, rate: float, run: LoadRun) -> SweepPoint:

@@ -232,13 +232,3 @@ def running_first(candidates: list[Request]) -> list[Request]:
             return 2
         return 0 if r.num_tokens - r.num_computed_tokens == 1 else 1
     return sorted(candidates, key=rank)
-
-
-def make_scheduler(policy: str, kv_cache: KVCacheManager, max_num_seqs: int, max_model_len: int,
-                   max_num_batched_tokens: int | None = None) -> Scheduler:
-    from orcinus.core.paged_scheduler import PagedScheduler
-
-    classes = {"orca": OrcaScheduler, "static": StaticScheduler, "paged": PagedScheduler}
-    if policy not in classes:
-        raise ValueError(f"unknown scheduler policy {policy!r}; choose one of {tuple(classes)}")
-    return classes[policy](kv_cache, max_num_seqs, max_model_len, max_num_batched_tokens)

@@ -15,9 +15,9 @@ import argparse
 import logging
 import sys
 
-from orcinus.cli import add_engine_args, engine_config_from_args
-from orcinus.config import ConfigError
-from orcinus.distributed.worker_process import RankInfo
+from orcinus.engine.arg_utils import add_engine_args, engine_config_from_args
+from orcinus.errors import ConfigError
+from orcinus.executor.worker_process import RankInfo
 from orcinus.executor.multiproc import master_from_env, spawn_worker
 
 

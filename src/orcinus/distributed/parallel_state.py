@@ -2,7 +2,7 @@
 built. With one rank every collective is a no-op, so the layers have one code path."""
 from __future__ import annotations
 
-from orcinus.config import ConfigError
+from orcinus.errors import ConfigError
 
 from dataclasses import dataclass
 

@@ -33,9 +33,9 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from orcinus.engine.llm_engine import EngineStats, LLMEngine, PromptType
 from orcinus.engine.request_stream import END, RequestStream
-from orcinus.errors import EngineStepError
+from orcinus.generation_config import GenerationDefaults
+from orcinus.errors import EngineStepError, EngineUnavailable, QueueFull, WorkerDied  # noqa: F401  (the last three re-exported)
 from orcinus.request import RequestOutput, RequestRejected
-from orcinus.executor.executor import WorkerDied
 from orcinus.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "EngineStepError", "EngineUnavailable", "GenerateRequest", "Health", "QueueFull",
@@ -52,14 +52,6 @@ _MAX_CONSECUTIVE_STEP_FAILURES = 3
 # Threads that prepare prompts: more than one, so that a short prompt never waits for a long
 # one; few, so that tokenising never takes the cores the iterations need.
 PREPARE_WORKERS = 2
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine loop is not running (dead, stopped or shutting down): answer 503."""
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at its bound: answer 503 at once rather than let requests pile up."""
 
 
 @dataclass
@@ -160,6 +152,19 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, timeout_s)
             if self._thread.is_alive():
                 logger.error("the engine thread did not stop within %.0f s", timeout_s)
+
+    # What the server may read of the engine (fixed once it is built): the loop thread owns the rest.
+    @property
+    def model_path(self) -> str:
+        return self.engine.model_path
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        return self.engine.generation_defaults
 
     @property
     def tokenizer(self):

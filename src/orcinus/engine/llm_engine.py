@@ -13,25 +13,26 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from orcinus.config import EngineConfig
 from orcinus.core.kv_cache import KVCacheManager
-from orcinus.core.scheduler import ScheduledBatch, make_scheduler
-from orcinus.engine.background_executor import start_executor
+from orcinus.core.policies import make_scheduler
+from orcinus.core.scheduler import ScheduledBatch
 from orcinus.engine.batch_messages import MessageBuilder
-from orcinus.executor.messages import BatchMessage
+from orcinus.engine.iteration_stats import EngineStats, IterationObserver, IterationStats, LaunchedBatch
+from orcinus.executor.messages import BatchMessage, SamplerOutput
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup, finish_request
 from orcinus.errors import EngineStepError
 from orcinus.generation_config import GenerationDefaults, load_generation_defaults
-from orcinus.executor.cuda_graphs import plan_cuda_graphs
-from orcinus.executor.executor import Executor, WorkerDied
+from orcinus.errors import WorkerDied
+from orcinus.executor.executor import Executor
+from orcinus.executor.factory import make_executor
 from orcinus.request import FinishReason, Request, RequestOutput, RequestRejected, RequestState
-from orcinus.sampler import SamplerOutput
 from orcinus.sampling_params import SamplingParams
-from orcinus.structured.engine_hooks import accept_token, attach_bitmask, check_logit_bias, make_matchers
+from orcinus.engine.structured_hooks import accept_token, attach_bitmask, check_logit_bias, make_matchers
 from orcinus.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -47,48 +48,29 @@ class _InFlight:
     future: Future[SamplerOutput]
 
 
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_free_blocks: int
-    num_blocks: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    iterations_total: int
-    last_step_time: float = field(default=0.0)
-    num_preemptions_total: int = 0
-    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits_total: int = 0  # of those, tokens whose KV was found cached
-    kv_real_token_slots: int = 0  # KV slots holding a computed token (a shared block counted once)
-    kv_allocated_slots: int = 0  # KV slots in blocks some request holds (reserved or filled)
+def _launched(batch: ScheduledBatch) -> LaunchedBatch:
+    # Counted as scheduled: num_computed_tokens already includes a cached prefix found at admission.
+    prompt = sum(max(0, min(req.num_computed_tokens + n, req.num_prompt_tokens) - req.num_computed_tokens)
+                 for req, n in zip(batch.requests, batch.num_new_tokens))
+    return LaunchedBatch(len(batch.requests), sum(batch.num_new_tokens), prompt)
 
 
 def _rows_of(result: SamplerOutput) -> list[tuple[int, float, dict | None]]:
     return list(zip(result.token_ids, result.logprobs, result.top_logprobs))
 
 
-def _dtype_note(config: EngineConfig, device: torch.device) -> str:
-    """Why `dtype=auto` chose what it did on CPU (bf16 only with native units that measure faster)."""
-    if config.dtype != "auto" or device.type != "cpu":
-        return ""
-    from orcinus.cpu_features import auto_cpu_dtype
-    return f" ({auto_cpu_dtype(config.model).reason}; threads={torch.get_num_threads()})"
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        """`executor`: the one to drive (tests give a scripted one); by default `make_executor`'s.
+        The executor loads the model on every rank and sizes the KV pool; the engine only learns
+        what the workers resolved (`executor.info`: model shape, device, dtype) and how many
+        blocks it may hand out. Its `execute_async` returns at once (an in-process executor runs
+        iterations on a thread of its own), so text work overlaps the next iteration."""
         self.config = config
-        self.device = config.resolved_device()
-        self.dtype = config.resolved_dtype(self.device)
-        # The executor loads the model on every rank and sizes the KV pool; the engine only
-        # learns the model's shape and how many blocks it may hand out.
-        # Every message goes through the launcher: an in-process executor is built and runs
-        # iterations on a thread of its own (all of the process's torch work on one thread), so
-        # text work overlaps the next iteration.
-        self._launcher = start_executor(config)
-        self.executor: Executor = self._launcher.executor
+        self.executor: Executor = executor if executor is not None else make_executor(config)
+        info = self.executor.info
+        self.device = torch.device(info.device)
+        self.dtype: torch.dtype = getattr(torch, info.dtype)
         self.model_path = self.executor.model_path
         self.model_config = model_config = self.executor.model_config
         self.tokenizer = None
@@ -117,7 +99,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(eos)
         self.generation_defaults: GenerationDefaults = load_generation_defaults(
             config.generation_config, self.model_path, config.override_generation_config,
-            _gguf_metadata(self.model_path) if self.model_path.endswith(".gguf") else None)
+            info.gguf_sampling or None)
         self.outputs = OutputProcessor(self.tokenizer)
         # Structured outputs: grammars compiled once per spec, one matcher per constrained request.
         self.structured = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
@@ -131,15 +113,17 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.iterations_total = 0
         self.last_step_time = time.monotonic()
+        self._observers: list[IterationObserver] = []
+        self._launched: list[LaunchedBatch] | None = None  # batches launched in this step, when observed
         logger.info(
             "orcinus engine: model=%s arch=%s dtype=%s%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
             "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s cuda_graphs=%s",
             self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."),
-            _dtype_note(config, self.device), self.device,
+            info.dtype_note, self.device,
             self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
             config.max_num_seqs, self.max_model_len, self.scheduler.max_num_batched_tokens,
             "on" if self.kv_cache.enable_prefix_caching else "off",
-            plan_cuda_graphs(config, self.device).describe(),
+            info.cuda_graphs,
         )
         logger.info("orcinus engine: sampling defaults for fields a request leaves unset: %s",
                     self.generation_defaults.describe())
@@ -231,6 +215,13 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or bool(self._in_flight) or bool(self._deferred)
 
     # ------------------------------------------------------------------ the iteration
+    def add_observer(self, observer: IterationObserver) -> None:
+        """Call `observer(IterationStats)` after every step() that returns (on this thread)."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: IterationObserver) -> None:
+        self._observers.remove(observer)
+
     def step(self) -> list[RequestOutput]:
         """One iteration: launch what may run, wait for the oldest batch, append its tokens,
         launch the next iteration, then make the text while that runs; return progress.
@@ -238,6 +229,17 @@ class LLMEngine:
         A request whose own parameters make its iteration fail is aborted alone (its blocks
         freed) and reported by EngineStepError; the rest of its batch still gets its token,
         returned by this call or, when it raises, by the next one."""
+        if not self._observers:
+            return self._step()
+        self._launched = []
+        outputs = self._step()
+        iteration = IterationStats(self._launched, self.stats())
+        self._launched = None
+        for observer in list(self._observers):
+            observer(iteration)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         self.last_step_time = time.monotonic()
         if self._deferred:
             deferred, self._deferred = self._deferred, []
@@ -246,55 +248,77 @@ class LLMEngine:
         if not self._in_flight:
             return []
         flight = self._in_flight.popleft()
-        failed: dict[str, BaseException] = {}
+        tokens, failed = self._collect(flight)
+        progressed, finished = self._append(flight, tokens, set(failed))
+        # Who runs next is decided: launch it now, and do the text work while it runs.
+        self._launch()
+        outputs = self._make_text(flight, progressed, finished)
+        self.last_step_time = time.monotonic()
+        if failed:
+            self._raise_failed(flight, failed, outputs)
+        self._flush_drops_if_idle()
+        return outputs
+
+    # Each way an iteration can go wrong has one home below, with the rule that keeps the engine
+    # consistent (every request finished, returned or aborted with its blocks freed).
+    def _collect(self, flight: _InFlight) -> tuple[dict[str, tuple], dict[str, BaseException]]:
+        """The batch's tokens by request id, and the requests that failed on their own.
+
+        A worker that died: every batch in flight is aborted and WorkerDied raised (nothing can
+        run any more). Any other error: the batch is re-run in halves to find the requests that
+        cause it (`_rerun_isolated`). Ctrl-C or exit while waiting: the batch's outcome is
+        unknown, so all of it is aborted (blocks freed, ids forgotten by workers)."""
         try:
             result = self._wait_for(flight)
-            tokens = dict(zip(flight.message.sampled_ids, _rows_of(result)))
+            return dict(zip(flight.message.sampled_ids, _rows_of(result))), {}
         except WorkerDied:
             self._abort_all_in_flight(flight)
             raise
         except Exception as exc:
             try:
-                tokens, failed = self._rerun_isolated(flight, exc)
+                return self._rerun_isolated(flight, exc)
             except WorkerDied:  # died while re-running
                 self._abort_all_in_flight(flight)
                 raise
         except BaseException:
-            # Ctrl-C or exit while waiting: the batch's outcome is unknown, so abort all of it
-            # (blocks freed, ids forgotten by workers) and leave the engine consistent.
             self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests})
             raise
+
+    def _append(self, flight: _InFlight, tokens: dict[str, tuple], failed: set[str]
+                ) -> tuple[list[Request], list[Request]]:
+        """Append the tokens and settle the stops that need no text. Ctrl-C halfway: the whole
+        batch is aborted rather than some of it left RUNNING with nobody to return it."""
         try:
-            progressed, finished = self._append_tokens(flight.batch, tokens, set(failed))
+            return self._append_tokens(flight.batch, tokens, failed)
         except BaseException:
-            # Ctrl-C while tokens are appended: abort the whole batch rather than leave some of it
-            # RUNNING with nobody to return it.
             self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests
                                               if not r.is_finished or r.request_id in self.scheduler.pool})
             raise
-        # Who runs next is decided: launch it now, and do the text work while it runs.
-        self._launch()
+
+    def _make_text(self, flight: _InFlight, progressed: list[Request], finished: list[Request]
+                   ) -> list[RequestOutput]:
+        """The outputs, text included. Ctrl-C (or a tokenizer error) halfway: these requests are
+        aborted; those already in the batch just launched leave when it returns."""
         try:
-            outputs = self._text_outputs(progressed, finished)
+            return self._text_outputs(progressed, finished)
         except BaseException:
-            # Ctrl-C (or a tokenizer error) halfway through the text: abort these requests; those
-            # already in the batch just launched leave when it returns.
             for gid in {self.outputs.group_id_of(r.request_id) for r in flight.batch.requests} - {None}:
                 self.abort_request(gid)
             raise
-        self.last_step_time = time.monotonic()
-        if failed:
-            self._deferred = outputs
-            cause = next(iter(failed.values()))
-            aborted = self._abort_failed(flight.batch, set(failed))
-            self._flush_drops_if_idle()
-            error = EngineStepError(aborted, cause)
-            # Every request of a batch of several failed on its own: not one request's parameters
-            # but the device or the model (the server counts these to decide it is broken).
-            error.whole_batch = len(failed) == len(flight.batch.requests) > 1
-            raise error from cause
+
+    def _raise_failed(self, flight: _InFlight, failed: dict[str, BaseException],
+                      outputs: list[RequestOutput]) -> None:
+        """Requests that failed on their own are aborted (blocks freed) and reported by one
+        EngineStepError; the rest of the batch's outputs are returned by the next step()."""
+        self._deferred = outputs
+        cause = next(iter(failed.values()))
+        aborted = self._abort_failed(flight.batch, set(failed))
         self._flush_drops_if_idle()
-        return outputs
+        error = EngineStepError(aborted, cause)
+        # Every request of a batch of several failed on its own: not one request's parameters
+        # but the device or the model (the server counts these to decide it is broken).
+        error.whole_batch = len(failed) == len(flight.batch.requests) > 1
+        raise error from cause
 
     def _wait_for(self, flight: _InFlight) -> SamplerOutput:
         """Wait for a launched iteration (its own method so that `bench offline --profile` times it)."""
@@ -314,7 +338,7 @@ class LLMEngine:
             return
         msg = self.messages.drops_only()
         try:
-            self._launcher.execute_async(msg).result()
+            self.executor.execute_async(msg).result()
         except Exception:  # not worth failing anyone over: the next message carries them again
             logger.warning("could not tell the workers to drop finished requests", exc_info=True)
             self.messages.requeue_drops(msg.finished_ids)
@@ -326,9 +350,11 @@ class LLMEngine:
             self.messages.preempted(self.scheduler.take_preempted())
             if batch is None:
                 break
+            if self._launched is not None:
+                self._launched.append(_launched(batch))
             msg = self.messages.build(batch)
             attach_bitmask(self.structured, msg, batch)
-            self._in_flight.append(_InFlight(batch, msg, self._launcher.execute_async(msg)))
+            self._in_flight.append(_InFlight(batch, msg, self.executor.execute_async(msg)))
 
     def _rerun_isolated(self, flight: _InFlight, exc: Exception
                         ) -> tuple[dict[str, tuple[int, float, dict | None]], dict[str, BaseException]]:
@@ -349,7 +375,7 @@ class LLMEngine:
                 if flight.message.token_bitmask is not None:
                     msg.token_bitmask = flight.message.token_bitmask.select(msg.sampled_ids)
                 try:
-                    tokens.update(zip(msg.sampled_ids, _rows_of(self._launcher.execute_async(msg).result())))
+                    tokens.update(zip(msg.sampled_ids, _rows_of(self.executor.execute_async(msg).result())))
                 except WorkerDied:
                     raise
                 except Exception as sub_exc:
@@ -435,7 +461,6 @@ class LLMEngine:
         return sorted(groups)
 
     def shutdown(self) -> None:
-        self._launcher.shutdown()
         self.executor.shutdown()
 
     def stats(self) -> EngineStats:
@@ -464,9 +489,3 @@ class LLMEngine:
     def free_all_check(self) -> bool:
         """True when no request holds a KV block (used by tests and shutdown)."""
         return self.kv_cache.all_free()
-
-
-def _gguf_metadata(path: str) -> dict:
-    from orcinus.models.gguf_loader import read_gguf_metadata
-
-    return read_gguf_metadata(path)

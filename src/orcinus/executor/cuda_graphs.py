@@ -20,10 +20,11 @@ How a replay stays correct:
   states are computed and dropped: only the real rows that sample are read out.
 - Only the model's layers are captured; the LM head runs after the replay on the sampled rows,
   as in the eager path.
-- The attention backend must read nothing but device tensors and shapes (no host lists) in its
-  forward: the Triton backend does (a decode-only batch of B rows is a grid of B tiles of one
-  token); the reference, batched and CPU paged backends loop over host values and are not
-  capturable, so with them the engine runs eagerly.
+- The attention backend owns its part (orcinus/attention/backend.py): the static regions its
+  metadata needs besides the common ones (`graph_buffers`), its metadata over them
+  (`graph_metadata`), and whether its forward reads nothing but device tensors and shapes
+  (`capturable`). The Triton backend is; the reference, batched and CPU paged backends loop over
+  host values and are not, so with them the engine runs eagerly.
 
 Graphs are off on CPU, with `enforce_eager` (vLLM's name), and with tensor or pipeline
 parallelism (collectives and stage transfers are not captured here).
@@ -39,12 +40,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from orcinus.attention.backend import AttentionBackend
+from orcinus.attention.metadata import AttentionMetadata
+from orcinus.attention.selector import BACKEND_NAMES, auto_backend_name, backend_class
 from orcinus.config import EngineConfig
 from orcinus.executor.host_staging import StaticBuffers
 
 logger = logging.getLogger(__name__)
-
-CAPTURABLE_BACKENDS = ("triton",)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -87,10 +89,10 @@ def plan_cuda_graphs(config: EngineConfig, device: torch.device) -> GraphPlan:
         return off("tensor and pipeline parallel ranks run eagerly")
     backend = config.attention_backend
     if backend == "auto":
-        from orcinus.attention.selector import auto_backend_name
         backend = auto_backend_name(device)
-    if backend not in CAPTURABLE_BACKENDS:
-        return off(f"attention backend {backend!r} cannot be captured; only {', '.join(CAPTURABLE_BACKENDS)} can")
+    if not backend_class(backend).capturable:
+        able = [n for n in BACKEND_NAMES if n != "auto" and backend_class(n).capturable]
+        return off(f"attention backend {backend!r} cannot be captured; only {', '.join(able)} can")
     return GraphPlan(True, capture_sizes(config.max_num_seqs))
 
 
@@ -123,7 +125,7 @@ class DecodeInputs:
 
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: object  # the attention backend's metadata over the static buffers
+    meta: AttentionMetadata  # the attention backend's, over the static buffers
     sample_indices: torch.Tensor
     padded: int
 
@@ -132,7 +134,8 @@ class DecodeGraphs:
     """The static input buffers of increment-only batches and, on CUDA, one graph per size."""
 
     def __init__(self, sizes: list[int], max_blocks_per_seq: int, block_size: int, padding_block: int,
-                 device: torch.device) -> None:
+                 device: torch.device, backend: AttentionBackend) -> None:
+        self.backend = backend
         self.sizes = sorted(sizes)
         self.max_size = self.sizes[-1]
         self.block_size = block_size
@@ -142,14 +145,14 @@ class DecodeGraphs:
         self.buffers = StaticBuffers(device, [
             ("input_ids", np.int64, (m,)), ("positions", np.int64, (m,)), ("slot_mapping", np.int64, (m,)),
             ("sample_indices", np.int64, (m,)), ("seq_lens", np.int32, (m,)),
-            ("query_start_loc", np.int32, (m + 1,)), ("tile_req", np.int32, (m,)), ("tile_start", np.int32, (m,)),
+            ("query_start_loc", np.int32, (m + 1,)),
+            *((b.name, b.dtype, (m + b.extra,)) for b in backend.graph_buffers()),
             ("block_tables", np.int64, (m, w)),  # last: a batch of B rows copies only its B rows of it
         ])
         host = self.buffers.host
-        # One token per row: row i's query starts at i and is its own (single-token) Triton tile.
-        host["query_start_loc"][:] = np.arange(m + 1)
-        host["tile_req"][:] = np.arange(m)
-        host["tile_start"][:] = np.arange(m)
+        host["query_start_loc"][:] = np.arange(m + 1)  # one token per row: row i's query starts at i
+        for b in backend.graph_buffers():
+            host[b.name][:] = b.fill(m + b.extra)
         for name in ("input_ids", "positions", "slot_mapping", "sample_indices", "seq_lens"):
             host[name][:] = 0
         host["seq_lens"][:] = 1
@@ -180,17 +183,8 @@ class DecodeGraphs:
                                                                                         dtype=np.int64)]))
 
     def _inputs(self, padded: int, num_samples: int, seq_lens: np.ndarray) -> DecodeInputs:
-        from orcinus.attention.triton_paged import TritonMetadata
-
         dev = self.buffers.dev
-        # The host fields are right for this batch (an eager run may use them); a replay reads
-        # only the device tensors, which is what makes the Triton backend capturable.
-        meta = TritonMetadata(
-            query_start_loc=dev["query_start_loc"][:padded + 1], seq_lens=dev["seq_lens"][:padded],
-            block_tables=dev["block_tables"][:padded], slot_mapping=dev["slot_mapping"][:padded],
-            query_lens_host=[1] * padded, seq_lens_host=seq_lens.tolist(), max_query_len=1,
-            max_seq_len=int(seq_lens.max()), block_size=self.block_size,
-            tile_req=dev["tile_req"][:padded], tile_start=dev["tile_start"][:padded], block_m=1)
+        meta = self.backend.graph_metadata(dev, padded, seq_lens, self.block_size)
         return DecodeInputs(dev["input_ids"][:padded], dev["positions"][:padded], meta,
                             dev["sample_indices"][:num_samples], padded)
 

@@ -5,11 +5,19 @@ One `BatchMessage` per iteration carries the scheduler's decision. A request is 
 token the engine appended since (`CachedRequestData`) and any KV blocks added since. Workers keep
 everything else (token history, seeded generators, block tables) and drop it when a later message
 lists the id in `finished_ids`. See docs/design.md, "Engine ↔ worker contract".
+
+Every type that crosses the boundary is here, in both directions: the engine's `BatchMessage` (with
+each request's `SamplingSettings`) and `Rollback`; the workers' `SamplerOutput`, their first reply
+`Ready` (carrying `WorkerInfo`), `Reply` and `Failed`. The same types travel in-process, through
+multiprocessing pipes and across machines.
 """
 from __future__ import annotations
 
+import pickle
+import traceback
 from dataclasses import dataclass, field
 
+from orcinus.config import ModelConfig
 from orcinus.sampling_params import SamplingParams
 
 
@@ -122,3 +130,77 @@ class Rollback:
     """Undo message `seq` on every rank that applied it: it failed on another rank or stage."""
 
     seq: int
+
+
+@dataclass
+class SamplerOutput:
+    """The tokens of one iteration, one row per request that samples (`BatchMessage.sampled_ids`)."""
+
+    token_ids: list[int]  # one sampled token per row
+    # log-prob of the sampled token under the raw distribution (log_softmax of the raw logits)
+    logprobs: list[float]
+    # per row: the top-k {token_id: logprob} of the raw distribution, highest first, when
+    # sampling_params.logprobs is set (k = that number; 0 gives an empty dict), else None
+    top_logprobs: list[dict[int, float] | None]
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker resolved and loaded, reported once when it is ready: the engine sizes its block
+    manager and writes its start-up line from this, without importing the worker's insides."""
+
+    num_blocks: int  # KV blocks this rank can hold (the executor takes the minimum over ranks)
+    model_config: ModelConfig
+    model_path: str  # the resolved checkpoint folder or .gguf file
+    device: str  # e.g. "cpu", "cuda:0"
+    dtype: str  # e.g. "float32", "bfloat16"
+    dtype_note: str  # why dtype="auto" chose it on CPU; empty where the user chose
+    cuda_graphs: str  # the CUDA-graph plan in words: "on (...)" or "off (reason)"
+    # a GGUF file's general.sampling.* metadata (the model's sampling defaults); empty otherwise
+    gguf_sampling: dict = field(default_factory=dict)
+
+
+@dataclass
+class Ready:
+    """First reply of a worker process: what it resolved, and its pid."""
+
+    info: WorkerInfo
+    pid: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.info.num_blocks
+
+
+@dataclass
+class Reply:
+    """A rank's answer to one message: the tokens (last stage, first tensor-parallel rank only)
+    and when this rank started and finished its part (for pipelining measurements)."""
+
+    output: SamplerOutput | None
+    stage: int
+    seq: int
+    started: float  # time.monotonic(), comparable across processes of one machine
+    finished: float
+
+
+@dataclass
+class Failed:
+    """An error on a worker, as text plus the exception when it pickles."""
+
+    kind: str
+    message: str
+    detail: str
+    exception: BaseException | None = None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "Failed":
+        try:
+            pickle.dumps(exc)
+            carried = exc
+        except Exception:
+            carried = None
+        return cls(type(exc).__name__, str(exc), traceback.format_exc(), carried)
+
+    def to_exception(self) -> BaseException:
+        return self.exception if self.exception is not None else RuntimeError(f"{self.kind}: {self.message}")

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orcinus.attention.backend import AttentionBackend
 from orcinus.attention.metadata import AttentionMetadata, BatchLayout
-from orcinus.attention.selector import make_backend  # noqa: F401  (re-exported: the backend factory)
+from orcinus.attention.selector import make_backend
 from orcinus.config import EngineConfig, ModelConfig
 from orcinus.distributed.parallel_state import kv_head_range
 from orcinus.executor.cuda_graphs import DecodeGraphs, DecodeInputs, plan_cuda_graphs
 from orcinus.executor.host_staging import PackedUpload, zero_copy_upload
 from orcinus.executor.request_state import WorkerRequest
 from orcinus.layers.context import ForwardContext
+from orcinus.models.causal_lm import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def upload_capacity(tokens: int, seqs: int, max_blocks: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine_config: EngineConfig,
+    def __init__(self, model: CausalLM, model_config: ModelConfig, engine_config: EngineConfig,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
         self.cfg = model_config
@@ -69,10 +69,11 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = engine_config.block_size
         self.backend = make_backend(engine_config.attention_backend, device)
+        self.backend.warm_up(device)  # e.g. the CPU decode kernel compiles here, not in the first decode
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_heads = kv_head_range(model_config.num_kv_heads)[1]  # on this tensor-parallel rank
-        self.num_layers = getattr(model, "num_local_layers", model_config.num_layers)  # on this stage
+        self.num_layers = model.num_local_layers  # on this pipeline stage
         max_len = min(engine_config.max_model_len or model_config.max_position_embeddings,
                       model_config.max_position_embeddings)
         self.max_blocks_per_seq = -(-max_len // self.block_size)
@@ -157,7 +158,7 @@ class ModelRunner:
         if not self.graph_plan.enabled or not self.kv_caches or self.device.type != "cuda":
             return
         self.graphs = DecodeGraphs(self.graph_plan.sizes, self.max_blocks_per_seq, self.block_size,
-                                   padding_block=self.num_blocks, device=self.device)
+                                   padding_block=self.num_blocks, device=self.device, backend=self.backend)
         with torch.inference_mode():
             self.graphs.capture(self._forward_static)
 

@@ -26,11 +26,12 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection, Listener, wait
 from multiprocessing.reduction import ForkingPickler
 
-from orcinus.config import ConfigError, EngineConfig
-from orcinus.distributed.worker_process import Failed, RankInfo, Ready, worker_main
-from orcinus.executor.executor import Executor, WorkerDied
-from orcinus.executor.messages import BatchMessage, Rollback
-from orcinus.sampler import SamplerOutput
+from orcinus.config import EngineConfig
+from orcinus.errors import ConfigError
+from orcinus.executor.worker_process import RankInfo, worker_main
+from orcinus.errors import WorkerDied
+from orcinus.executor.executor import Executor
+from orcinus.executor.messages import BatchMessage, Failed, Ready, Rollback, SamplerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ class MultiprocExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        self.model_config = ready[0].model_config
-        self.model_path = ready[0].model_path
+        self.info = ready[0].info
         self.num_blocks = min(r.num_blocks for r in ready)  # every rank must hold the whole pool
         for conn in self._conns:
             conn.send(self.num_blocks)

@@ -10,11 +10,12 @@ import torch
 from orcinus.config import EngineConfig, ModelConfig
 from orcinus.cpu_features import configure_cpu_threads
 from orcinus.distributed.parallel_state import pipeline_stage, recv_from_prev_stage, send_to_next_stage
-from orcinus.executor.messages import BatchMessage, SamplingSettings
+from orcinus.executor.messages import BatchMessage, SamplerOutput, SamplingSettings, WorkerInfo
 from orcinus.executor.model_runner import ModelRunner, default_cpu_kv_bytes
 from orcinus.executor.request_state import RequestStates, WorkerRequest
-from orcinus.models.loader import load_model
-from orcinus.sampler import Sampler, SamplerOutput, SamplingMetadata
+from orcinus.executor.platform import dtype_note, resolve_device, resolve_dtype
+from orcinus.models.loader import load_model, resolve_model_path
+from orcinus.executor.sampler import Sampler, SamplingMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -24,15 +25,16 @@ _UNDO_KEPT = 64  # far more than the batches that can be in flight
 class Worker:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = config.resolved_device()
-        self.dtype = config.resolved_dtype(self.device)
+        self.device = resolve_device(config)
+        model_path = resolve_model_path(config.model)
+        self.dtype = resolve_dtype(config, self.device, model_path)
         local_ranks = max(1, config.tensor_parallel_size * config.pipeline_parallel_size // config.nnodes)
         if self.device.type == "cpu" or local_ranks > 1:
             # This process's share of the cores it may use (the ranks on this machine split them),
             # unless OMP_NUM_THREADS says otherwise: ranks that each spin on every core slow each
             # other down.
             configure_cpu_threads(local_ranks)
-        loaded = load_model(config.model, self.dtype, self.device)
+        loaded = load_model(model_path, self.dtype, self.device)
         self.model_path = loaded.path
         self.model_config: ModelConfig = loaded.config
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
@@ -42,6 +44,18 @@ class Worker:
         self.states = RequestStates(self.device)
         # undo records of recent messages, should another rank or stage fail them
         self._applied: OrderedDict[int, object] = OrderedDict()
+
+    def ready_info(self) -> WorkerInfo:
+        """This rank's first reply: the pool it can hold and what it resolved at start-up."""
+        gguf_sampling = {}
+        if self.model_path.endswith(".gguf"):
+            from orcinus.models.gguf_loader import read_gguf_metadata
+
+            gguf_sampling = {k: v for k, v in read_gguf_metadata(self.model_path).items()
+                             if k.startswith("general.sampling.")}
+        return WorkerInfo(self.available_kv_blocks(), self.model_config, self.model_path, str(self.device),
+                          str(self.dtype).removeprefix("torch."), dtype_note(self.config, self.device, self.model_path),
+                          self.runner.graph_plan.describe(), gguf_sampling)
 
     # ------------------------------------------------------------------ KV sizing
     def available_kv_blocks(self) -> int:

@@ -12,5 +12,5 @@ from orcinus.attention.metadata import AttentionMetadata
 @dataclass
 class ForwardContext:
     meta: AttentionMetadata
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer of this pipeline stage: (k_cache, v_cache)
     backend: AttentionBackend

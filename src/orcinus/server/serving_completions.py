@@ -56,14 +56,14 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     if len(prompts) > ctx.settings.max_prompts_per_request:
         raise OpenAIError(400, f"at most {ctx.settings.max_prompts_per_request} prompts are allowed per request on "
                                f"this server, got {len(prompts)}", param="prompt")
-    max_len = ctx.engine.engine.max_model_len
+    max_len = ctx.engine.max_model_len
     for p in prompts:
         if isinstance(p, str):
             ctx.check_text_length(len(p), "prompt")
         elif len(p) >= max_len:  # refused here, not after the engine thread has read every id
             raise OpenAIError(400, f"the prompt has {len(p)} tokens but the model's context length is {max_len}; "
                                    "shorten the prompt", param="prompt")
-    defaults = ctx.engine.engine.generation_defaults
+    defaults = ctx.engine.generation_defaults
     # Left out, max_tokens is the model's default, else OpenAI's 16; an explicit null means no bound.
     max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set \
         else defaults.get("max_tokens", body.max_tokens)

@@ -1,10 +1,10 @@
-"""What every tool-call parser returns, and the registry --tool-call-parser picks from."""
+"""What every tool-call parser returns, and helpers they share."""
 from __future__ import annotations
 
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 
 @dataclass
@@ -42,30 +42,6 @@ class ToolCallParser:
         if not isinstance(args, dict):
             return None
         return Call(obj["name"], json.dumps(args, ensure_ascii=False))
-
-
-_REGISTRY: dict[str, Callable[[Iterable[str]], ToolCallParser]] = {}
-
-
-def register(cls: type[ToolCallParser]) -> type[ToolCallParser]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def parser_names() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
-
-
-def get_parser(name: str, tool_names: Iterable[str]) -> ToolCallParser:
-    _load()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](tool_names)
-
-
-def _load() -> None:
-    from orcinus.tools.parsers import hermes, json_generic, llama3_json  # noqa: F401  (they register)
 
 
 def json_values(text: str) -> list[tuple[int, int, Any]]:

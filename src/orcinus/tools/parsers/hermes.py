@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import re
 
-from orcinus.tools.parsers.base import ParsedCalls, ToolCallParser, register
+from orcinus.tools.parsers.base import ParsedCalls, ToolCallParser
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
-@register
 class HermesParser(ToolCallParser):
     name = "hermes"
 

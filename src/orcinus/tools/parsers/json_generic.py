@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import re
 
-from orcinus.tools.parsers.base import ParsedCalls, ToolCallParser, register
+from orcinus.tools.parsers.base import ParsedCalls, ToolCallParser
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
-@register
 class GenericJsonParser(ToolCallParser):
     name = "json"
 

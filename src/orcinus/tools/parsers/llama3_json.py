@@ -2,10 +2,9 @@
 several separated by ';'."""
 from __future__ import annotations
 
-from orcinus.tools.parsers.base import ParsedCalls, ToolCallParser, json_values, register
+from orcinus.tools.parsers.base import ParsedCalls, ToolCallParser, json_values
 
 
-@register
 class Llama3JsonParser(ToolCallParser):
     name = "llama3_json"
 

@@ -1,4 +1,4 @@
-"""The forward thread (`orcinus/engine/background_executor.py`): an in-process executor is built
+"""The forward thread (`orcinus/executor/uniproc.py`): an in-process executor builds its worker
 on it and runs every iteration on it, so the process's torch work has one thread (one OpenMP
 team); when the engine shuts down the thread is gone. Executors whose workers live elsewhere are
 built where the engine is."""
@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from orcinus.engine import background_executor
+from orcinus.executor import factory
+from orcinus.config import EngineConfig
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.executor import worker as worker_module
 from orcinus.sampling_params import SamplingParams
@@ -69,12 +70,14 @@ def test_multiprocess_executors_are_built_where_the_engine_is(monkeypatch):
     class Remote:
         """Stands for a multiprocess executor: its workers live in other processes."""
 
-    def make_executor(config):
-        built_on.append(threading.current_thread())
-        return Remote()
+        def __init__(self, config) -> None:
+            built_on.append(threading.current_thread())
 
-    monkeypatch.setattr(background_executor, "make_executor", make_executor)
-    monkeypatch.setattr(background_executor, "runs_in_process", lambda config: False)
-    launcher = background_executor.start_executor(object())
-    assert isinstance(launcher.executor, Remote) and launcher._pool is None
+    from orcinus.executor import multiproc
+
+    monkeypatch.setattr(multiproc, "MultiprocExecutor", Remote)
+    before = set(forward_threads())
+    executor = factory.make_executor(EngineConfig(tensor_parallel_size=2))
+    assert isinstance(executor, Remote)
     assert built_on == [threading.current_thread()]
+    assert set(forward_threads()) == before  # no forward thread: its workers run elsewhere

@@ -9,13 +9,12 @@ import dataclasses
 import datetime
 import logging
 import os
-import pickle
-import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
 from orcinus.config import EngineConfig
+from orcinus.executor.messages import Failed, Ready, Reply  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -43,50 +42,6 @@ class RankInfo:
         return self.rank // self.tensor_parallel_size
 
 
-@dataclass
-class Reply:
-    """A rank's answer to one message: the tokens (last stage, first tensor-parallel rank only)
-    and when this rank started and finished its part (for pipelining measurements)."""
-
-    output: object | None
-    stage: int
-    seq: int
-    started: float  # time.monotonic(), comparable across processes of one machine
-    finished: float
-
-
-@dataclass
-class Ready:
-    """First reply of a worker: what the executor needs to size the pool and describe the model."""
-
-    num_blocks: int
-    model_config: object
-    model_path: str
-    pid: int
-
-
-@dataclass
-class Failed:
-    """An error on a worker, as text plus the exception when it pickles."""
-
-    kind: str
-    message: str
-    detail: str
-    exception: BaseException | None = None
-
-    @classmethod
-    def of(cls, exc: BaseException) -> "Failed":
-        try:
-            pickle.dumps(exc)
-            carried = exc
-        except Exception:
-            carried = None
-        return cls(type(exc).__name__, str(exc), traceback.format_exc(), carried)
-
-    def to_exception(self) -> BaseException:
-        return self.exception if self.exception is not None else RuntimeError(f"{self.kind}: {self.message}")
-
-
 def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = None,
                 prev_conn: Connection | None = None, next_conn: Connection | None = None) -> None:
     """`conn`: this rank's pipe to the executor (start-up, replies; messages too on stage 0).
@@ -99,6 +54,7 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = 
 
     from orcinus.distributed.parallel_state import PipelineStage, set_pipeline_stage, set_tensor_parallel
     from orcinus.executor.messages import Rollback
+    from orcinus.executor.platform import resolve_device
     from orcinus.executor.worker import Worker
 
     tp, pp = info.tensor_parallel_size, info.pipeline_parallel_size
@@ -108,7 +64,7 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = 
         conn, prev_conn, next_conn = connect_rank(info.rank, tp, pp, info.master_addr, info.master_port,
                                                   info.timeout_s)
     try:
-        device = config.resolved_device()
+        device = resolve_device(config)
         if device.type == "cuda":
             device = torch.device("cuda", info.rank % max(torch.cuda.device_count(), 1))
             torch.cuda.set_device(device)
@@ -127,7 +83,7 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = 
         set_pipeline_stage(PipelineStage(info.stage, pp, info.rank - tp if info.stage > 0 else None,
                                          info.rank + tp if info.stage < pp - 1 else None))
         worker = Worker(config)
-        conn.send(Ready(worker.available_kv_blocks(), worker.model_config, worker.model_path, os.getpid()))
+        conn.send(Ready(worker.ready_info(), os.getpid()))
         worker.initialize_kv_cache(conn.recv())
     except BaseException as exc:
         _send_quietly(conn, Failed.of(exc))

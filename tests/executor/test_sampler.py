@@ -7,7 +7,7 @@ import torch
 
 from orcinus.executor.messages import NewRequestData, SamplingSettings
 from orcinus.executor.request_state import WorkerRequest
-from orcinus.sampler import Sampler, SamplerOutput, SamplingMetadata, _top_k_top_p_from_candidates, apply_top_k_top_p
+from orcinus.executor.sampler import Sampler, SamplerOutput, SamplingMetadata, _top_k_top_p_from_candidates, apply_top_k_top_p
 from orcinus.sampling_params import SamplingParams
 
 Request = WorkerRequest  # the sampler reads the worker's per-request state
@@ -483,7 +483,7 @@ def test_all_greedy_fast_path_skips_every_sampling_stage(monkeypatch) -> None:
 
 
 def test_row_argmax_is_argmax_with_ties_to_the_first():
-    from orcinus.sampler import row_argmax
+    from orcinus.executor.sampler import row_argmax
 
     x = torch.randn(16, 1000)
     x[3, [10, 500, 900]] = 50.0  # a tie: the first index wins, as with argmax
