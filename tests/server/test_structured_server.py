@@ -165,7 +165,7 @@ BAD = [
     ("/v1/completions", {"structured_outputs": {"regex": "a", "disable_fallback": True}}, "structured_outputs"),
     ("/v1/completions", {"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
     ("/v1/completions", {"guided_regex": "a", "guided_choice": ["b"]}, "guided_json"),
-    ("/v1/completions", {"guided_regex": "a", "response_format": {"type": "json_object"}}, "structured_outputs"),
+    ("/v1/completions", {"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
     ("/v1/completions", {"guided_decoding_backend": "xgrammar", "guided_regex": "a"}, "guided_decoding_backend"),
     ("/v1/completions", {"guided_json": "{not json"}, "guided_json"),
     ("/v1/completions", {"structured_outputs": {"grammar": "start: ( "}}, "structured_outputs"),
