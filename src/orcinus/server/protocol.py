@@ -293,13 +293,15 @@ class ChatCompletionRequest(SamplingRequest):
 
 # ---------------------------------------------------------------------------------- responses
 class _GenerationResponse(ResponseModel):
-    """OpenAI types system_fingerprint as a string (no null): left out while there is none."""
+    """OpenAI types system_fingerprint as a string and a completion's usage as an object (no
+    null): left out while there is none."""
 
     @model_serializer(mode="wrap")
     def _omit_null_fingerprint(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        if data.get("system_fingerprint", "") is None:
-            del data["system_fingerprint"]
+        for key in ("system_fingerprint", "usage"):
+            if key in data and data[key] is None:
+                del data[key]
         return data
 
 
@@ -346,6 +348,7 @@ class TokenLogprob(TopLogprob):
 
 class ChatLogprobs(ResponseModel):
     content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None  # required by OpenAI's schema (null: no refusal)
 
 
 class AssistantMessage(ResponseModel):
