@@ -89,14 +89,11 @@ def server(tmp_path_factory) -> Iterator:
 
 @pytest.fixture(scope="session")
 def float32_cpu_server(tmp_path_factory, request) -> Iterator:
-    """The default model served in float32 on the CPU (what a CPU host's default server is; on a
-    CUDA host a separate pinned one), for comparisons with a float32 CPU reference."""
-    import torch
-
-    if not torch.cuda.is_available():
-        yield request.getfixturevalue("server")  # one default server for the whole session
-        return
-    yield from serve(tmp_path_factory, "float32-cpu", "--device", "cpu", "--dtype", "float32")
+    """The default model served in float32 on the CPU with its weights dequantised
+    (`--quantization none`: the weights of transformers' reference; the default keeps them
+    quantized), for comparisons with a float32 CPU reference."""
+    yield from serve(tmp_path_factory, "float32-cpu", "--device", "cpu", "--dtype", "float32",
+                     "--quantization", "none")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from orcinus.core.policies import POLICIES
 from orcinus.errors import ConfigError  # noqa: F401  (re-exported: raised here)
 
 SCHEDULER_POLICIES = tuple(POLICIES)  # orca, static, paged: named once, in core/policies.py
+QUANTIZATION_MODES = ("auto", "gguf", "none")
 DEFAULT_BATCHED_TOKENS_CPU = 512
 DEFAULT_BATCHED_TOKENS_CUDA = 2048
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,6 +52,10 @@ class EngineConfig:
     # generation_config.json; the override (a JSON object, or a dict) changes single fields on top.
     generation_config: str = "auto"
     override_generation_config: str | dict | None = None
+    # GGUF weights: "auto" keeps quantized tensors in their blocks on CPU when the quantized C kernel
+    # builds (~file-size memory, faster decode; layers/quantized_linear.py), "gguf" insists on it
+    # (CPU only), "none" dequantises them to `dtype` at load as before.
+    quantization: Literal["auto", "gguf", "none"] = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +93,8 @@ class EngineConfig:
             raise ConfigError("distributed_timeout_s must be positive")
         if self.attention_backend not in ("auto", "reference", "batched", "paged", "triton"):
             raise ConfigError("attention_backend must be auto, reference, batched, paged or triton")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ConfigError(f"quantization={self.quantization!r} is unknown; choose one of {QUANTIZATION_MODES}")
         if not self.generation_config:
             raise ConfigError("generation_config must be 'auto', 'vllm' or a folder holding generation_config.json")
         from orcinus.generation_config import check_mode, parse_override

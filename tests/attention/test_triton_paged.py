@@ -34,6 +34,50 @@ for case in CASES:
 """
 
 
+def test_interpreter_matches_float32_reference_at_real_shapes():
+    """head_dim 64/128, blocks of 16/32, GQA 1/4/8, bfloat16/float16/float32, long contexts, windows
+    (tests/attention/real_shape_cases.py): the tl.dot path the GPU runs."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, HERE]))
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED_REAL], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from real_shape_cases import REAL_SHAPE_CASES
+    assert proc.stdout.split() == [c.name for c, _ in REAL_SHAPE_CASES]
+
+
+INTERPRETED_REAL = """
+import torch
+from real_shape_cases import REAL_SHAPE_CASES, assert_matches_float32_reference
+from orcinus.attention.triton_paged import TritonPagedAttention
+torch.set_num_threads(1)
+for case, dtype in REAL_SHAPE_CASES:
+    assert_matches_float32_reference(TritonPagedAttention(), case, dtype)
+    print(case.name)
+"""
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_matches_float32_reference_at_real_shapes_on_gpu():
+    import torch
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs a CUDA GPU")
+    from real_shape_cases import REAL_SHAPE_CASES, TOLERANCE, make_inputs
+    from orcinus.attention.reference import ReferenceAttention
+    from orcinus.attention.triton_paged import TritonPagedAttention
+
+    for case, dtype in REAL_SHAPE_CASES:
+        layout, *tensors = make_inputs(case)
+        rounded = [t.to(dtype) for t in tensors]
+        outs = []
+        for backend, dev, ts in ((ReferenceAttention(), "cpu", [t.float() for t in rounded]),
+                                 (TritonPagedAttention(), "cuda", rounded)):
+            meta = backend.build(layout, lambda a, d=dev: torch.from_numpy(a.copy()).to(d))
+            t = [x.clone().to(dev) for x in ts]
+            outs.append(backend.forward(*t, meta, case.head_dim ** -0.5, case.sliding_window).float().cpu())
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol, msg=lambda m: f"{case.name}: {m}")
+
+
 @pytest.mark.gpu
 def test_compiled_kernel_matches_reference_on_gpu():
     import torch

@@ -2,6 +2,8 @@
 counted twice, and the engine's methods are restored afterwards."""
 from __future__ import annotations
 
+import pytest
+
 from orcinus.bench.profile import profile_phases
 from orcinus.engine.llm import LLM
 from orcinus.executor.model_runner import ModelRunner
@@ -61,3 +63,20 @@ def test_offline_detokenize_times_the_text_work(tmp_path, monkeypatch, capsys):
     # the KV recorder wraps the step inside the profiler: the step total is measured
     assert result["profile"]["total_s"] >= result["profile"]["seconds"]["output processing (detokenisation)"] > 0
     assert "output processing (detokenisation)" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_on_cuda_forward_and_sampling_are_timed_with_cuda_events(checkpoint_factory):
+    """The forward pass only enqueues kernels; with events its GPU time lands in "forward", not in
+    the sampling that waits for it."""
+    folder, _ = checkpoint_factory("llama")
+    llm = LLM(folder, skip_tokenizer_init=True, dtype="bfloat16", device="cuda", kv_cache_memory=1 << 24,
+              block_size=16, max_num_seqs=4)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (50, 120, 7, 300)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    with profile_phases(llm.engine.device) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+    assert prof.device_timed == ["forward", "sampling"]
+    assert prof.seconds["forward"] > 0 and prof.seconds["sampling"] > 0
+    assert set(prof.host_seconds) == {"forward", "sampling"}
+    assert "GPU time" in prof.to_markdown()

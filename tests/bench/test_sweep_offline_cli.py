@@ -17,7 +17,8 @@ def test_parse_config_specs():
     with pytest.raises(ValueError):
         parse_config("orca16")
     # bench offline's backend names: no budget, or the chunked budget
-    assert parse_config("orca").engine_args == ["--scheduler-policy", "orca", "--max-num-batched-tokens", str(1 << 30)]
+    assert parse_config("orca").engine_args == ["--scheduler-policy", "orca", "--max-num-batched-tokens", "2048"]
+    assert parse_config("paged", None, 8192).engine_args[-1] == "8192"  # finite: what bench/budgets.py gives
     assert parse_config("paged-chunked").engine_args[-1] == "512"
     assert parse_config("paged-chunked", 64).engine_args == ["--scheduler-policy", "paged",
                                                              "--max-num-batched-tokens", "64"]

@@ -76,7 +76,9 @@ def test_greedy_run_matches_transformers_gguf(tmp_path, mix: str) -> None:
 
     path, _, _, _ = _write(tmp_path, mix)
     hf = transformers_gguf_model(path)
-    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=8)
+    # The dequantised path: transformers dequantises too (the quantized one: test_gguf_quantized.py).
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=8,
+              quantization="none")
     prompts = [[1, 17, 99, 200, 5, 42], [1, 250, 3]]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=12, temperature=0.0,
                                                                                   ignore_eos=True))

@@ -43,7 +43,11 @@ def _next_pow2(n: int) -> int:
 
 
 if AVAILABLE:
-    @triton.jit
+    # Triton compiles a variant per value class of each integer argument (== 1, divisible by 16,
+    # other). The block-table stride (the widest table of the iteration) and the window change
+    # between iterations: left unspecialised, so the kernel compiles once per shape class during
+    # warm-up, never again inside a timed run.
+    @triton.jit(do_not_specialize=["window", "stride_bt"])
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         block_tables_ptr, query_start_ptr, seq_lens_ptr, tile_req_ptr, tile_start_ptr,

@@ -199,8 +199,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="configurations x request rates; draws the paper's Figure 10")
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
                    help="each POLICY:MAX_NUM_SEQS, 'LABEL=ENGINE FLAGS', or a `bench offline` backend (orca, "
-                        "paged, paged-chunked, ...: no token budget, or 512 / --max-num-batched-tokens for "
-                        "-chunked) (default: %(default)s)")
+                        "paged, paged-chunked, ...: a budget every prompt fits in (2048 on CPU, 8192 on CUDA), or "
+                        "512 / --max-num-batched-tokens for -chunked) (default: %(default)s)")
     p.add_argument("--rates", type=_rates, default=[0.5, 1.0, 2.0, 4.0], help="request rates, e.g. '0.5,1,2,inf'")
     p.add_argument("--arrival", choices=ARRIVAL_MODES, default="poisson")
     p.add_argument("--target", choices=("server", "engine"), default="server",
@@ -225,6 +225,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from orcinus.bench.figure import memory_table, plot_figure10, sweep_table
     from orcinus.bench.metrics import parse_slos
     from orcinus.bench.report import command_line, load_average, machine_info, write_json
+    from orcinus.bench.budgets import unchunked_budget
     from orcinus.bench.sweep import parse_config, sweep_engine, sweep_server
     from orcinus.bench.workloads import trace_summary
 
@@ -233,10 +234,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         # the unforeseen end needs the engine in this process
         raise ValueError("--no-lengths-known needs --target engine")
     base = engine_config_from_args(args)
-    configs = [parse_config(c, base.max_num_batched_tokens) for c in args.configs]
-    slos = parse_slos(args.goodput)
     spec = trace_spec_from_args(args)
     trace = build_trace(spec, base.model)
+    unchunked = unchunked_budget(resolve_device(base), [r.prompt_len for r in trace])
+    configs = [parse_config(c, base.max_num_batched_tokens, unchunked) for c in args.configs]
+    slos = parse_slos(args.goodput)
     os.makedirs(args.output_dir, exist_ok=True)
     machine = machine_info(str(resolve_device(base)))  # load average at the start
     points = []

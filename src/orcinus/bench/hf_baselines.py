@@ -87,11 +87,38 @@ def run_hf_static(hf, trace: Sequence[BenchRequest], batch_size: int, progress: 
     return useful
 
 
+def _cb_config(max_num_seqs: int, num_blocks: int, block_tokens: int):
+    """transformers' ContinuousBatchingConfig with the cache's tokens per block named as this
+    version names it: `block_size` in the first 5.x releases, `page_size` in later ones (5.25 takes
+    both). Read from the signature at run time, not guessed from a version number."""
+    import inspect
+
+    from transformers import ContinuousBatchingConfig
+
+    params = inspect.signature(ContinuousBatchingConfig).parameters
+    name = "page_size" if "page_size" in params else "block_size" if "block_size" in params else None
+    if name is None:
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__}'s ContinuousBatchingConfig takes neither "
+                           "page_size nor block_size; update orcinus/bench/hf_baselines.py")
+    return ContinuousBatchingConfig(max_requests_per_batch=max_num_seqs, num_blocks=num_blocks,
+                                    **{name: block_tokens})
+
+
 def continuous_batching_available(hf) -> tuple[bool, str]:
+    """transformers' continuous batching as used here (the manager with a ContinuousBatchingConfig)
+    came with transformers 5; 4.x releases before it have neither."""
     if not hasattr(hf, "generate_batch") or not hasattr(hf, "continuous_batching_context_manager"):
         import transformers
 
         return False, f"transformers {transformers.__version__} has no generate_batch"
+    try:
+        from transformers import ContinuousBatchingConfig  # noqa: F401
+    except ImportError:
+        import transformers
+
+        return False, f"transformers {transformers.__version__} has no ContinuousBatchingConfig"
     return True, ""
 
 
@@ -100,14 +127,14 @@ def run_hf_continuous(hf, trace: Sequence[BenchRequest], max_num_seqs: int, prog
                       page_size: int = 256) -> int:
     """Runs the trace through transformers' continuous batching; returns the generated tokens."""
     from tqdm.auto import tqdm
-    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     longest = max(r.prompt_len + r.output_len for r in trace)
     # Size the paged cache for max_num_seqs of the longest request, as orcinus' reservations
     # would need: left to itself it takes 60% of host memory on CPU, and its attention mask
     # grows with the whole cache.
     blocks = max_num_seqs * (math.ceil(longest / page_size) + 1)
-    cb = ContinuousBatchingConfig(max_requests_per_batch=max_num_seqs, num_blocks=blocks, page_size=page_size)
+    cb = _cb_config(max_num_seqs, blocks, page_size)
     gen = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(r.output_len for r in trace))
     results = {}
     bar = tqdm(total=len(trace), desc="hf continuous batching", unit="req", disable=not progress,

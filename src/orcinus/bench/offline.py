@@ -1,8 +1,9 @@
 """`orcinus bench offline`: one trace, every system, output tokens/s side by side.
 
 All backends get the same trace (all requests at once, EOS ignored), model, dtype and device, run
-one after another in this process. Each is warmed up with a small batch before its timed run, so
-first-call costs (allocation, kernel selection) do not count against it. Process CPU time is
+one after another in this process. Each is warmed up before its timed run with the trace's longest
+prompts (reversed, so the prefix cache gains nothing), so first-call costs (allocation, kernel
+compilation and selection at the shapes the run uses) do not count against it. Process CPU time is
 recorded beside wall time: on a shared machine it moves less with other people's load.
 
 The report gives measured ratios and, beside them, the bound the trace itself puts on orca's gain
@@ -23,12 +24,13 @@ from typing import Sequence
 
 import torch
 
+from orcinus.bench.budgets import unchunked_budget
 from orcinus.bench.floor import DeviceRates, Floor, ModelDims, measure_device, static_batch_iterations, trace_floor
 from orcinus.bench.profile import profile_phases
 from orcinus.bench.report import fmt, markdown_table
 from orcinus.bench.workloads import BenchRequest
 from orcinus.config import EngineConfig
-from orcinus.executor.platform import resolve_for_config
+from orcinus.executor.platform import resolve_device, resolve_for_config
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,10 @@ BACKEND_LABELS = {
 RATIOS = (("orca", "hf"), ("orca", "static"))
 # A timed run shorter than this is mostly noise (scheduling jitter, timer, other load).
 MIN_COMPARABLE_S = 5.0
-# Warm-up: this many requests of the trace, cut to a few tokens, before each timed run.
+# Warm-up: this many requests of the trace (its longest prompts, whole), a few output tokens each,
+# before each timed run.
 WARMUP_REQUESTS = 4
+WARMUP_OUTPUT_TOKENS = 4
 
 
 @dataclass
@@ -205,10 +209,15 @@ def _timed(fn, *args, **kwargs) -> tuple[object, float, float]:
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def _warmup_requests(trace: Sequence[BenchRequest]) -> Sequence[BenchRequest]:
-    """A few of the trace's own requests: the warm-up then runs batched prefills and decodes of
-    the kinds the timed run will, not only the smallest shapes."""
-    return trace[:WARMUP_REQUESTS]
+def _warmup_requests(trace: Sequence[BenchRequest]) -> list[BenchRequest]:
+    """The trace's longest prompts, whole, with a few output tokens each: the warm-up then runs
+    prefills and decodes of the shapes the timed run will (full-length prompts, wide block tables,
+    the largest prefill tiles), so that kernels specialised by shape (Triton's BLOCK_M, cuBLAS's
+    algorithm choice) are compiled and chosen before the clock starts, not inside the timed run."""
+    longest = sorted(trace, key=lambda r: r.prompt_len, reverse=True)[:WARMUP_REQUESTS]
+    # Reversed: the same lengths, but no prefix any timed request shares, so the prefix cache holds
+    # nothing from the warm-up that would spare the timed run a prefill.
+    return [BenchRequest(list(reversed(r.prompt_token_ids)), WARMUP_OUTPUT_TOKENS) for r in longest]
 
 
 def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest], progress: bool,
@@ -219,8 +228,10 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
 
     res = BackendResult(backend)
     policy, chunked = backend.removesuffix("-chunked"), backend.endswith("-chunked")
-    # unchunked backends: a budget no prompt reaches, unless --max-num-batched-tokens gives one
-    budget = (config.max_num_batched_tokens or CHUNKED_BUDGET) if chunked else (config.max_num_batched_tokens or 1 << 30)
+    # unchunked backends: a finite budget every prompt fits in (orcinus/bench/budgets.py), unless
+    # --max-num-batched-tokens gives one
+    budget = config.max_num_batched_tokens or (
+        CHUNKED_BUDGET if chunked else unchunked_budget(resolve_device(config), [r.prompt_len for r in trace]))
     # Without --detokenize no tokenizer is loaded, so output processing does no text work (as
     # transformers' baselines, which return ids); with it every token is detokenised, as a server does.
     kwargs = dataclasses.asdict(dataclasses.replace(config, scheduler_policy=policy, skip_tokenizer_init=not detokenize,
@@ -231,13 +242,14 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
     if detokenize and llm.engine.tokenizer is None:
         raise ValueError(f"--detokenize needs a tokenizer, and {config.model} has none; give --tokenizer")
     try:
-        warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-        llm.generate([{"prompt_token_ids": r.prompt_token_ids[:16]} for r in _warmup_requests(trace)], warm,
+        warm = _warmup_requests(trace)
+        llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
+                     [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in warm],
                      use_tqdm=False)
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
         params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in trace]
         with contextlib.ExitStack() as stack:
-            prof = stack.enter_context(profile_phases()) if profile else None
+            prof = stack.enter_context(profile_phases(llm.engine.device)) if profile else None
             # After the profiler: the recorder wraps the engine's step as it is now, so that the
             # profiler's timing of LLMEngine.step is inside it (the step total was 0 s otherwise).
             recorder = KVRecorder(llm.engine)
@@ -277,7 +289,7 @@ def run_transformers(config: EngineConfig, backend: str, trace: Sequence[BenchRe
     hf = load_hf_model(config.model, dtype, device)
     res.load_s = time.perf_counter() - t0
     try:
-        tiny = [BenchRequest(r.prompt_token_ids[:16], 4) for r in _warmup_requests(trace)]
+        tiny = _warmup_requests(trace)
         if backend == "hf":
             run_hf_static(hf, tiny, config.max_num_seqs, progress=False)
             useful, res.elapsed_s, res.cpu_s = _timed(run_hf_static, hf, trace, config.max_num_seqs, progress)

@@ -37,18 +37,16 @@ class SweepConfig:
 
 # How often the server target polls each server's /metrics for its KV use.
 METRICS_INTERVAL_S = 0.5
-# A budget no prompt reaches: the unchunked backends, as in `bench offline`.
-NO_BUDGET = 1 << 30
-
-
-def parse_config(spec: str, chunked_budget: int | None = None) -> SweepConfig:
+def parse_config(spec: str, chunked_budget: int | None = None, unchunked: int | None = None) -> SweepConfig:
     """`POLICY:MAX_NUM_SEQS` (e.g. `orca:16`), `LABEL=ENGINE FLAGS` (e.g. `big=--max-num-seqs 64`), or
     one of `bench offline`'s orcinus backends (`orca`, `paged`, `paged-chunked`, ...): that policy
-    without a token budget, or with `chunked_budget` (default 512) for the `-chunked` ones."""
+    with a budget every prompt fits in whole (`unchunked`, from orcinus/bench/budgets.py; the CPU's
+    2048 when not given), or with `chunked_budget` (default 512) for the `-chunked` ones."""
+    from orcinus.bench.budgets import UNCHUNKED_BUDGET_CPU
     from orcinus.bench.offline import CHUNKED_BUDGET, ORCINUS_BACKENDS
 
     if spec in ORCINUS_BACKENDS:
-        budget = (chunked_budget or CHUNKED_BUDGET) if spec.endswith("-chunked") else NO_BUDGET
+        budget = (chunked_budget or CHUNKED_BUDGET) if spec.endswith("-chunked") else (unchunked or UNCHUNKED_BUDGET_CPU)
         return SweepConfig(spec, ["--scheduler-policy", spec.removesuffix("-chunked"),
                                   "--max-num-batched-tokens", str(budget)])
     if "=" in spec:

@@ -28,6 +28,8 @@ ENGINE_FLAG_HELP = {
     "kv_cache_memory": "bytes for the KV block pool",
     "n_workers": "batches in flight at once (pipeline depth)",
     "enforce_eager": "never use CUDA graphs (on CUDA they replay increment-only iterations; always off on CPU)",
+    "quantization": "GGUF weights: auto (default: kept in their quantized blocks on CPU when the C kernel "
+                    "builds, ~file-size memory) | gguf (always kept, CPU only) | none (dequantised at load)",
     "trust_remote_code": "let a Hugging Face tokenizer folder run its own code",
     "generation_config": "sampling defaults for what a request leaves unset: auto (the model's: its "
                          "generation_config.json, GGUF sampling metadata, or its model card's figures; for the "

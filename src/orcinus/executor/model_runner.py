@@ -83,7 +83,9 @@ class ModelRunner:
         # One host-to-device copy per iteration on CUDA, into persistent buffers sized for the
         # largest iteration (they grow if an attention backend needs more); none on CPU.
         if device.type == "cuda":
-            tokens = max(engine_config.resolved_max_num_batched_tokens(device), self.max_num_seqs)
+            # the budget is finite (orcinus/bench/budgets.py), and no iteration holds more than its rows can
+            tokens = min(max(engine_config.resolved_max_num_batched_tokens(device), self.max_num_seqs),
+                         self.max_num_seqs * max_len)
             self.upload = PackedUpload(device, upload_capacity(tokens, self.max_num_seqs, self.max_blocks_per_seq))
         else:
             self.upload = zero_copy_upload

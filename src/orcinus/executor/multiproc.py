@@ -64,6 +64,7 @@ class MultiprocExecutor(Executor):
         self._lock = threading.Lock()
         self._dead: str | None = None
         self._closed = False
+        _check_placement(config, self.world_size)  # before any process starts
         if config.nnodes > 1:
             self._start_networked(ctx, config)
         else:
@@ -332,3 +333,16 @@ def _stop(conns: list[Connection], procs: list, grace_s: float = 2.0) -> None:
             conn.close()
         except Exception:
             pass
+
+
+def _check_placement(config: EngineConfig, world_size: int) -> None:
+    """Fail at once, with what to change, when this machine's ranks cannot each have a GPU."""
+    import torch
+
+    from orcinus.executor.cuda_memory import rank_device
+    from orcinus.executor.platform import resolve_device
+
+    device = resolve_device(config)
+    if device.type == "cuda":
+        per_node = max(1, world_size // config.nnodes)
+        rank_device(device, per_node - 1, per_node, torch.cuda.device_count())

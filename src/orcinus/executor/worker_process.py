@@ -65,8 +65,11 @@ def worker_main(info: RankInfo, config: EngineConfig, conn: Connection | None = 
                                                   info.timeout_s)
     try:
         device = resolve_device(config)
-        if device.type == "cuda":
-            device = torch.device("cuda", info.rank % max(torch.cuda.device_count(), 1))
+        if device.type == "cuda":  # a GPU of its own (the Worker sets it as this thread's device)
+            from orcinus.executor.cuda_memory import rank_device
+
+            per_node = max(1, info.world_size // config.nnodes)
+            device = rank_device(device, info.rank % per_node, per_node, torch.cuda.device_count())
             torch.cuda.set_device(device)
             config = dataclasses.replace(config, device=str(device))
         dist.init_process_group(

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orcinus.distributed.parallel_state import all_gather_last_dim, all_reduce, even_split, tensor_parallel
+from orcinus.layers import quantized_linear as quant
 
 
 class CheckpointTensor(Protocol):
@@ -34,6 +35,8 @@ def _check_shape(param: nn.Parameter, loaded: CheckpointTensor, full_shape: tupl
 def _shard_loader(dim: int, start: int, length: int, full_shape: tuple[int, ...]):
     def load(param: nn.Parameter, loaded: CheckpointTensor) -> None:
         _check_shape(param, loaded, full_shape)
+        if quant.is_gguf_tensor(loaded):  # kept in its GGUF blocks (layers/quantized_linear.py)
+            return quant.load_shard(param, loaded, dim, start, length)
         part = loaded.narrow(dim, start, length) if loaded.shape[dim] != length else loaded.full()
         param.data = part.to(device=param.device, dtype=param.dtype).contiguous()
     return load
@@ -60,7 +63,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param((length,), _shard_loader(0, start, length, (out_features,))) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return quant.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -74,7 +77,7 @@ class RowParallelLinear(nn.Module):
         self.bias = _param((out_features,), _shard_loader(0, 0, out_features, (out_features,))) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(quant.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 
@@ -90,6 +93,8 @@ def _vocab_loader(vocab_size: int, hidden: int):
 
     def load(param: nn.Parameter, loaded: CheckpointTensor) -> None:
         _check_shape(param, loaded, (vocab_size, hidden))
+        if quant.is_gguf_tensor(loaded):
+            return quant.load_vocab(param, loaded, start, per, vocab_size)
         real = max(0, min(per, vocab_size - start))
         part = loaded.full() if real == vocab_size else loaded.narrow(0, start, real)
         data = torch.zeros((per, hidden), dtype=param.dtype, device=param.device)
@@ -109,10 +114,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if tensor_parallel().size == 1:
-            return F.embedding(ids, self.weight)
+            return quant.embedding(ids, self.weight)
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = quant.embedding(local.masked_fill(outside, 0), self.weight)
         return all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0.0))
 
 
@@ -125,7 +130,9 @@ class ParallelLMHead(nn.Module):
         self.weight = _param(_vocab_shard(vocab_size)[1:] + (hidden,), _vocab_loader(vocab_size, hidden))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.device.type == "cpu" and hidden.dim() == 2 and hidden.shape[0] >= _SLICED_MIN_ROWS:
+        if quant.quantized(self.weight) is not None:
+            logits = quant.linear(hidden, self.weight)
+        elif hidden.device.type == "cpu" and hidden.dim() == 2 and hidden.shape[0] >= _SLICED_MIN_ROWS:
             logits = _vocab_sliced_linear(hidden, self.weight)
         else:
             logits = F.linear(hidden, self.weight)
@@ -177,7 +184,7 @@ class MergedColumnParallelLinear(nn.Module):
             self.bias.shard_ids = tuple(range(len(parts)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return quant.linear(x, self.weight, self.bias)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return y.split(self.sizes, dim=-1)
@@ -189,6 +196,8 @@ def _merged_loader(ranges: list[tuple[int, int]], offsets: list[int], full_shape
             raise ValueError(f"shard id {shard_id} out of range for a merged linear of {len(ranges)} parts")
         _check_shape(param, loaded, full_shapes[shard_id])
         start, length = ranges[shard_id]
+        if quant.is_gguf_tensor(loaded):
+            return quant.load_merged_part(param, loaded, shard_id, start, length, offsets[shard_id])
         part = loaded.narrow(0, start, length) if loaded.shape[0] != length else loaded.full()
         param.data[offsets[shard_id]:offsets[shard_id] + length].copy_(part.to(param.dtype))
     return load

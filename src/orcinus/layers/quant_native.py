@@ -1,0 +1,95 @@
+"""The quantized-matmul kernels (`quant_kernels.c`): compiled on first use, loaded with ctypes.
+
+Built like the decode-attention kernel (attention/native.py, whose compiler, flags, CPU identity
+and cache folder this reuses): `cc -O3 -march=native`, so the build uses AVX-512 VNNI, AVX-VNNI or
+AVX2 where the machine has them (the C file picks by `#ifdef`) and plain C elsewhere; OpenMP from
+the libgomp torch already loaded. `load()` returns None where no compiler works (or
+`ORCINUS_NATIVE_KERNELS=0`), and `why_unavailable()` says why; quantized layers then use the
+pure-PyTorch path (dequantise, then matmul).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from orcinus.attention import native
+
+log = logging.getLogger("orcinus")
+
+SOURCE = Path(__file__).with_name("quant_kernels.c")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+_p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _build(compiler: str, openmp: bool) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    extra = native.OPENMP_FLAGS if openmp else []
+    compile_flags, link_flags = native.COMPILE_FLAGS + extra, native.LINK_FLAGS + extra
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(compile_flags + link_flags).encode(),
+                                     version.encode(), native._cpu_identity().encode()])).hexdigest()[:16]
+    target = native.cache_dir() / f"quant_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "quant.o", Path(tmp) / "quant.so"
+        for command in ([compiler, *compile_flags, "-c", str(SOURCE), "-o", str(obj)],
+                        [compiler, *link_flags, str(obj), "-o", str(lib), "-lm"]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(lib, target)  # atomic: a concurrent process sees the whole file or none
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.orcinus_quant_activations.restype = None
+    lib.orcinus_quant_activations.argtypes = [_p, _i64, _i64, _p, _p, _p]
+    lib.orcinus_quant_matmul.restype = _int
+    lib.orcinus_quant_matmul.argtypes = [_int, _p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _int]
+    lib.orcinus_quant_dequantize.restype = _int
+    lib.orcinus_quant_dequantize.argtypes = [_int, _p, _i64, _i64, _p, _i64, _p, _int, _int]
+    lib.orcinus_quant_openmp.restype = _int
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, built if needed; None (once logged) when it cannot be had here."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib, why = None, ""
+        if os.environ.get("ORCINUS_NATIVE_KERNELS", "1") == "0":
+            why = "ORCINUS_NATIVE_KERNELS=0"
+        elif (compiler := native._compiler()) is None:
+            why = "no C compiler (cc, gcc or clang) on PATH"
+        else:
+            for openmp in ((True, False) if native.OPENMP_FLAGS else (False,)):
+                try:
+                    lib = _declare(ctypes.CDLL(str(_build(compiler, openmp))))
+                    break
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    why = f"could not build the C kernel ({exc})"
+            if lib is not None:
+                why = ""
+        if lib is None:
+            log.warning("quantized matmul: pure-PyTorch path (%s)", why)
+        _state["lib"], _state["why"] = lib, why
+        return lib
+
+
+def why_unavailable() -> str:
+    load()
+    return str(_state.get("why", ""))
+
+
+def reset_for_tests() -> None:
+    with _lock:
+        _state.clear()
