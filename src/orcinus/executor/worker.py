@@ -210,8 +210,10 @@ class Worker:
             else:
                 logits = self.runner.forward_logits(inp) if hidden is None else self.runner.forward_logits(inp, hidden)
                 sampling = [r for r in rows if r.samples]  # prompt chunks short of the end sample nothing
-                out = self.sampler(logits, SamplingMetadata.from_rows(sampling)) if sampling \
-                    else SamplerOutput([], [], [])
+                meta = SamplingMetadata.from_rows(sampling)
+                if msg.token_bitmask is not None:  # structured outputs: this rank samples
+                    meta.token_bitmask = msg.token_bitmask.rows_for([r.request_id for r in sampling])
+                out = self.sampler(logits, meta) if sampling else SamplerOutput([], [], [])
         except BaseException:
             if not sent:  # the next stage waits for this batch: tell it that it failed
                 send_to_next_stage(None, self.device)
