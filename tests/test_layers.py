@@ -22,6 +22,8 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 # longest matching prefix. Keep in step with the table at the top of docs/design.md.
 LAYERS: list[list[str]] = [
     ["orcinus.errors"],
+    # grammars, bitmasks, tool-call formats: plain logic under the sampling settings that name them
+    ["orcinus.structured", "orcinus.tools"],
     ["orcinus.sampling_params", "orcinus.request", "orcinus.cpu_features", "orcinus.thread_policy"],
     ["orcinus.core"],
     ["orcinus.config", "orcinus.generation_config"],

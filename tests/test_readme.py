@@ -54,7 +54,12 @@ def one(commands: list[str]) -> str:
 
 
 def curl_whole() -> str:
-    return one([c for c in shell_commands("curl ") if "/v1/chat/completions" in c and not c.startswith("curl -N ")])
+    return one([c for c in shell_commands("curl ") if "/v1/chat/completions" in c and not c.startswith("curl -N ")
+                and "capital of France" in c])
+
+
+def curl_structured(kind: str) -> str:
+    return one([c for c in shell_commands("curl ") if f'"{kind}"' in c])
 
 
 def curl_streaming() -> str:
@@ -97,7 +102,8 @@ def commands_this_file_runs() -> set[str]:
     return {curl_whole(), curl_streaming(), curl_with_key(), curl_ops("/health"), curl_ops("/metrics"),
             one(shell_commands("orcinus generate --prompt")), generate_parallel(), one(shell_commands("orcinus chat")),
             one(shell_commands("orcinus serve ")), *two_machines(), bench_offline(),
-            one(shell_commands("python -m orcinus --help"))}
+            one(shell_commands("python -m orcinus --help")), curl_structured("response_format"),
+            curl_structured("tools")}
 
 
 def _env() -> dict[str, str]:
@@ -178,6 +184,25 @@ def _chat_answer(res: subprocess.CompletedProcess) -> None:
 def test_curl_chat_completion(server) -> None:
     proc, _ = server
     _chat_answer(_bash(_with_port(curl_whole(), proc.port)))
+
+
+def test_curl_structured_outputs_and_tools(server) -> None:
+    import jsonschema
+
+    proc, _ = server
+    res = _bash(_with_port(curl_structured("response_format"), proc.port))
+    assert res.returncode == 0, res.stderr
+    request = json.loads(curl_structured("response_format").split("-d '", 1)[1].rstrip("'"))
+    choice = json.loads(res.stdout)["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(choice["message"]["content"]),
+                        request["response_format"]["json_schema"]["schema"])
+    res = _bash(_with_port(curl_structured("tools"), proc.port))
+    assert res.returncode == 0, res.stderr
+    choice = json.loads(res.stdout)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and "city" in json.loads(call["function"]["arguments"])
 
 
 def test_curl_streaming_and_the_access_log_line_at_its_end(server) -> None:

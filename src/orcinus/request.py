@@ -57,6 +57,8 @@ class Request:
     finished_time: float | None = None
     # filled by the engine: per-request random generator for a fixed seed
     generator: object | None = None
+    # structured outputs: the grammar matcher, advanced with each accepted token (engine side)
+    matcher: object | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

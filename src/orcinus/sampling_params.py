@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 from orcinus.errors import SamplingParamsError  # noqa: F401  (re-exported: raised here)
 
@@ -42,8 +43,17 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return per generated token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # ---- structured outputs and logit bias (issue 20) ----
+    # a StructuredOutputsParams, or a dict of its fields (vLLM's shape): the output follows it
+    structured_outputs: Any = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            from orcinus.structured.params import StructuredOutputsParams
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.logit_bias:
+            self.logit_bias = _logit_bias(self.logit_bias)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
@@ -112,3 +122,23 @@ class SamplingParams:
 
         seed = None if self.seed is None else self.seed + index
         return dataclasses.replace(self, n=1, seed=seed)
+
+
+def _logit_bias(bias: dict) -> dict[int, float]:
+    """OpenAI's logit_bias: keys are token ids (JSON gives them as strings), values in [-100, 100]."""
+    if not isinstance(bias, dict):
+        raise SamplingParamsError("logit_bias must be an object mapping token ids to biases", "logit_bias")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            raise SamplingParamsError(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
+                or not -100 <= float(value) <= 100:
+            raise SamplingParamsError(f"logit_bias for token {tid} must be a number in [-100, 100], got {value!r}",
+                                      "logit_bias")
+        if not 0 <= tid <= INT32_MAX:
+            raise SamplingParamsError(f"logit_bias key {tid} is not a token id", "logit_bias")
+        out[tid] = float(value)
+    return out

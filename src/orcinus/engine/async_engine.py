@@ -165,6 +165,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @property
     def generation_defaults(self) -> GenerationDefaults:
         return self.engine.generation_defaults
 
@@ -234,7 +238,9 @@ class AsyncEngine:
         num_seqs = sum(r.params.n for r in reqs)
         with self._cond:
             self._check_admission(num_seqs)  # refuse at once, before any tokenizer work
-        if any(callable(r.prompt) for r in reqs):
+        if any(callable(r.prompt) or r.params.structured_outputs is not None for r in reqs):
+            # Prompts and grammars are prepared off the engine loop, in turn with other clients'
+            # work; the engine then finds each grammar compiled in its cache.
             reqs = await self._prepare_each(reqs, client)
         stream = RequestStream([r.request_id for r in reqs], loop, abort=self.abort, forget=self._live_streams.discard)
         cmd = _Add(reqs, stream, loop.create_future(), num_seqs)
@@ -293,16 +299,18 @@ class AsyncEngine:
         return await future
 
     async def _prepare_each(self, reqs: list[GenerateRequest], client: str) -> list[GenerateRequest]:
-        """Each callable prompt as a job of its own; the first failure cancels the rest."""
-        jobs = {i: asyncio.ensure_future(self.prepare(r.prompt, client)) for i, r in enumerate(reqs)
-                if callable(r.prompt)}
+        """Each request's preparation (its prompt, its grammar) as a job of its own; the first
+        failure cancels the rest."""
+        structured = self.engine.structured
+        jobs = {i: asyncio.ensure_future(self.prepare(lambda r=r: _prepare_one(r, structured), client))
+                for i, r in enumerate(reqs) if callable(r.prompt) or r.params.structured_outputs is not None}
         try:
-            prompts = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+            prepared = dict(zip(jobs, await asyncio.gather(*jobs.values())))
         except BaseException:
             for job in jobs.values():
                 job.cancel()
             raise
-        return [dataclasses.replace(r, prompt=prompts[i]) if i in prompts else r for i, r in enumerate(reqs)]
+        return [prepared.get(i, r) for i, r in enumerate(reqs)]
 
     def _check_accepting(self) -> None:
         if self._dead_reason is not None or self._thread is None or not self._thread.is_alive():
@@ -522,6 +530,12 @@ class AsyncEngine:
             if progressed:
                 self._counters.heartbeat = time.monotonic()
             self._pending_seqs = max(0, self._pending_seqs - adds)
+
+
+def _prepare_one(r: GenerateRequest, structured=None) -> GenerateRequest:
+    if structured is not None and r.params.structured_outputs is not None:
+        structured.compile(r.params.structured_outputs)  # raises GrammarError: a 400
+    return dataclasses.replace(r, prompt=r.prompt()) if callable(r.prompt) else r
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> bool:

@@ -63,14 +63,26 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool | None = None) -> list[RequestOutput]:
+             use_tqdm: bool | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """tools: OpenAI-style [{"type": "function", "function": {...}}]; a template that knows tools
+        gets them, any other the generic instructions (read the reply with
+        orcinus.tools.parsers.get_parser("json", names)). Constrain with SamplingParams'
+        structured_outputs to force a call."""
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer; this engine was built with skip_tokenizer_init")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if sampling_params is None:
             sampling_params = self._default_chat_params()
-        return self.generate([tok.chat_prompt(conv) for conv in conversations], sampling_params, use_tqdm)
+        if not tools:
+            return self.generate([tok.chat_prompt(conv) for conv in conversations], sampling_params, use_tqdm)
+        from orcinus.tools.tool_prompt import hf_tools, render_messages, template_knows_tools
+
+        functions = [t["function"] if "function" in t else t for t in tools]
+        native = template_knows_tools(tok.chat_template)
+        extra = {"tools": hf_tools(functions)} if native else {}
+        prompts = [tok.chat_prompt(render_messages(conv, functions, native), **extra) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def _default_chat_params(self) -> SamplingParams:
         """What the server gives a chat request without max_tokens (README, "Sampling defaults"):

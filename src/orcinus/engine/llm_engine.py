@@ -33,6 +33,8 @@ from orcinus.executor.executor import Executor
 from orcinus.executor.factory import make_executor
 from orcinus.request import FinishReason, Request, RequestOutput, RequestRejected, RequestState
 from orcinus.sampling_params import SamplingParams
+from orcinus.engine.structured_hooks import accept_token, attach_bitmask, check_logit_bias, make_matchers
+from orcinus.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ class LLMEngine:
             config.generation_config, self.model_path, config.override_generation_config,
             info.gguf_sampling or None)
         self.outputs = OutputProcessor(self.tokenizer)
+        # Structured outputs: grammars compiled once per spec, one matcher per constrained request.
+        self.structured = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
         self._in_flight: deque[_InFlight] = deque()
         # requests aborted while in a launched batch: their token from it is discarded
         self._aborted_in_flight: set[str] = set()
@@ -174,6 +178,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if self.outputs.has(request_id):
             raise RequestRejected(f"request id {request_id!r} is already in use", "request_id")
+        check_logit_bias(params, self.model_config.vocab_size)
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
             raise RequestRejected("the prompt is empty; give at least one token", "prompt")
@@ -197,6 +202,7 @@ class LLMEngine:
             ))
         for child in children:  # check all before admitting any
             self.scheduler.check_admissible(child)
+        make_matchers(self.structured, params, children)  # compiles, or finds the cached grammar
         group = RequestGroup(request_id, text, ids, params, children)
         self.outputs.add_group(group)
         for child in children:
@@ -385,6 +391,7 @@ class LLMEngine:
             if self._launched is not None:
                 self._launched.append(_launched(batch))
             msg = self.messages.build(batch)
+            attach_bitmask(self.structured, msg, batch)  # the grammar masks: part of the message
             msg.timed = self._phases is not None
             self._tock("scheduling", t)
             self._in_flight.append(_InFlight(batch, msg, self.executor.execute_async(msg)))
@@ -405,6 +412,8 @@ class LLMEngine:
                 continue
             for half in (entries[:len(entries) // 2], entries[len(entries) // 2:]):
                 msg = self.messages.retry(flight.batch.batch_id, half)
+                if flight.message.token_bitmask is not None:
+                    msg.token_bitmask = flight.message.token_bitmask.select(msg.sampled_ids)
                 try:
                     tokens.update(zip(msg.sampled_ids, _rows_of(self.executor.execute_async(msg).result())))
                 except WorkerDied:
@@ -444,6 +453,8 @@ class LLMEngine:
             tok, lp, top = tokens[req.request_id]
             self.generation_tokens_total += 1
             self.outputs.append_token(req, tok, lp, top, self.max_model_len)
+            if req.matcher is not None:
+                accept_token(req, tok)  # a complete grammar finishes the request (stop)
             progressed.append(req)
         self._tock("output tokens and stops", t)
         t = self._tick()

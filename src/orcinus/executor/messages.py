@@ -37,6 +37,8 @@ class SamplingSettings:
     logprobs: int | None = None
     # token ids min_tokens holds off: the request's EOS ids and its stop_token_ids
     stop_token_ids: tuple[int, ...] = ()
+    # OpenAI's logit_bias as (token id, bias) pairs, added to the logits before sampling
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -54,6 +56,7 @@ class SamplingSettings:
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, seed=params.seed, min_tokens=params.min_tokens,
             logprobs=params.logprobs, stop_token_ids=stops,
+            logit_bias=tuple(sorted((params.logit_bias or {}).items())),
         )
 
 
@@ -108,6 +111,9 @@ class BatchMessage:
     # set by the engine when an observer wants phase timings: the worker reports its own in the
     # reply (`SamplerOutput.phases`); off, it times nothing
     timed: bool = False
+    # allowed tokens of the constrained requests that sample in this iteration (a
+    # structured.bitmask.TokenBitmask: request ids and int32 words), None when none is constrained
+    token_bitmask: object | None = None
 
     @property
     def request_ids(self) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Protocol, Sequence
 import torch
 
 from orcinus.executor.messages import SamplerOutput, SamplingSettings  # noqa: F401  (SamplerOutput re-exported)
+from orcinus.structured.logits import apply_logit_constraints
 
 # How many best tokens the top-p fast path examines before falling back to a full sort.
 _TOP_P_CANDIDATES = 512
@@ -53,6 +54,8 @@ class SamplingMetadata:
     prompt_token_ids: list[list[int]]  # read only by repetition penalty
     output_token_ids: list[list[int]]  # penalties and min_tokens
     generators: list[torch.Generator | None]  # a seeded row's own generator, else None
+    # [rows, words] int32 allowed-token bits (structured outputs; -1 rows: unconstrained)
+    token_bitmask: torch.Tensor | None = None
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow]) -> "SamplingMetadata":
@@ -70,6 +73,7 @@ class SamplingMetadata:
         return SamplingMetadata(
             [self.settings[i] for i in rows], [self.prompt_token_ids[i] for i in rows],
             [self.output_token_ids[i] for i in rows], [self.generators[i] for i in rows],
+            None if self.token_bitmask is None else self.token_bitmask[rows],
         )
 
 
@@ -340,6 +344,10 @@ class Sampler:
         batch, vocab = logits.shape
         device = logits.device
         raw = logits if logits.dtype == torch.float32 else logits.float()
+        # Grammar mask and logit_bias reshape the distribution itself: applied first, so every
+        # sampling mode and the reported log-probs see them (never on the caller's tensor).
+        raw = apply_logit_constraints(raw, meta.token_bitmask, [p.logit_bias for p in meta.settings],
+                                      copy=raw is logits)
         work = self.process_logits(raw, meta)
 
         greedy = [p.greedy for p in meta.settings]

@@ -217,8 +217,11 @@ class Worker:
                         else self.runner.forward_logits(inp, hidden)
                 sampling = [r for r in rows if r.samples]  # prompt chunks short of the end sample nothing
                 if sampling:
+                    meta = SamplingMetadata.from_rows(sampling)
+                    if msg.token_bitmask is not None:  # structured outputs: this rank samples
+                        meta.token_bitmask = msg.token_bitmask.rows_for([r.request_id for r in sampling])
                     with phase(timer, "sampling"):
-                        out = self.sampler(logits, SamplingMetadata.from_rows(sampling))
+                        out = self.sampler(logits, meta)
                 else:
                     out = SamplerOutput([], [], [])
                 if timer is not None:

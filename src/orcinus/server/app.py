@@ -21,6 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from orcinus import __version__
 from orcinus.config import EngineConfig
 from orcinus.engine.async_engine import AsyncEngine, Health
+from orcinus.server.protocol_structured import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
+                                                TokenizeResponse)
+from orcinus.server.serving_tokenize import detokenize, tokenize
 from orcinus.server.errors import OpenAIError, install_error_handlers
 from orcinus.server.metrics import ServerMetrics
 from orcinus.server.body_precheck import GenerationBodyPrecheck
@@ -104,7 +107,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, drain: DrainState 
     # Innermost: a generation body, bounded in size and time by the two outside it, is checked
     # from its bytes before the app parses it (body_precheck.py).
     app.add_middleware(GenerationBodyPrecheck,
-                       limits=lambda: (engine.engine.max_model_len, ctx.max_prompt_chars))
+                       limits=lambda: (engine.max_model_len, ctx.max_prompt_chars))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     if settings.api_key:
@@ -136,6 +139,14 @@ def create_app(engine: AsyncEngine, settings: ServerSettings, drain: DrainState 
             return await create_chat_completion(ctx, body, request)
         except ClientDisconnected:
             return Response(status_code=499)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, tags=["vllm"])
+    async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
+        return await tokenize(ctx, body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS, tags=["vllm"])
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await detokenize(ctx, body)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["openai"])
     async def list_models() -> ModelList:

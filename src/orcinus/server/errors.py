@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orcinus.errors import EngineStepError, EngineUnavailable, QueueFull, RequestRejected, SamplingParamsError
+from orcinus.structured.params import GrammarError
 from orcinus.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ def from_exception(exc: BaseException) -> OpenAIError:
         return OpenAIError(503, str(exc), UNAVAILABLE, code="engine_unavailable")
     if isinstance(exc, EngineStepError):
         return OpenAIError(500, str(exc), SERVER_ERROR)
-    if isinstance(exc, ValueError):  # e.g. a tokenizer with no chat template
-        return OpenAIError(400, str(exc))
+    if isinstance(exc, ValueError):  # e.g. a tokenizer with no chat template, a grammar that does not compile
+        return OpenAIError(400, str(exc), param=getattr(exc, "param", None))
     logger.error("unexpected error while serving a request", exc_info=exc)
     return OpenAIError(500, f"internal server error: {type(exc).__name__}", SERVER_ERROR)
 
@@ -109,7 +110,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Handlers for specific classes run inside the app; one for Exception would run in the
     # outermost middleware, which re-raises after answering and makes uvicorn drop the connection.
-    for known in (RequestRejected, SamplingParamsError, QueueFull, EngineUnavailable, EngineStepError):
+    for known in (RequestRejected, SamplingParamsError, QueueFull, EngineUnavailable, EngineStepError, GrammarError):
         app.add_exception_handler(known, _known)
 
     @app.exception_handler(Exception)

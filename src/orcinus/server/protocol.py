@@ -16,6 +16,9 @@ from pydantic.json_schema import SkipJsonSchema
 
 from orcinus.sampling_params import (INT32_MAX, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY,
                                      SamplingParams)
+from orcinus.server.protocol_structured import (DeltaToolCall, NamedToolChoice, ResponseFormat, ToolCall,
+                                                ToolCallIn, ToolDefinition)
+from orcinus.server.structured_request import structured_spec
 
 # torch generators take 64-bit seeds; n > 1 derives seed + i per sample, so stay below the top.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
@@ -75,7 +78,8 @@ class SamplingRequest(RequestModel):
     seed: Seed | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="default 0")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="default 0")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported; must be empty")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id -> bias in [-100, 100] added to its logit (ids checked against the vocabulary)")
     user: str | None = Field(None, description="accepted and ignored")
     stream: bool | None = Field(None, description="default false")
     stream_options: StreamOptions | None = None
@@ -88,6 +92,19 @@ class SamplingRequest(RequestModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # ---- structured outputs (issue 20): one constraint source at most, each field honoured or 400 ----
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM: exactly one of json, regex, choice, grammar, json_object")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older spelling of structured_outputs.json")
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = Field(None, description="only 'llguidance' (or 'auto')")
+    prompt_logprobs: int | None = Field(None, description="vLLM extra; not supported (prompt log-probs are not "
+                                                          "computed): refused rather than ignored")
+    # ---- end of structured outputs ----
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -137,6 +154,7 @@ class SamplingRequest(RequestModel):
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=structured_spec(self), logit_bias=self.logit_bias or None,
         )
 
     def include_usage(self) -> bool:
@@ -205,6 +223,10 @@ class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # ---- tool calling history (issue 20) ----
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call this is the result of
+    refusal: str | None = None  # an assistant turn's refusal, echoed back by clients
 
     @field_validator("content", mode="before")
     @classmethod
@@ -225,17 +247,6 @@ class ChatMessage(RequestModel):
         return "\n".join(part.text for part in self.content)
 
 
-class ResponseFormat(RequestModel):
-    type: Literal["text"]
-
-    @field_validator("type", mode="before")
-    @classmethod
-    def _text_only(cls, kind: Any) -> Any:
-        if isinstance(kind, str) and kind != "text":
-            raise ValueError(f"response_format {kind!r} is not supported; only 'text'")
-        return kind
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX,
@@ -243,10 +254,11 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = Field(None, description="default false")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported; must be empty")
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
+    # ---- tools (issue 20) ----
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="default true")
+    # ---- end of tools ----
     add_generation_prompt: bool = Field(True, description="vLLM extra: end the prompt with the assistant's turn")
 
     @model_validator(mode="after")
@@ -260,6 +272,19 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 # ---------------------------------------------------------------------------------- responses
+class _GenerationResponse(ResponseModel):
+    """OpenAI types system_fingerprint as a string and a completion's usage as an object (no
+    null): left out while there is none."""
+
+    @model_serializer(mode="wrap")
+    def _omit_null_fingerprint(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("system_fingerprint", "usage"):
+            if key in data and data[key] is None:
+                del data[key]
+        return data
+
+
 class UsageInfo(ResponseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -281,7 +306,7 @@ class CompletionChoice(ResponseModel):
     stop_reason: int | str | None = Field(None, description="the stop string or token id that ended it")
 
 
-class CompletionResponse(ResponseModel):
+class CompletionResponse(_GenerationResponse):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -303,22 +328,30 @@ class TokenLogprob(TopLogprob):
 
 class ChatLogprobs(ResponseModel):
     content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None  # required by OpenAI's schema (null: no refusal)
 
 
 class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None  # always present, as in OpenAI's schema (null: no refusal)
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # tool_calls is an optional array in OpenAI's schema: left out, never null
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v is not None}
 
 
 class ChatChoice(ResponseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(ResponseModel):
+class ChatCompletionResponse(_GenerationResponse):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -331,6 +364,7 @@ class ChatCompletionResponse(ResponseModel):
 class DeltaMessage(ResponseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -342,11 +376,11 @@ class ChatStreamChoice(ResponseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 
-class ChatCompletionChunk(ResponseModel):
+class ChatCompletionChunk(_GenerationResponse):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -356,7 +390,7 @@ class ChatCompletionChunk(ResponseModel):
     system_fingerprint: str | None = None
 
 
-class CompletionChunk(ResponseModel):
+class CompletionChunk(_GenerationResponse):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int

@@ -56,8 +56,9 @@ class ServingContext:
             raise OpenAIError(404, f"the model {body.model!r} does not exist here; this server serves "
                                    f"{', '.join(map(repr, self.settings.served_model_names))}",
                               param="model", code="model_not_found")
-        if body.logit_bias:
-            raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
+        if body.prompt_logprobs is not None:
+            raise OpenAIError(400, "prompt_logprobs is not supported by this server (prompt log-probabilities are "
+                                   "not computed)", param="prompt_logprobs")
         if body.num_samples > self.settings.max_n:
             raise OpenAIError(400, f"n must be at most {self.settings.max_n} on this server, got {body.num_samples}",
                               param="n")

@@ -10,63 +10,76 @@ from fastapi.responses import Response
 from orcinus.engine.async_engine import AsyncEngine, GenerateRequest
 from orcinus.engine.llm_engine import PromptType
 from orcinus.request import CompletionOutput, RequestOutput
-from orcinus.server.errors import OpenAIError
 from orcinus.server.logprobs import chat_logprobs
 from orcinus.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                      ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, DeltaMessage)
+from orcinus.server.chat_tools import ToolPlan, plan_tools
 from orcinus.server.prompt_budget import check_head_fits
+from orcinus.server.protocol_structured import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 from orcinus.server.serving import FinishedTracker, ServingContext, new_request_id, respond, sse
+from orcinus.tools.tool_prompt import hf_tools, render_messages, template_knows_tools
 
 
-def _check_supported(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise OpenAIError(400, "tool calling is not supported by this server", param="tools")
-    if isinstance(body.tool_choice, dict) or body.tool_choice not in (None, "none", "auto"):
-        raise OpenAIError(400, "tool_choice is not supported by this server", param="tool_choice")
+def _message(m) -> dict:
+    # The OpenAI 'developer' role is the newer name of 'system'; templates know only the latter.
+    out = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
-def chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest) -> Callable[[], PromptType]:
+def chat_prompt(engine: AsyncEngine, body: ChatCompletionRequest, plan: ToolPlan | None = None
+                ) -> Callable[[], PromptType]:
     """A prompt builder, run on the engine's prompt-preparation thread (tokenizer work is slow
     for long conversations and must not hold up the event loop or the iterations)."""
-    # The OpenAI 'developer' role is the newer name of 'system'; templates know only the latter.
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = [_message(m) for m in body.messages]
     add_generation_prompt = body.add_generation_prompt
+    functions = plan.prompt_functions() if plan is not None else None
 
     def build() -> PromptType:
         tok = engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer, and this server runs without one (skip_tokenizer_init)")
         # Refuse a conversation whose text alone cannot fit before rendering and tokenising all of it.
-        check_head_fits(tok, "\n".join(m["content"] for m in messages), engine.engine.max_model_len, "messages")
-        return tok.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+        check_head_fits(tok, "\n".join(m["content"] or "" for m in messages), engine.max_model_len, "messages")
+        native = template_knows_tools(tok.chat_template)
+        rendered = render_messages(messages, functions, native)
+        extra = {"tools": hf_tools(functions)} if functions and native else {}
+        return tok.chat_prompt(rendered, add_generation_prompt=add_generation_prompt, **extra)
 
     return build
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request) -> Response:
     ctx.check_request(body)
-    _check_supported(body)
+    plan = plan_tools(body, ctx.settings.tool_call_parser)
     created = int(time.time())
     request_id = new_request_id("chatcmpl", request)
     top = (body.top_logprobs or 0) if body.logprobs else None
     defaults = ctx.engine.generation_defaults
     max_tokens = body.max_new_tokens()
     params = body.sampling_params(max_tokens, top, defaults.values)
+    if plan is not None and plan.spec() is not None:
+        params.structured_outputs = plan.spec()
     if max_tokens is None:
         # Left out: the model's default, bounded by the server's (None: no bound), and never more
         # than the context has room for after the prompt (as vLLM does without a bound).
         bounds = [b for b in (defaults.get("max_tokens"), ctx.settings.default_max_tokens) if b is not None]
         params.max_tokens_cap = min(bounds) if bounds else None
     ctx.check_text_length(sum(len(m.text()) for m in body.messages), "messages")
-    stream = await ctx.submit(request, [GenerateRequest(request_id, chat_prompt(ctx.engine, body), params)])
+    stream = await ctx.submit(request, [GenerateRequest(request_id, chat_prompt(ctx.engine, body, plan), params)])
     tracker = FinishedTracker(ctx, stream, body.num_samples)
-    view = _ChatView(ctx.model_name, request_id, created, body, top, ctx.token_bytes)
+    view = _ChatView(ctx.model_name, request_id, created, body, top, ctx.token_bytes, plan)
     return await respond(request, tracker, view, body.streaming)
 
 
 class _ChatView:
     def __init__(self, model: str, request_id: str, created: int, body: ChatCompletionRequest,
-                 top_logprobs: int | None, token_bytes: Callable[[int, str], list[int]] | None = None) -> None:
+                 top_logprobs: int | None, token_bytes: Callable[[int, str], list[int]] | None = None,
+                 plan: ToolPlan | None = None) -> None:
+        self.plan = plan
         self.model = model
         self.token_bytes = token_bytes
         self.id = request_id
@@ -79,9 +92,24 @@ class _ChatView:
             return None
         return chat_logprobs(c.token_ids[start:], c.logprobs[start:], self.top, self.token_bytes)
 
+    def _message(self, c: CompletionOutput) -> tuple[AssistantMessage, str | None]:
+        """The choice's message and finish_reason; a text read as tool calls carries them."""
+        if self.plan is None or c.finish_reason is None:
+            return AssistantMessage(content=c.text), c.finish_reason
+        content, calls = self.plan.extract(c.text)
+        if not calls:
+            return AssistantMessage(content=content), c.finish_reason
+        tool_calls = [ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+                      for call in calls]
+        reason = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+        return AssistantMessage(content=content, tool_calls=tool_calls), reason
+
     def response(self, finals: list[RequestOutput], tracker: FinishedTracker) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=self._logprobs(c),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in finals[0].outputs]
+        choices = []
+        for c in finals[0].outputs:
+            message, reason = self._message(c)
+            choices.append(ChatChoice(index=c.index, message=message, logprobs=self._logprobs(c),
+                                      finish_reason=reason, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=tracker.usage())
 
@@ -104,6 +132,14 @@ class _ChatView:
                 i = c.index
                 if done[i]:
                     continue
+                if self.plan is not None:
+                    # Tool calls are only known once the text is complete: a choice that may call
+                    # tools is sent whole when it finishes (content or tool_calls deltas).
+                    if c.finish_reason is not None:
+                        done[i] = True
+                        for chunk in self._tool_chunks(c, tracker):
+                            yield chunk
+                    continue
                 delta = c.text[sent_text[i]:]
                 new_tokens = len(c.token_ids) - sent_tokens[i]
                 if not delta and not c.finish_reason and not (self.top is not None and new_tokens > 0):
@@ -119,3 +155,19 @@ class _ChatView:
                 yield self._chunk([choice], tracker)
         if self.body.include_usage():
             yield self._chunk([], tracker, final_usage=True)
+
+    def _tool_chunks(self, c: CompletionOutput, tracker: FinishedTracker) -> list[str]:
+        message, reason = self._message(c)
+        logprobs = self._logprobs(c)
+        chunks = []
+        if message.content:
+            chunks.append(DeltaMessage(content=message.content))
+        for k, call in enumerate(message.tool_calls or []):
+            chunks.append(DeltaMessage(tool_calls=[DeltaToolCall(
+                index=k, id=call.id, type="function",
+                function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments))]))
+        out = [self._chunk([ChatStreamChoice(index=c.index, delta=d, logprobs=logprobs if k == 0 else None)], tracker)
+               for k, d in enumerate(chunks)]
+        out.append(self._chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(), finish_reason=reason,
+                                                 stop_reason=c.stop_reason)], tracker))
+        return out

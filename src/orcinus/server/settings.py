@@ -42,6 +42,8 @@ class ServerSettings:
     # (or of opening), and its body within body_timeout_s: slow clients cannot hold sockets.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
+    # How tool calls are read back from a model's text when tool_choice is "auto" (issue 20).
+    tool_call_parser: str = "json"
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):
@@ -126,6 +128,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="seconds a connection has to send a request's headers before it is closed")
     g.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
                    help="seconds a client has to send a request's body before it gets 408")
+    g.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=["json", "hermes", "llama3_json"],
+                   help="how tool calls are read from the model's text for tool_choice 'auto': 'json' (the "
+                        "generic JSON reply the server asks for when the chat template has no tool format), "
+                        "'hermes' (<tool_call>...</tool_call>), 'llama3_json'")
 
 
 def settings_from_args(args: argparse.Namespace, model: str | None) -> ServerSettings:
@@ -150,4 +156,5 @@ def settings_from_args(args: argparse.Namespace, model: str | None) -> ServerSet
         limit_concurrency=args.limit_concurrency or None,
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
+        tool_call_parser=args.tool_call_parser,
     )
