@@ -261,9 +261,7 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in trace]
         params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in trace]
         with contextlib.ExitStack() as stack:
-            prof = stack.enter_context(profile_phases(llm.engine.device)) if profile else None
-            # After the profiler: the recorder wraps the engine's step as it is now, so that the
-            # profiler's timing of LLMEngine.step is inside it (the step total was 0 s otherwise).
+            prof = stack.enter_context(profile_phases(llm.engine)) if profile else None
             recorder = KVRecorder(llm.engine)
             recorder.restart()
             if lengths_known:

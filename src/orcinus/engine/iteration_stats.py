@@ -4,11 +4,19 @@ KV recorder, a metrics exporter) read it instead of wrapping the engine's method
 `LLMEngine.add_observer(fn)`: after every `step()` that returns, `fn(IterationStats)` is called on
 the engine's thread with the batches launched during that step and the engine's counters after
 it. With no observer the engine computes none of this.
+
+`add_observer(fn, phases=True)`: the step's phases are timed too (`IterationStats.phases`,
+`StepPhases`): the engine thread's with `time.perf_counter()`, and the worker's, which it reports
+in its reply when the batch message asks (`BatchMessage.timed`, `SamplerOutput.phases`). Only
+while such an observer is registered does the engine read a clock for them.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+from orcinus.executor.messages import WorkerPhases
 
 
 @dataclass
@@ -39,12 +47,31 @@ class LaunchedBatch:
 
 
 @dataclass
+class StepPhases:
+    """Where one `step()`'s time went. `seconds`/`calls`: the engine thread's phases ("scheduling":
+    the scheduler and the batch message; "output tokens and stops"; "output processing
+    (detokenisation)"; "waiting for the iteration"); `step_s`: the whole step; `worker`: the
+    forward thread's phases of each iteration this step collected."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    step_s: float = 0.0
+    worker: list[WorkerPhases] = field(default_factory=list)
+
+    def add(self, phase: str, since: float) -> None:
+        """Count the time from `since` (a `time.perf_counter()` value) to now in `phase`."""
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - since
+        self.calls[phase] = self.calls.get(phase, 0) + 1
+
+
+@dataclass
 class IterationStats:
     """One `step()`: the batches it launched (a step may launch two: the engine starts the next
     iteration before it returns) and the engine's counters after it."""
 
     launched: list[LaunchedBatch]
     stats: EngineStats
+    phases: StepPhases | None = None  # when an observer asked for them
 
 
 IterationObserver = Callable[[IterationStats], None]

@@ -23,7 +23,7 @@ from orcinus.core.kv_cache import KVCacheManager
 from orcinus.core.policies import make_scheduler
 from orcinus.core.scheduler import ScheduledBatch
 from orcinus.engine.batch_messages import MessageBuilder
-from orcinus.engine.iteration_stats import EngineStats, IterationObserver, IterationStats, LaunchedBatch
+from orcinus.engine.iteration_stats import EngineStats, IterationObserver, IterationStats, LaunchedBatch, StepPhases
 from orcinus.executor.messages import BatchMessage, SamplerOutput
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup, finish_request
 from orcinus.errors import EngineStepError
@@ -120,6 +120,8 @@ class LLMEngine:
         self.last_step_time = time.monotonic()
         self._observers: list[IterationObserver] = []
         self._launched: list[LaunchedBatch] | None = None  # batches launched in this step, when observed
+        self._phase_observers: list[IterationObserver] = []  # observers that asked for phase timings
+        self._phases: StepPhases | None = None  # this step's, while such an observer is registered
         logger.info(
             "orcinus engine: model=%s arch=%s dtype=%s%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
             "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s cuda_graphs=%s",
@@ -224,12 +226,17 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or bool(self._in_flight) or bool(self._deferred)
 
     # ------------------------------------------------------------------ the iteration
-    def add_observer(self, observer: IterationObserver) -> None:
-        """Call `observer(IterationStats)` after every step() that returns (on this thread)."""
+    def add_observer(self, observer: IterationObserver, phases: bool = False) -> None:
+        """Call `observer(IterationStats)` after every step() that returns (on this thread).
+        `phases`: time the step's phases for it, the workers' included (`StepPhases`)."""
         self._observers.append(observer)
+        if phases:
+            self._phase_observers.append(observer)
 
     def remove_observer(self, observer: IterationObserver) -> None:
         self._observers.remove(observer)
+        if observer in self._phase_observers:
+            self._phase_observers.remove(observer)
 
     def step(self) -> list[RequestOutput]:
         """One iteration: launch what may run, wait for the oldest batch, append its tokens,
@@ -240,10 +247,16 @@ class LLMEngine:
         returned by this call or, when it raises, by the next one."""
         if not self._observers:
             return self._step()
-        self._launched = []
-        outputs = self._step()
-        iteration = IterationStats(self._launched, self.stats())
-        self._launched = None
+        self._launched = launched = []
+        self._phases = phases = StepPhases() if self._phase_observers else None
+        t0 = self._tick()
+        try:
+            outputs = self._step()
+        finally:
+            self._launched, self._phases = None, None
+        if phases is not None:
+            phases.step_s = time.perf_counter() - t0
+        iteration = IterationStats(launched, self.stats(), phases)
         for observer in list(self._observers):
             observer(iteration)
         return outputs
@@ -261,7 +274,9 @@ class LLMEngine:
         progressed, finished = self._append(flight, tokens, set(failed))
         # Who runs next is decided: launch it now, and do the text work while it runs.
         self._launch()
+        t = self._tick()
         outputs = self._make_text(flight, progressed, finished)
+        self._tock("output processing (detokenisation)", t)
         self.last_step_time = time.monotonic()
         if failed:
             self._raise_failed(flight, failed, outputs)
@@ -278,7 +293,11 @@ class LLMEngine:
         cause it (`_rerun_isolated`). Ctrl-C or exit while waiting: the batch's outcome is
         unknown, so all of it is aborted (blocks freed, ids forgotten by workers)."""
         try:
+            t = self._tick()
             result = self._wait_for(flight)
+            self._tock("waiting for the iteration", t)
+            if self._phases is not None and result.phases is not None:
+                self._phases.worker.append(result.phases)
             return dict(zip(flight.message.sampled_ids, _rows_of(result))), {}
         except WorkerDied:
             self._abort_all_in_flight(flight)
@@ -330,8 +349,16 @@ class LLMEngine:
         raise error from cause
 
     def _wait_for(self, flight: _InFlight) -> SamplerOutput:
-        """Wait for a launched iteration (its own method so that `bench offline --profile` times it)."""
+        """Wait for a launched iteration."""
         return flight.future.result()
+
+    # Phase timing (StepPhases) for observers that asked for it; no clock is read otherwise.
+    def _tick(self) -> float:
+        return time.perf_counter() if self._phases is not None else 0.0
+
+    def _tock(self, phase: str, since: float) -> None:
+        if self._phases is not None:
+            self._phases.add(phase, since)
 
     def _abort_all_in_flight(self, flight: _InFlight) -> None:
         """Nothing can run any more: fail every batch in flight, leaving the engine consistent."""
@@ -355,14 +382,18 @@ class LLMEngine:
     def _launch(self) -> None:
         # Orca's n_workers: one batch per pipeline stage keeps every stage busy (no micro-batches).
         while len(self._in_flight) < max(self.config.n_workers, self.config.pipeline_parallel_size):
+            t = self._tick()
             batch = self.scheduler.schedule()
             self.messages.preempted(self.scheduler.take_preempted())
             if batch is None:
+                self._tock("scheduling", t)
                 break
             if self._launched is not None:
                 self._launched.append(_launched(batch))
             msg = self.messages.build(batch)
-            attach_bitmask(self.structured, msg, batch)
+            attach_bitmask(self.structured, msg, batch)  # the grammar masks: part of the message
+            msg.timed = self._phases is not None
+            self._tock("scheduling", t)
             self._in_flight.append(_InFlight(batch, msg, self.executor.execute_async(msg)))
 
     def _rerun_isolated(self, flight: _InFlight, exc: Exception
@@ -396,6 +427,7 @@ class LLMEngine:
         """The critical path: append each request's token, decide the stops that need no text,
         retire the batch (finished requests leave, blocks freed). Returns (requests that
         progressed, requests that left)."""
+        t = self._tick()
         if len(failed) < len(batch.requests):
             self.iterations_total += 1
         now = time.monotonic()
@@ -424,6 +456,8 @@ class LLMEngine:
             if req.matcher is not None:
                 accept_token(req, tok)  # a complete grammar finishes the request (stop)
             progressed.append(req)
+        self._tock("output tokens and stops", t)
+        t = self._tick()
         survivors = ScheduledBatch(batch.batch_id, [r for r in batch.requests if r.request_id not in failed],
                                    [n for r, n in zip(batch.requests, batch.num_new_tokens)
                                     if r.request_id not in failed])
@@ -431,6 +465,7 @@ class LLMEngine:
         for req in finished:
             self.messages.forget(req.request_id)
             self._aborted_in_flight.discard(req.request_id)
+        self._tock("scheduling", t)
         return progressed, finished
 
     def _text_outputs(self, progressed: list[Request], finished: list[Request]) -> list[RequestOutput]:

@@ -108,6 +108,9 @@ class BatchMessage:
     finished_ids: list[str] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
     seq: int = 0  # stamped by the executor: unique per message sent, names it in a rollback
+    # set by the engine when an observer wants phase timings: the worker reports its own in the
+    # reply (`SamplerOutput.phases`); off, it times nothing
+    timed: bool = False
     # allowed tokens of the constrained requests that sample in this iteration (a
     # structured.bitmask.TokenBitmask: request ids and int32 words), None when none is constrained
     token_bitmask: object | None = None
@@ -133,6 +136,17 @@ class Rollback:
 
 
 @dataclass
+class WorkerPhases:
+    """Where one iteration's time went on the worker that sampled it (the forward thread, possibly
+    another process), for a message with `timed` set: phase -> host wall seconds ("input
+    preparation", "forward", "sampling"), and on CUDA the GPU time between CUDA events recorded
+    on the forward thread's stream at the start and end of "forward" and "sampling"."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    device_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class SamplerOutput:
     """The tokens of one iteration, one row per request that samples (`BatchMessage.sampled_ids`)."""
 
@@ -142,6 +156,7 @@ class SamplerOutput:
     # per row: the top-k {token_id: logprob} of the raw distribution, highest first, when
     # sampling_params.logprobs is set (k = that number; 0 gives an empty dict), else None
     top_logprobs: list[dict[int, float] | None]
+    phases: WorkerPhases | None = None  # only when the message was `timed`
 
 
 @dataclass

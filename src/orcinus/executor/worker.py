@@ -15,6 +15,7 @@ from orcinus.executor.cuda_memory import (CudaMemoryPlan, MemoryProbe, TorchCuda
 from orcinus.executor.messages import BatchMessage, SamplerOutput, SamplingSettings, WorkerInfo
 from orcinus.executor.kv_budget import check_kv_budget
 from orcinus.executor.model_runner import ModelRunner, default_cpu_kv_bytes
+from orcinus.executor.phase_timing import IterationTimer, phase
 from orcinus.executor.request_state import RequestStates, WorkerRequest
 from orcinus.executor.platform import dtype_note, resolve_device, resolve_dtype
 from orcinus.layers.quantized_linear import keep_quantized
@@ -192,10 +193,12 @@ class Worker:
         stage = pipeline_stage()
         rows, undo = self.states.apply(msg)
         sent = stage.is_last
+        timer = IterationTimer(self.device) if msg.timed else None
         try:
             if not rows:
                 return SamplerOutput([], [], []) if stage.is_last else None
-            inp = self.runner.prepare(rows)
+            with phase(timer, "input preparation"):
+                inp = self.runner.prepare(rows)
             hidden = None
             if not stage.is_first:
                 hidden = recv_from_prev_stage(len(inp.input_ids), self.model_config.hidden_size, self.dtype,
@@ -203,17 +206,26 @@ class Worker:
                 if hidden is None:
                     raise UpstreamFailed("this batch failed on an earlier pipeline stage")
             if not stage.is_last:
-                hidden = self.runner.forward_stage(inp, hidden)
+                with phase(timer, "forward"):
+                    hidden = self.runner.forward_stage(inp, hidden)
                 sent = True
                 send_to_next_stage(hidden, self.device)
                 out = None
             else:
-                logits = self.runner.forward_logits(inp) if hidden is None else self.runner.forward_logits(inp, hidden)
+                with phase(timer, "forward"):
+                    logits = self.runner.forward_logits(inp) if hidden is None \
+                        else self.runner.forward_logits(inp, hidden)
                 sampling = [r for r in rows if r.samples]  # prompt chunks short of the end sample nothing
-                meta = SamplingMetadata.from_rows(sampling)
-                if msg.token_bitmask is not None:  # structured outputs: this rank samples
-                    meta.token_bitmask = msg.token_bitmask.rows_for([r.request_id for r in sampling])
-                out = self.sampler(logits, meta) if sampling else SamplerOutput([], [], [])
+                if sampling:
+                    meta = SamplingMetadata.from_rows(sampling)
+                    if msg.token_bitmask is not None:  # structured outputs: this rank samples
+                        meta.token_bitmask = msg.token_bitmask.rows_for([r.request_id for r in sampling])
+                    with phase(timer, "sampling"):
+                        out = self.sampler(logits, meta)
+                else:
+                    out = SamplerOutput([], [], [])
+                if timer is not None:
+                    out.phases = timer.result()
         except BaseException:
             if not sent:  # the next stage waits for this batch: tell it that it failed
                 send_to_next_stage(None, self.device)

@@ -204,7 +204,7 @@ def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: 
                 engine.add_request(f"{wl.label}-{i}", {"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(p)]},
                                    params)
             steps: list[tuple[int, float]] = []
-            with profile_phases() as prof:
+            with profile_phases(engine) as prof:
                 while engine.has_unfinished_requests():
                     flight_rows = engine._in_flight[0].message.num_requests if engine._in_flight else None
                     t0 = engine_clock()
