@@ -342,8 +342,8 @@ def test_the_openapi_schema_says_what_the_server_accepts_and_streams(http: httpx
     doc = http.get("/openapi.json").json()
     schemas = doc["components"]["schemas"]
     assert "best_of" not in schemas["CompletionRequest"]["properties"]  # accepted only equal to n
-    assert schemas["ResponseFormat"]["properties"]["type"].get("const", None) == "text" or \
-        schemas["ResponseFormat"]["properties"]["type"].get("enum") == ["text"]
+    # exactly the response formats the server honours (structured outputs, issue 20)
+    assert schemas["ResponseFormat"]["properties"]["type"].get("enum") == ["text", "json_object", "json_schema"]
     # Every event of a real stream is one of what the schema says a stream holds.
     for path, body, chunk in (
             (COMPLETIONS, {"prompt": "Hi", "max_tokens": 3, "logprobs": 2, "n": 2,

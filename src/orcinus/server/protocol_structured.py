@@ -35,7 +35,8 @@ class JsonSchemaFormat(_Req):
 
 
 class ResponseFormat(_Req):
-    type: str
+    # The published schema lists the accepted types; the validator below words the refusal.
+    type: str = Field(json_schema_extra={"enum": ["text", "json_object", "json_schema"]})
     json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
