@@ -71,26 +71,33 @@ def _cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(compiler: str, openmp: bool = True) -> Path:
+def build_shared_object(source_path: Path, compiler: str, openmp: bool = True) -> Path:
+    """Compile `source_path` into a shared object in the kernel cache (or find it there), keyed by
+    the source, the flags, the compiler and the CPU. Every C kernel of orcinus is built here."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
     extra = OPENMP_FLAGS if openmp else []
     compile_flags, link_flags = COMPILE_FLAGS + extra, LINK_FLAGS + extra
     key = hashlib.sha256(b"\0".join([source, " ".join(compile_flags + link_flags).encode(),
                                      version.encode(), _cpu_identity().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"paged_decode-{key}.so"
+    stem = source_path.stem
+    target = cache_dir() / f"{stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "paged_decode.o", Path(tmp) / "paged_decode.so"
-        for command in ([compiler, *compile_flags, "-c", str(SOURCE), "-o", str(obj)],
+        obj, lib = Path(tmp) / f"{stem}.o", Path(tmp) / f"{stem}.so"
+        for command in ([compiler, *compile_flags, "-c", str(source_path), "-o", str(obj)],
                         [compiler, *link_flags, str(obj), "-o", str(lib), "-lm"]):
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
         os.replace(lib, target)  # atomic: a concurrent process sees the whole file or none
     return target
+
+
+def _build(compiler: str, openmp: bool = True) -> Path:
+    return build_shared_object(SOURCE, compiler, openmp)
 
 
 def _open(compiler: str) -> ctypes.CDLL:

@@ -10,11 +10,9 @@ pure-PyTorch path (dequantise, then matmul).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -29,24 +27,7 @@ _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 def _build(compiler: str, openmp: bool) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    extra = native.OPENMP_FLAGS if openmp else []
-    compile_flags, link_flags = native.COMPILE_FLAGS + extra, native.LINK_FLAGS + extra
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(compile_flags + link_flags).encode(),
-                                     version.encode(), native._cpu_identity().encode()])).hexdigest()[:16]
-    target = native.cache_dir() / f"quant_kernels-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "quant.o", Path(tmp) / "quant.so"
-        for command in ([compiler, *compile_flags, "-c", str(SOURCE), "-o", str(obj)],
-                        [compiler, *link_flags, str(obj), "-o", str(lib), "-lm"]):
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
-        os.replace(lib, target)  # atomic: a concurrent process sees the whole file or none
-    return target
+    return native.build_shared_object(SOURCE, compiler, openmp)
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
