@@ -30,8 +30,38 @@ def _one(llm, ids: list[int], n: int) -> tuple[float, float, int]:
     return first, last, got
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+def _without_extra_buffer_types(llama_cpp) -> None:
+    """ggml's AMX matmul (an "extra buffer type", selected at load on CPUs with AMX) crashed with
+    SIGSEGV in ggml_backend_amx_mul_mat on the first llama_decode of the default Q4_1 model (Intel
+    Xeon VM with amx_int8, llama-cpp-python 0.3.36, 2026-12-04). The high-level `Llama` has no
+    argument for `use_extra_bufts`, so the defaults it starts from are changed."""
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = params
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params
+
+
 def run(req: dict) -> dict:
     import llama_cpp
+    import llama_cpp.llama
+
+    extra_bufts = req.get("llama_extra_bufts", "auto")
+    use_extra = extra_bufts == "on" or (extra_bufts == "auto" and not _cpu_has_amx())
+    if not use_extra:
+        _without_extra_buffer_types(llama_cpp)
 
     trace = req["trace"]
     longest = max(len(ids) + n for ids, n in trace)
@@ -42,7 +72,8 @@ def run(req: dict) -> dict:
     for ids, _ in trace[:req["warmup"]]:
         _one(llm, ids[:16], 4)
     result = {"load_s": load_s, "version": llama_cpp.__version__,
-              "settings": {"n_threads": req["threads"], "requests": "one after another"}}
+              "settings": {"n_threads": req["threads"], "requests": "one after another",
+                           "use_extra_bufts": use_extra}}
     rows = []
     with Clock() as clock:
         for ids, n in trace:
