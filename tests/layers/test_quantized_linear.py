@@ -90,7 +90,7 @@ def test_kernel_matches_reference(lib, qtype, batch: int) -> None:
 @pytest.mark.parametrize("batch", [1, 64, 200])
 def test_linear_paths_agree(lib, qtype, batch: int) -> None:
     """`linear` (kernel below DEQUANT_MIN_ROWS rows, dequantise-then-GEMM from there) gives each row
-    the same result whatever the batch: both paths use the same 8-bit activations."""
+    the same result whatever the batch: both paths use the same 16-bit activations."""
     rows, cols = 70, 512
     raw, ref = _weight(qtype, rows, cols)
     weight = _param(qtype, raw, rows, cols)
@@ -108,6 +108,17 @@ def test_linear_paths_agree(lib, qtype, batch: int) -> None:
         assert torch.allclose(ql.linear(x, weight, bias), y, rtol=0, atol=1e-4 * float(exact.abs().max()))
     finally:
         ql._DEQUANT_TILE_ELEMENTS = tiled
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 576), (64, 1536), (300, 64)])
+def test_round_activations_equals_the_kernels_rounding(lib, rows: int, cols: int) -> None:
+    """The GEMM path's one-pass rounding gives exactly the values the kernel multiplies (the
+    integers times their block scale), zero blocks included."""
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3)) * 4
+    x[0, :32] = 0
+    expected = ql._rounded(ql.quantize_activations(lib, x), torch.float32)
+    assert torch.equal(ql.round_activations(lib, x, torch.float32), expected)
+    assert not torch.equal(expected, x)  # it does round
 
 
 def test_bfloat16_activations(lib) -> None:

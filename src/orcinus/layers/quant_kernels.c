@@ -96,7 +96,14 @@ static void unpack_row(int type, const uint8_t *restrict row, int64_t K, uint8_t
             ws[g] = half_to_float(row);
             if (type == T_Q8_0) {
                 wm[g] = 0.0f;
+#ifdef __AVX2__
+                /* int8 + 128, 32 at once: the scalar loop made Q8_0 (the default model's LM head)
+                 * dequantise at ~1 ns per element against ~0.17 for Q4_1 */
+                _mm256_storeu_si256((__m256i *)q, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + 2)),
+                                                                   _mm256_set1_epi8((char)0x80)));
+#else
                 for (int i = 0; i < 32; i++) q[i] = (uint8_t)(row[2 + i] ^ 0x80u);  /* int8 + 128 */
+#endif
                 continue;
             }
             const uint8_t *qs = row + (type == T_Q4_1 ? 4 : 2);
@@ -315,6 +322,24 @@ void orcinus_quant_activations(const float *x, int64_t rows, int64_t K, int16_t 
             }
             isum16[r * 2 * nb + 2 * b] = (float)s0;
             isum16[r * 2 * nb + 2 * b + 1] = (float)s1;
+        }
+    }
+}
+
+/* x [rows, K] float32 -> out [rows, K] float32: each value as orcinus_quant_activations rounds it
+ * (a * da, a its 16-bit integer, da its block's scale), in one pass. The dequantise-then-GEMM path
+ * multiplies these, so that a row's result does not depend on whether its batch took the kernel. */
+void orcinus_quant_round_activations(const float *x, int64_t rows, int64_t K, float *out) {
+    const int64_t nb = K / 32;
+#pragma omp parallel for schedule(static) if (rows * K > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + r * K + 32 * b;
+            float *ob = out + r * K + 32 * b;
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+            const float d = amax / (float)ACT_MAX, id = d > 0.0f ? 1.0f / d : 0.0f;
+            for (int i = 0; i < 32; i++) ob[i] = (float)(int16_t)lrintf(xb[i] * id) * d;
         }
     }
 }

@@ -33,6 +33,8 @@ def _build(compiler: str, openmp: bool) -> Path:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.orcinus_quant_activations.restype = None
     lib.orcinus_quant_activations.argtypes = [_p, _i64, _i64, _p, _p, _p]
+    lib.orcinus_quant_round_activations.restype = None
+    lib.orcinus_quant_round_activations.argtypes = [_p, _i64, _i64, _p]
     lib.orcinus_quant_matmul.restype = _int
     lib.orcinus_quant_matmul.argtypes = [_int, _p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _int]
     lib.orcinus_quant_dequantize.restype = _int

@@ -20,6 +20,7 @@ keeps one segment per run of parts of the same type; float parts stay float.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,10 +40,15 @@ QUANT_TYPES: dict[int, tuple[str, int, int]] = {
 }
 FLOAT = -1  # a segment held as a float tensor
 # From this many rows up the dequantise-then-GEMM path runs; below it the integer kernel.
-# Measured on an Intel Xeon (AMX) with 2 threads (docs/benchmarks.md, "Quantized weights").
+# Measured on an Intel Xeon (AMX) with 2 threads (docs/benchmarks.md, "Quantized weights"): for
+# float32 the 64-request trace ran the same with 16 or 32 and slower with 8; a bfloat16 GEMM runs on
+# the AMX tiles, so there the dequantisation pays from fewer rows (8: 7 % faster than 32).
 DEQUANT_MIN_ROWS = 32
+DEQUANT_MIN_ROWS_BF16 = 8
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_DEQUANT_TILE_ELEMENTS = 1 << 19  # 2 MiB of float32 per tile of the dequantise-then-GEMM path
+# Elements of the weight dequantised per GEMM of that path (8 MiB of float32): every layer of the
+# default model in one piece; its LM head in 15 tiles. Smaller tiles (2 MiB) cost more GEMM calls.
+_DEQUANT_TILE_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -122,14 +128,17 @@ def quantized(weight: torch.Tensor) -> QuantState | None:
 # ----------------------------------------------------------------------------- dequantisation
 
 def dequantize(qtype: int, raw: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32,
-               ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of a block-quantized weight (all, or `ids`) as a [rows, in_features] tensor."""
+               ids: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of a block-quantized weight (all, or `ids`) as a [rows, in_features] tensor (written
+    into `out`, a contiguous tensor of that shape and dtype, when given)."""
     lib = quant_native.load()
     raw = raw if raw.is_contiguous() else raw.contiguous()
     if lib is None or dtype not in _OUT_DTYPES:
-        return _dequantize_reference(qtype, raw if ids is None else raw[ids], in_features).to(dtype)
+        rows = _dequantize_reference(qtype, raw if ids is None else raw[ids], in_features).to(dtype)
+        return rows if out is None else out.copy_(rows)
     n = raw.shape[0] if ids is None else ids.numel()
-    out = torch.empty(n, in_features, dtype=dtype)
+    if out is None:
+        out = torch.empty(n, in_features, dtype=dtype)
     ids_c = None if ids is None else ids.to(torch.int64).contiguous()
     status = lib.orcinus_quant_dequantize(qtype, raw.data_ptr(), in_features, raw.shape[1],
                                           None if ids_c is None else ids_c.data_ptr(), n, out.data_ptr(),
@@ -269,15 +278,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if seg.qtype == FLOAT:
             dest.copy_(F.linear(x2, seg.raw))
             continue
-        if activations is None and lib is not None:
-            activations = quantize_activations(lib, x2)
-        if lib is None or x2.shape[0] >= DEQUANT_MIN_ROWS or x.dtype not in _OUT_DTYPES:
+        min_rows = DEQUANT_MIN_ROWS_BF16 if x.dtype == torch.bfloat16 else DEQUANT_MIN_ROWS
+        if lib is None or x2.shape[0] >= min_rows or x.dtype not in _OUT_DTYPES:
             # The GEMM gets the same rounded activations the kernel reads, so a row's result does not
             # depend on how many rows share its batch (beyond float rounding).
             if rounded is None:
-                rounded = x2 if activations is None else _rounded(activations, x.dtype)
+                rounded = x2 if lib is None else round_activations(lib, x2, x.dtype)
             _dequant_gemm(seg, state.in_features, rounded, dest)
         else:
+            if activations is None:
+                activations = quantize_activations(lib, x2)
             _kernel_matmul(lib, seg, state.in_features, activations, out, dest)
     if bias is not None:
         out += bias
@@ -294,14 +304,43 @@ def quantize_activations(lib, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return a, da, sums
 
 
+class _Scratch(threading.local):
+    """One reusable buffer per thread for dequantised weights. A fresh tensor per call cost more
+    than the dequantisation itself: a large allocation comes from new pages, which the kernel
+    zeroes on first touch (the 113 MB LM head: 37 ms with a fresh tensor, 11 ms in tiles)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, elements: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get(dtype)
+        if buf is None or buf.numel() < elements:
+            buf = torch.empty(elements, dtype=dtype)
+            self.buffers[dtype] = buf
+        return buf[:elements]
+
+
+_scratch = _Scratch()
+
+
+def round_activations(lib, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`_rounded(quantize_activations(x2))` in one C pass (no integer copy, no torch temporaries)."""
+    xf = x2.to(torch.float32).contiguous()
+    out = torch.empty_like(xf)
+    lib.orcinus_quant_round_activations(xf.data_ptr(), xf.shape[0], xf.shape[1], out.data_ptr())
+    return out if dtype not in _OUT_DTYPES else out.to(dtype)
+
+
 def _dequant_gemm(seg: Segment, in_features: int, x: torch.Tensor, dest: torch.Tensor) -> None:
-    """dest = x W^T, W dequantised a tile of output rows at a time (a tile's floats stay in cache
-    and the scratch is reused, instead of a whole float copy of, e.g., a 113 MB LM head)."""
+    """dest = x W^T, W dequantised into a reused scratch buffer: whole when it holds at most
+    _DEQUANT_TILE_ELEMENTS, else a tile of output rows at a time (never a whole float copy of,
+    e.g., the 113 MB LM head), each tile one GEMM."""
     tile = max(64, _DEQUANT_TILE_ELEMENTS // in_features)
     direct = dest.dtype == x.dtype
     for start in range(0, seg.out_rows, tile):
         stop = min(start + tile, seg.out_rows)
-        w = dequantize(seg.qtype, seg.raw[start:stop], in_features, x.dtype)
+        scratch = _scratch.get((stop - start) * in_features, x.dtype).view(stop - start, in_features)
+        w = dequantize(seg.qtype, seg.raw[start:stop], in_features, x.dtype, out=scratch)
         if direct:
             torch.mm(x, w.t(), out=dest[:, start:stop])
         else:
