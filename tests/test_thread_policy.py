@@ -43,8 +43,11 @@ def test_policies_parse_and_bad_ones_say_what_to_write() -> None:
 def test_apply_sets_replaces_and_leaves_a_users_own_alone() -> None:
     env: dict[str, str] = {}
     got = tp.apply(None, env, loaded=False)
-    assert got.source == "orcinus" and env["OMP_WAIT_POLICY"] == "passive" and tp.AUTO == "passive"
+    assert got.source == "orcinus" and env["GOMP_SPINCOUNT"] == "10000" and tp.AUTO == "spin:10000"
+    assert "thread governor" in got.describe()
     # a later call (the CLI flag) replaces what orcinus set itself
+    got = tp.apply("passive", env, loaded=False)
+    assert "GOMP_SPINCOUNT" not in env and env["OMP_WAIT_POLICY"] == "passive" and got.effective == "passive"
     got = tp.apply("spin:2000", env, loaded=False)
     assert "OMP_WAIT_POLICY" not in env and env["GOMP_SPINCOUNT"] == "2000" and got.effective == "spin:2000"
     got = tp.apply("spin", env, loaded=False)
@@ -78,7 +81,7 @@ def _env_at_torch_import(tmp_path, code: str, env_extra: dict[str, str], argv: l
 
 def test_the_policy_is_in_the_environment_before_torch_is_imported(tmp_path) -> None:
     code = "import orcinus\nfrom orcinus import LLM\n"
-    assert _env_at_torch_import(tmp_path, code, {}) == {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": None}
+    assert _env_at_torch_import(tmp_path, code, {}) == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"}
     assert _env_at_torch_import(tmp_path, code, {"ORCINUS_CPU_THREAD_POLICY": "spin"}) == \
         {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
     # a user's own variables win over the default and over a policy asked for
@@ -100,6 +103,6 @@ def test_the_cli_flag_is_applied_before_torch_is_imported(tmp_path) -> None:
 def test_a_bad_environment_value_does_not_break_the_import(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in tp.OPENMP_VARS} | {"PYTHONPATH": SRC,
                                                                              tp.ENV_POLICY: "fastest"}
-    out = subprocess.run([sys.executable, "-c", "import os, orcinus; print(os.environ.get('OMP_WAIT_POLICY'))"],
+    out = subprocess.run([sys.executable, "-c", "import os, orcinus; print(os.environ.get('GOMP_SPINCOUNT'))"],
                          env=env, capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "passive" and "fastest" in out.stderr
+    assert out.stdout.strip() == "10000" and "fastest" in out.stderr

@@ -1,10 +1,12 @@
 """Beside a busy neighbour, the default thread policy does not spin: counted in CPU-seconds per
 output token (getrusage of the engine's process over the tokens it produced), never in wall time.
 
-Two threads of orcinus and two busy loops share the same two cores. With libgomp's spinning
-(`spin`) the idle OpenMP worker burns the time slices the working thread needs: measured here
-5-6x the CPU per token of a single thread (which has no worker to spin). The default must stay
-within 1.5x of that single-thread reference, which is work, not waiting.
+Orcinus (two cores, two threads) and two busy loops share the same two cores. With libgomp's
+spinning (`spin`) the idle OpenMP worker burns the time slices the working thread needs: measured
+here 5-6x the CPU per token of a single thread (which has no worker to spin). The default (`auto`:
+short spinning, and the thread governor taking the team down to the cores others leave free) must
+stay within 1.5x of that single-thread reference, which is work, not waiting, and its governor
+must have seen the neighbours.
 """
 from __future__ import annotations
 
@@ -34,14 +36,21 @@ r0 = resource.getrusage(resource.RUSAGE_SELF)
 outs = llm.generate(prompts, SamplingParams(max_tokens={tokens}, **greedy), use_tqdm=False)
 r1 = resource.getrusage(resource.RUSAGE_SELF)
 cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+gov = getattr(llm.engine.executor, "governor", None)
 print("RESULT", json.dumps({{"cpu_s": cpu, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
-                            "threads": torch.get_num_threads()}}))
+                            "threads": gov.most if gov else torch.get_num_threads(),
+                            "governor": gov.changes if gov else None}}))
 """
 
 
-def _cpu_per_token(policy: str | None, threads: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in tp.OPENMP_VARS + (tp.ENV_POLICY, tp.ENV_MARKER)}
-    env |= {"PYTHONPATH": SRC, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def _cpu_per_token(policy: str | None, threads: int, pin_threads: bool = True) -> tuple[float, list | None]:
+    """CPU seconds per token, and the governor's changes (None without a governor). Without
+    `pin_threads` orcinus sizes its team itself (from the two cores of its affinity)."""
+    drop = tp.OPENMP_VARS + (tp.ENV_POLICY, tp.ENV_MARKER, "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env |= {"PYTHONPATH": SRC}
+    if pin_threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if policy is not None:
         env[tp.ENV_POLICY] = policy
     code = CHILD.format(cores=set(CORES), tokens=TOKENS)
@@ -50,7 +59,7 @@ def _cpu_per_token(policy: str | None, threads: int) -> float:
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     got = json.loads(line.removeprefix("RESULT "))
     assert got["tokens"] == 4 * TOKENS and got["threads"] == threads
-    return got["cpu_s"] / got["tokens"]
+    return got["cpu_s"] / got["tokens"], got["governor"]
 
 
 @pytest.fixture
@@ -70,10 +79,11 @@ def busy_neighbour():
 @pytest.mark.timeout(2400)  # three model loads on two cores shared with two busy loops (and, in CI, whatever else)
 @pytest.mark.skipif(len(CORES) < 2, reason="needs two cores for an OpenMP team to share with the neighbour")
 def test_default_policy_does_not_spin_beside_a_busy_neighbour(busy_neighbour) -> None:
-    alone = _cpu_per_token(None, threads=1)  # one thread: no worker that could spin
-    default = _cpu_per_token(None, threads=2)
-    spinning = _cpu_per_token("spin", threads=2)  # the old behaviour: shows the test can see spinning
+    alone, _ = _cpu_per_token(None, threads=1)  # one thread: no worker that could spin
+    default, changes = _cpu_per_token(None, threads=2, pin_threads=False)
+    spinning, _ = _cpu_per_token("spin", threads=2)  # the old behaviour: shows the test can see spinning
     print(f"CPU ms per token: one thread {1000 * alone:.1f}, default {1000 * default:.1f}, "
-          f"spin {1000 * spinning:.1f}")
+          f"spin {1000 * spinning:.1f}; governor {changes}")
+    assert changes and changes[0][1] == 1, changes  # it saw the neighbours and dropped to one thread
     assert default <= 1.5 * alone, (default, alone)
     assert spinning > 1.5 * alone, (spinning, alone)

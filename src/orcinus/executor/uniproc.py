@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from orcinus.config import EngineConfig
 from orcinus.executor.executor import Executor
 from orcinus.executor.messages import BatchMessage, SamplerOutput
+from orcinus.executor.thread_governor import governor_for
 
 
 class SingleProcessExecutor(Executor):
@@ -40,6 +41,8 @@ class SingleProcessExecutor(Executor):
         from orcinus.executor.progress import Progress, watch_layers
 
         self.driver_worker = Worker(config)
+        # cpu_thread_policy=auto: the team follows what other processes leave free (thread_governor.py).
+        self.governor = governor_for(self.driver_worker.device.type, config.cpu_thread_policy)
         # Liveness follows every finished layer, not only finished iterations (progress.py).
         self.progress = Progress(1)
         watch_layers(self.driver_worker.runner.model, self.progress.beater())
@@ -54,6 +57,8 @@ class SingleProcessExecutor(Executor):
     def _execute(self, msg: BatchMessage) -> SamplerOutput | None:  # on the forward thread
         # The worker is looked up when the message runs, not when it was queued (tests swap
         # `driver_worker.execute` between steps while the next iteration is already queued).
+        if self.governor is not None:
+            self.governor.tick()
         out = self.driver_worker.execute(msg)
         self.progress.beat()
         return out
