@@ -4,7 +4,13 @@ import os
 import sys
 from typing import Iterator
 
-import pytest
+# The suite runs with a fixed team (passive waiting, no thread governor), as before the governor:
+# a team that changes size with the machine's load could change the last bits of a GEMM between
+# two runs that a test compares. The governor and `auto` have tests of their own, which set their
+# environment explicitly (tests/executor/test_thread_governor.py, tests/test_thread_policy*.py).
+os.environ.setdefault("ORCINUS_CPU_THREAD_POLICY", "passive")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.append(os.path.join(os.path.dirname(__file__), "server"))  # server_helpers, for every folder
