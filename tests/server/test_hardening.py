@@ -159,7 +159,10 @@ def test_the_waiting_bound_counts_sequences(http: httpx.Client, guarded: ServerP
     assert "sequences" in err["message"]
     long = {"prompt": "Count:", "max_tokens": 400, "ignore_eos": True, "stream": True, "n": 2}
     with http.stream("POST", COMPLETIONS, json=long) as running:  # both seats (max-num-seqs 2)
-        assert next(line for line in running.iter_lines() if line.startswith("data: "))
+        # Keep the line iterator referenced: closing it (as a discarded generator is) closes the
+        # response under httpx 0.29, and the server rightly aborts a request whose client hung up.
+        lines = running.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
         waiting: dict = {}
 
         def waiter() -> None:
