@@ -13,33 +13,11 @@ from orcinus.executor.messages import NewRequestData
 from orcinus.executor.model_runner import kv_bytes_per_block
 from orcinus.request import RequestOutput
 from orcinus.sampling_params import SamplingParams, SamplingParamsError
+from references import check_prompt_logprobs, hf_prompt_logprobs
 
 K = 4
 PROMPT = [5, 9, 11, 40, 7, 100, 3, 250, 17, 18, 19, 60, 61, 62, 63, 64, 8, 9, 10, 200, 201, 4, 5]
 OTHER = [30, 31, 32, 33, 34, 35, 36, 37, 38]
-
-
-@torch.no_grad()
-def hf_prompt_logprobs(hf_model, prompt: list[int]) -> torch.Tensor:
-    """[len(prompt) - 1, V]: row i is the distribution of prompt token i + 1."""
-    return torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
-
-
-def check_prompt_logprobs(out: RequestOutput, hf_model, prompt: list[int], k: int, tol: float = 1e-4) -> None:
-    ref = hf_prompt_logprobs(hf_model, prompt)
-    entries = out.prompt_logprobs
-    assert entries is not None and len(entries) == len(prompt)
-    assert entries[0] is None
-    for i in range(1, len(prompt)):
-        tok, row, entry = prompt[i], ref[i - 1], entries[i]
-        assert entry[tok].logprob == pytest.approx(float(row[tok]), abs=tol), i
-        assert entry[tok].rank == int((row > row[tok]).sum()) + 1, i
-        best = torch.topk(row, k)
-        alternatives = {t for t, lp in entry.items() if t != tok or (lp.rank is not None and lp.rank <= k)}
-        assert alternatives == set(best.indices.tolist()), i
-        for rank, (t, v) in enumerate(zip(best.indices.tolist(), best.values.tolist()), 1):
-            assert entry[t].logprob == pytest.approx(v, abs=tol), (i, t)
-            assert entry[t].rank == rank, (i, t)
 
 
 def _llm(folder: str, **kw) -> LLM:
