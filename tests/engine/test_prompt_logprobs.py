@@ -112,3 +112,26 @@ def test_out_of_range_prompt_logprobs_is_refused(bad):
     with pytest.raises(SamplingParamsError) as err:
         SamplingParams(prompt_logprobs=bad)
     assert err.value.param == "prompt_logprobs"
+
+
+def test_a_recomputed_chunk_keeps_the_entries_held_and_appends_only_new_ones():
+    import numpy as np
+
+    from orcinus.engine.output_processor import OutputProcessor
+    from orcinus.executor.messages import PromptLogprobsChunk
+    from orcinus.request import Request
+
+    req = Request("r", [7, 8, 9, 10, 11], SamplingParams(prompt_logprobs=1), prompt_logprobs=[None])
+
+    def chunk(start: int, values: list[float]) -> PromptLogprobsChunk:
+        m = len(values)
+        return PromptLogprobsChunk(start, np.asarray(values, dtype=np.float32), np.full(m, 2),
+                                   np.full((m, 1), 3), np.zeros((m, 1), dtype=np.float32))
+
+    OutputProcessor.append_prompt_logprobs(req, chunk(1, [-1.0, -2.0]))
+    OutputProcessor.append_prompt_logprobs(req, chunk(2, [-9.0, -3.0]))  # token 2 again: the first value stays
+    assert [e[t].logprob for e, t in zip(req.prompt_logprobs[1:], [8, 9, 10])] == [-1.0, -2.0, -3.0]
+    assert req.prompt_logprobs[1][3].rank == 1 and req.prompt_logprobs[1][8].rank == 2
+    assert req.needs_prompt_logprobs
+    with pytest.raises(AssertionError):  # a hole would misalign the list with the prompt
+        OutputProcessor.append_prompt_logprobs(req, chunk(5, [-1.0]))
