@@ -172,3 +172,15 @@ def test_streamed_chunks_carry_no_prompt_logprobs_key_without_asking(tiny_server
         lines = [json.loads(line[6:]) for line in resp.iter_lines()
                  if line.startswith("data: ") and line != "data: [DONE]"]
     assert lines and all("prompt_logprobs" not in c for chunk in lines for c in chunk["choices"])
+
+
+def test_streamed_scoring_is_one_chunk_of_prompt(f32, prompt_ids, default_llm, smollm2_transformers):
+    client, name = f32
+    chunks = [c for c in client.completions.create(model=name, prompt=PROMPT, max_tokens=0, echo=True, logprobs=0,
+                                                   stream=True, stream_options={"include_usage": True})]
+    texts = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.text for c in texts) == PROMPT and texts[-1].finish_reason == "length"
+    tokens = [t for c in texts if c.logprobs for t in c.logprobs.tokens]
+    assert tokens == default_llm.engine.tokenizer.token_pieces(prompt_ids)
+    _check_echoed_prompt(texts[0].logprobs, prompt_ids, default_llm.engine.tokenizer, smollm2_transformers, 0)
+    assert chunks[-1].usage.completion_tokens == 0
