@@ -1,9 +1,10 @@
 """Independent references computed from transformers' own model: log-probs at every generated
-position, and greedy decoding with OpenAI/vLLM-style logit adjustments written out plainly."""
+position and at every prompt position, and greedy decoding with OpenAI/vLLM-style logit adjustments written out plainly."""
 from __future__ import annotations
 
 from typing import Callable
 
+import pytest
 import torch
 
 
@@ -87,3 +88,26 @@ def ban_until(ids: tuple[int, ...], n: int) -> Adjust:
             logits[list(ids)] = float("-inf")
         return logits
     return adjust
+
+
+@torch.no_grad()
+def hf_prompt_logprobs(hf_model, prompt: list[int]) -> torch.Tensor:
+    """[len(prompt) - 1, V]: row i is the distribution of prompt token i + 1."""
+    return torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+
+
+def check_prompt_logprobs(out, hf_model, prompt: list[int], k: int, tol: float = 1e-4) -> None:
+    ref = hf_prompt_logprobs(hf_model, prompt)
+    entries = out.prompt_logprobs
+    assert entries is not None and len(entries) == len(prompt)
+    assert entries[0] is None
+    for i in range(1, len(prompt)):
+        tok, row, entry = prompt[i], ref[i - 1], entries[i]
+        assert entry[tok].logprob == pytest.approx(float(row[tok]), abs=tol), i
+        assert entry[tok].rank == int((row > row[tok]).sum()) + 1, i
+        best = torch.topk(row, k)
+        alternatives = {t for t, lp in entry.items() if t != tok or (lp.rank is not None and lp.rank <= k)}
+        assert alternatives == set(best.indices.tolist()), i
+        for rank, (t, v) in enumerate(zip(best.indices.tolist(), best.values.tolist()), 1):
+            assert entry[t].logprob == pytest.approx(v, abs=tol), (i, t)
+            assert entry[t].rank == rank, (i, t)

@@ -27,6 +27,9 @@ class Logprob:
     token_id: int
     logprob: float
     decoded: str | None = None
+    # 1 for the most likely token; known for prompt log-probs and top-k alternatives (None where
+    # it was not computed: a sampled token's own rank)
+    rank: int | None = None
 
 
 @dataclass
@@ -55,6 +58,10 @@ class Request:
     stop_string_hit: str | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    # prompt_logprobs: one entry per prompt token whose log-probs have come back (None first: no
+    # position predicts the first token; then the token itself, then the top-k alternatives),
+    # empty when not asked; a recomputation after preemption appends only what is missing
+    prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)
     # filled by the engine: per-request random generator for a fixed seed
     generator: object | None = None
     # structured outputs: the grammar matcher, advanced with each accepted token (engine side)
@@ -74,6 +81,13 @@ class Request:
 
         Named apart from `SamplingParams.max_tokens`, which (as in OpenAI's API) counts new tokens only."""
         return len(self.prompt_token_ids) + self.max_new_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt log-probs and some are still missing: its prompt must be computed
+        (not taken from the prefix cache) from the first missing position on."""
+        return self.sampling_params.prompt_logprobs is not None and \
+            len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -114,3 +128,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # with SamplingParams.prompt_logprobs: aligned with prompt_token_ids, None first (see PromptLogprobs)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -41,6 +41,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per generated token
+    # log-probs of the prompt's own tokens (vLLM's): None off; 0 each prompt token's own; k > 0 also
+    # the top k of each position. Of the raw model distribution, before any sampling setting.
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # ---- structured outputs and logit bias (issue 20) ----
@@ -68,7 +71,8 @@ class SamplingParams:
         def bad(msg: str, param: str) -> None:
             raise SamplingParamsError(msg, param)
 
-        for name in ("n", "top_k", "max_tokens", "max_tokens_cap", "min_tokens", "seed", "logprobs"):
+        for name in ("n", "top_k", "max_tokens", "max_tokens_cap", "min_tokens", "seed", "logprobs",
+                     "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 bad(f"{name} must be an integer, got {value!r}", name)
@@ -106,6 +110,8 @@ class SamplingParams:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            bad(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}", "prompt_logprobs")
         if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT32_MAX
                for t in self.stop_token_ids or []):
             bad(f"stop_token_ids must be token ids in [0, {INT32_MAX}]", "stop_token_ids")

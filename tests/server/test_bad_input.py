@@ -71,9 +71,12 @@ def test_malformed_bodies(http: httpx.Client, raw: bytes) -> None:
     (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools"),
     (CHAT, {"messages": MSG, "response_format": {"type": "yaml"}}, "response_format"),
     (CHAT, {"messages": MSG, "logit_bias": {"5": 500}}, "logit_bias"),
-    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs"),
+    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
+    (CHAT, {"messages": MSG, "prompt_logprobs": 50}, "prompt_logprobs"),
+    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
     (COMPLETIONS, {"prompt": "x", "suffix": "y"}, "suffix"),
-    (COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
 ])
 def test_invalid_requests(http: httpx.Client, path: str, body: dict, param: str | None) -> None:
     assert_openai_error(_post(http, path, body), 400, param=param)

@@ -94,6 +94,30 @@ def test_completions_whole_and_streamed(http: httpx.Client, model_name: str, ope
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_echoed_prompt_logprobs(http: httpx.Client, model_name: str, openai_spec: dict) -> None:
+    """echo with logprobs (and vLLM's prompt_logprobs beside it). OpenAI's legacy API gave the first
+    prompt token a null token_logprob and top_logprobs (nothing predicts it), which the published
+    document's `number`/`object` items do not spell; checked as null, then the rest validated."""
+    body = {"model": model_name, "prompt": "Hello there", "max_tokens": 3, "temperature": 0, "logprobs": 2,
+            "echo": True, "prompt_logprobs": 1}
+    whole = http.post("/v1/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    data = whole.json()
+    for choice in data["choices"]:
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        lp["token_logprobs"][0], lp["top_logprobs"][0] = 0.0, {}
+        assert choice["prompt_logprobs"][0] is None
+    _check(openai_spec, "CreateCompletionResponse", data)
+    chunks = _events(http, "/v1/completions", {k: v for k, v in body.items() if k != "prompt_logprobs"})
+    first = chunks[0]["choices"][0]["logprobs"]
+    assert first["token_logprobs"][0] is None and first["top_logprobs"][0] is None
+    first["token_logprobs"][0], first["top_logprobs"][0] = 0.0, {}
+    for chunk in chunks:
+        final = {**chunk, "choices": [{**c, "finish_reason": c["finish_reason"] or "stop"} for c in chunk["choices"]]}
+        _check(openai_spec, "CreateCompletionResponse", final)
+
+
 def test_error_body(http: httpx.Client, model_name: str, openai_spec: dict) -> None:
     resp = http.post("/v1/completions", json={"model": model_name, "prompt": "x", "guided_regex": "(a"})
     assert resp.status_code == 400

@@ -175,8 +175,7 @@ BAD = [
     ("/v1/completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"abc": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
-    ("/v1/completions", {"echo": True, "logprobs": 1}, "echo"),
+    ("/v1/completions", {"prompt_logprobs": 21}, "prompt_logprobs"),
 ]
 
 

@@ -53,7 +53,7 @@ class PagedScheduler(Scheduler):
             # Admission: the blocks of the whole prompt (for a preempted request: prompt + generated
             # tokens, all to be recomputed), reusing cached prefix blocks; keep a watermark free
             # unless nobody else holds memory (a request that fits alone must always get in).
-            hit = kv.cached_prefix(req.all_token_ids)
+            hit = self._cached_prefix(req)
             spare = self.watermark_blocks if self._admitted else 0
             if not kv.can_admit(hit, req.num_tokens, spare):
                 return None

@@ -12,7 +12,7 @@ import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from orcinus.core.kv_cache import KVCacheManager
+from orcinus.core.kv_cache import KVCacheManager, PrefixHit
 from orcinus.request import FinishReason, Request, RequestRejected, RequestState
 
 
@@ -109,7 +109,7 @@ class Scheduler(ABC):
         if req.state == RequestState.INITIATION and not self.kv_cache.holds(req.request_id):
             # Orca reserves the worst case up front; *stop*, not skip, so FCFS holds.
             worst = req.num_prompt_tokens + req.max_new_tokens
-            hit = self.kv_cache.cached_prefix(req.all_token_ids)
+            hit = self._cached_prefix(req)
             if not self.kv_cache.can_admit(hit, worst):
                 return None
             self.kv_cache.admit(req.request_id, hit, worst, req.num_prompt_tokens)
@@ -119,6 +119,15 @@ class Scheduler(ABC):
             n = min(n, left)
         self.kv_cache.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens + n)
         return n
+
+    def _cached_prefix(self, req: Request) -> PrefixHit:
+        """The cached prefix `req` may reuse. Positions whose logits must give prompt log-probs
+        are computed, never taken from the cache (which holds KV, not logits): with p prompt
+        tokens scored so far, position p - 1 scores the next one, so at most p - 1 tokens reuse."""
+        tokens = req.all_token_ids
+        if req.needs_prompt_logprobs:
+            tokens = tokens[:len(req.prompt_logprobs)]  # cached_prefix leaves the last token out
+        return self.kv_cache.cached_prefix(tokens)
 
     # ----------------------------------------------------------------- completion
     def finish_batch(self, batch: ScheduledBatch) -> list[Request]:

@@ -42,7 +42,8 @@ class MessageBuilder:
             if known is None:
                 settings = SamplingSettings.from_params(req.sampling_params, req.eos_token_ids)
                 entries.append(NewRequestData(rid, list(req.prompt_token_ids), settings, list(table),
-                                              list(req.output_token_ids), req.num_computed_tokens, n, samples))
+                                              list(req.output_token_ids), req.num_computed_tokens, n, samples,
+                                              max(1, len(req.prompt_logprobs))))
                 self._parked.discard(rid)
             else:
                 grown = req.num_tokens - self._known_tokens[rid]

@@ -8,12 +8,13 @@ added between steps join at the next launch.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,7 +25,7 @@ from orcinus.core.policies import make_scheduler
 from orcinus.core.scheduler import ScheduledBatch
 from orcinus.engine.batch_messages import MessageBuilder
 from orcinus.engine.iteration_stats import EngineStats, IterationObserver, IterationStats, LaunchedBatch, StepPhases
-from orcinus.executor.messages import BatchMessage, SamplerOutput
+from orcinus.executor.messages import BatchMessage, PromptLogprobsChunk, SamplerOutput
 from orcinus.engine.output_processor import OutputProcessor, RequestGroup, finish_request
 from orcinus.errors import EngineStepError
 from orcinus.generation_config import GenerationDefaults, load_generation_defaults
@@ -47,6 +48,8 @@ class _InFlight:
     batch: ScheduledBatch
     message: BatchMessage
     future: Future[SamplerOutput]
+    # prompt log-probs its iteration computed, by request id (rows that sampled or not)
+    prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)
 
 
 def _launched(batch: ScheduledBatch) -> LaunchedBatch:
@@ -195,10 +198,15 @@ class LLMEngine:
         children = []
         for i in range(params.n):
             child_params = params if params.n == 1 else params.clone_for_child(i)
+            if i > 0 and child_params.prompt_logprobs is not None:
+                # the samples share one prompt: the first child computes its log-probs, the others
+                # may reuse its KV from the prefix cache
+                child_params = dataclasses.replace(child_params, prompt_logprobs=None)
             children.append(Request(
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
                 prompt_token_ids=ids, sampling_params=child_params, prompt=text,
                 arrival_time=arrival, eos_token_ids=self.eos_token_ids, max_new_tokens=max_new,
+                prompt_logprobs=[None] if child_params.prompt_logprobs is not None else [],
             ))
         for child in children:  # check all before admitting any
             self.scheduler.check_admissible(child)
@@ -298,6 +306,7 @@ class LLMEngine:
             self._tock("waiting for the iteration", t)
             if self._phases is not None and result.phases is not None:
                 self._phases.worker.append(result.phases)
+            flight.prompt_logprobs.update(result.prompt_logprobs)
             return dict(zip(flight.message.sampled_ids, _rows_of(result))), {}
         except WorkerDied:
             self._abort_all_in_flight(flight)
@@ -317,7 +326,7 @@ class LLMEngine:
         """Append the tokens and settle the stops that need no text. Ctrl-C halfway: the whole
         batch is aborted rather than some of it left RUNNING with nobody to return it."""
         try:
-            return self._append_tokens(flight.batch, tokens, failed)
+            return self._append_tokens(flight.batch, tokens, failed, flight.prompt_logprobs)
         except BaseException:
             self._abort_failed(flight.batch, {r.request_id for r in flight.batch.requests
                                               if not r.is_finished or r.request_id in self.scheduler.pool})
@@ -415,14 +424,17 @@ class LLMEngine:
                 if flight.message.token_bitmask is not None:
                     msg.token_bitmask = flight.message.token_bitmask.select(msg.sampled_ids)
                 try:
-                    tokens.update(zip(msg.sampled_ids, _rows_of(self.executor.execute_async(msg).result())))
+                    result = self.executor.execute_async(msg).result()
+                    tokens.update(zip(msg.sampled_ids, _rows_of(result)))
+                    flight.prompt_logprobs.update(result.prompt_logprobs)
                 except WorkerDied:
                     raise
                 except Exception as sub_exc:
                     pending.append((half, sub_exc))
         return tokens, failed
 
-    def _append_tokens(self, batch: ScheduledBatch, tokens: dict, failed: set[str]
+    def _append_tokens(self, batch: ScheduledBatch, tokens: dict, failed: set[str],
+                       prompt_logprobs: dict[str, PromptLogprobsChunk] | None = None
                        ) -> tuple[list[Request], list[Request]]:
         """The critical path: append each request's token, decide the stops that need no text,
         retire the batch (finished requests leave, blocks freed). Returns (requests that
@@ -437,6 +449,9 @@ class LLMEngine:
                 continue
             req.num_computed_tokens += n
             req.num_iterations += 1
+            chunk = (prompt_logprobs or {}).get(req.request_id)
+            if chunk is not None:  # any row of a request that asked, prompt chunk or not
+                self.outputs.append_prompt_logprobs(req, chunk)
             if req.stop_string_hit is not None:
                 # Its text reached a stop string after this batch was launched: a token from this
                 # batch is past the end, never emitted or counted; the request finishes now.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from orcinus.executor.messages import PromptLogprobsChunk
 from orcinus.request import (CompletionOutput, FinishReason, Logprob, Request, RequestMetrics,
                              RequestOutput, RequestRejected, RequestState)
 from orcinus.sampling_params import SamplingParams
@@ -30,6 +31,8 @@ class RequestGroup:
     detokenizers: list = field(default_factory=list)
     # per child: output tokens whose text (and log-prob entry text) has been produced
     text_tokens: list[int] = field(default_factory=list)
+    # prompt log-prob entries (of children[0], the child that computes them) whose text is set
+    prompt_named: int = 0
 
     def finished(self) -> bool:
         return all(c.is_finished for c in self.children)
@@ -76,10 +79,11 @@ class OutputProcessor:
         req.output_token_ids.append(token)
         req.cumulative_logprob += logprob
         if params.logprobs is not None:
-            entry = {token: Logprob(token, logprob)}
-            for tid, lp in (top or {}).items():
+            ranked = {tid: (lp, rank) for rank, (tid, lp) in enumerate((top or {}).items(), 1)}  # best first
+            entry = {token: Logprob(token, logprob, None, ranked[token][1] if token in ranked else None)}
+            for tid, (lp, rank) in ranked.items():
                 if tid not in entry:
-                    entry[tid] = Logprob(tid, lp)
+                    entry[tid] = Logprob(tid, lp, None, rank)
             req.logprobs.append(entry)
         n_out = len(req.output_token_ids)
         if n_out >= params.min_tokens:
@@ -89,6 +93,25 @@ class OutputProcessor:
                 return finish_request(req, FinishReason.STOP, None)
         if n_out >= req.max_new_tokens or req.num_tokens >= max_model_len:
             finish_request(req, FinishReason.LENGTH)
+
+    @staticmethod
+    def append_prompt_logprobs(req: Request, chunk: PromptLogprobsChunk) -> None:
+        """Entries for the prompt tokens an iteration scored. A recomputation (preemption, a retried
+        batch) may score tokens again: the entries already held are kept, only new ones appended."""
+        have = len(req.prompt_logprobs)
+        if chunk.start > have:  # would leave a hole: never sent that way (see MessageBuilder)
+            raise AssertionError(f"{req.request_id}: prompt log-probs from {chunk.start}, {have} held")
+        skip = have - chunk.start
+        prompt = req.prompt_token_ids
+        own, ranks = chunk.token_logprobs.tolist(), chunk.ranks.tolist()
+        top_ids, top_lps = chunk.top_ids.tolist(), chunk.top_logprobs.tolist()
+        for i in range(skip, len(own)):
+            tok = prompt[chunk.start + i]
+            entry = {tok: Logprob(tok, own[i], None, ranks[i])}
+            for rank, (tid, lp) in enumerate(zip(top_ids[i], top_lps[i]), 1):
+                if tid not in entry:
+                    entry[tid] = Logprob(tid, lp, None, rank)
+            req.prompt_logprobs.append(entry)
 
     # ------------------------------------------------------------------ text (off the critical path)
     def process_text(self, requests: list[Request]) -> list[Request]:
@@ -131,7 +154,13 @@ class OutputProcessor:
         entries = []
         for req in requests:
             group = self._group_of.get(req.request_id)
-            if group is None or req.sampling_params.logprobs is None:
+            if group is None:
+                continue
+            if group.prompt_named < len(req.prompt_logprobs):  # once, with the first token
+                for entry in req.prompt_logprobs[max(1, group.prompt_named):]:
+                    entries.extend(entry.values())
+                group.prompt_named = len(req.prompt_logprobs)
+            if req.sampling_params.logprobs is None:
                 continue
             done = group.text_tokens[group.children.index(req)]
             for entry in req.logprobs[done:]:
@@ -185,6 +214,9 @@ class OutputProcessor:
             prompt_token_ids=group.prompt_token_ids,
             outputs=[self._completion(group, i, c) for i, c in enumerate(group.children)],
             finished=group.finished(),
+            # complete once a first token came (only then is there an output); not copied: no
+            # entry is added after that
+            prompt_logprobs=first.prompt_logprobs if group.params.prompt_logprobs is not None else None,
             metrics=RequestMetrics(first.arrival_time, min(firsts) if firsts else None,
                                    max(ends) if group.finished() and ends else None,
                                    max(c.num_iterations for c in group.children)),

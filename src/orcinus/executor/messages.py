@@ -17,6 +17,8 @@ import pickle
 import traceback
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from orcinus.config import ModelConfig
 from orcinus.sampling_params import SamplingParams
 
@@ -35,6 +37,8 @@ class SamplingSettings:
     seed: int | None = None
     min_tokens: int = 0
     logprobs: int | None = None
+    # log-probs at the prompt's positions: None off, else how many top alternatives (0: none)
+    prompt_logprobs: int | None = None
     # token ids min_tokens holds off: the request's EOS ids and its stop_token_ids
     stop_token_ids: tuple[int, ...] = ()
     # OpenAI's logit_bias as (token id, bias) pairs, added to the logits before sampling
@@ -55,7 +59,7 @@ class SamplingSettings:
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, seed=params.seed, min_tokens=params.min_tokens,
-            logprobs=params.logprobs, stop_token_ids=stops,
+            logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs, stop_token_ids=stops,
             logit_bias=tuple(sorted((params.logit_bias or {}).items())),
         )
 
@@ -76,6 +80,9 @@ class NewRequestData:
     num_computed_tokens: int = 0
     num_new_tokens: int | None = None
     samples: bool = True
+    # with settings.prompt_logprobs: the first prompt token whose log-probs are still wanted (1 at
+    # first; later after a preemption, so a recomputation does not send them twice)
+    prompt_logprobs_from: int = 1
 
 
 @dataclass
@@ -147,6 +154,22 @@ class WorkerPhases:
 
 
 @dataclass
+class PromptLogprobsChunk:
+    """Log-probs of prompt tokens `start .. start + m - 1` of one request, from the logits of the
+    positions before them that this iteration computed (a prompt may take several iterations).
+    Of the raw model distribution; numpy arrays, so no tensor crosses the boundary."""
+
+    start: int  # index in the prompt of the first token covered (>= 1)
+    token_logprobs: np.ndarray  # [m] float32: each prompt token's own log-prob
+    ranks: np.ndarray  # [m] int64: its rank (1 = most likely)
+    top_ids: np.ndarray  # [m, k] int64: the k most likely tokens, best first (k may be 0)
+    top_logprobs: np.ndarray  # [m, k] float32
+
+    def __len__(self) -> int:
+        return len(self.token_logprobs)
+
+
+@dataclass
 class SamplerOutput:
     """The tokens of one iteration, one row per request that samples (`BatchMessage.sampled_ids`)."""
 
@@ -157,6 +180,8 @@ class SamplerOutput:
     # sampling_params.logprobs is set (k = that number; 0 gives an empty dict), else None
     top_logprobs: list[dict[int, float] | None]
     phases: WorkerPhases | None = None  # only when the message was `timed`
+    # request id -> its prompt log-probs computed in this iteration (any row, sampling or not)
+    prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)
 
 
 @dataclass

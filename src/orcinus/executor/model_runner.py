@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ from orcinus.config import EngineConfig, ModelConfig
 from orcinus.distributed.parallel_state import kv_head_range
 from orcinus.executor.cuda_graphs import DecodeGraphs, DecodeInputs, plan_cuda_graphs
 from orcinus.executor.host_staging import PackedUpload, zero_copy_upload
+from orcinus.executor.messages import PromptLogprobsChunk
+from orcinus.executor.prompt_logprobs import PromptSpan, compute_prompt_logprobs, prompt_spans
 from orcinus.executor.request_state import WorkerRequest
 from orcinus.layers.context import ForwardContext
 from orcinus.models.causal_lm import CausalLM
@@ -43,6 +45,8 @@ class ModelInput:
     sample_indices: torch.Tensor  # [S] flat index of the last token of each request that samples
     num_new_tokens: list[int]  # per request
     padded: int | None = None  # an increment-only batch padded to this size (CUDA graph inputs)
+    # positions whose logits give prompt log-probs (rows that ask for them, last stage only)
+    prompt_spans: list[PromptSpan] = field(default_factory=list)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_layers: int | None = None,
@@ -133,10 +137,11 @@ class ModelRunner:
         # a prompt chunk that does not reach the end of its sequence samples nothing
         sample_indices = (cu[1:] - 1)[[r.samples for r in rows]]
         ids = np.asarray(token_ids, dtype=np.int64)
+        spans = prompt_spans(rows, cu[:-1].tolist())
         padded = self.graphs.padded_size(q_lens, table.shape[1]) if self.graphs is not None else None
         if padded is not None:  # increment-only: the CUDA graph's static inputs, padded
             g = self.graphs.prepare(padded, ids, positions, slots, seq_lens, table, sample_indices)
-            return ModelInput(g.input_ids, g.positions, g.meta, g.sample_indices, q_lens.tolist(), padded)
+            return ModelInput(g.input_ids, g.positions, g.meta, g.sample_indices, q_lens.tolist(), padded, spans)
         layout = BatchLayout(q_lens, seq_lens, table, slots, bs)
         up = self.upload
         if isinstance(up, PackedUpload):
@@ -147,6 +152,7 @@ class ModelRunner:
             meta=self.backend.build(layout, up),
             sample_indices=up(sample_indices),
             num_new_tokens=q_lens.tolist(),
+            prompt_spans=spans,
         )
         if isinstance(up, PackedUpload):
             up.flush()  # the one host-to-device copy of this iteration
@@ -173,6 +179,14 @@ class ModelRunner:
         """Logits only at the sampled positions (one row per request that samples)."""
         hidden = self.forward_stage(inp, hidden)
         return self.model.compute_logits(hidden.index_select(0, inp.sample_indices)).float()
+
+    @torch.inference_mode()
+    def forward_outputs(self, inp: ModelInput, hidden: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, dict[str, PromptLogprobsChunk]]:
+        """Last stage: the sampling rows' logits, and the prompt log-probs of the rows that ask."""
+        hidden = self.forward_stage(inp, hidden)
+        logits = self.model.compute_logits(hidden.index_select(0, inp.sample_indices)).float()
+        return logits, compute_prompt_logprobs(hidden, inp.prompt_spans, self.model.compute_logits)
 
     @torch.inference_mode()
     def forward_stage(self, inp: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,6 +26,8 @@ class WorkerRequest:
     # last of them is the sequence's last token, so that a token is sampled (a prompt chunk is not)
     num_scheduled: int | None = None
     samples: bool = True
+    # prompt_logprobs: the first prompt token whose log-prob is still wanted
+    prompt_logprobs_from: int = 1
 
     @classmethod
     def from_new(cls, data: NewRequestData, device: torch.device,
@@ -35,7 +37,7 @@ class WorkerRequest:
             gen = torch.Generator(device=device).manual_seed(data.settings.seed)
         return cls(data.request_id, list(data.prompt_token_ids), data.settings, list(data.block_ids),
                    list(data.output_token_ids), data.num_computed_tokens, gen, data.num_new_tokens,
-                   data.samples)
+                   data.samples, data.prompt_logprobs_from)
 
     @property
     def num_new_tokens(self) -> int:
@@ -46,6 +48,16 @@ class WorkerRequest:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def prompt_logprob_positions(self) -> tuple[int, int]:
+        """Positions [lo, hi) of this iteration whose logits give wanted prompt log-probs: position
+        p predicts prompt token p + 1, so only p < len(prompt) - 1, and from the first one wanted."""
+        if self.settings.prompt_logprobs is None:
+            return 0, 0
+        start = self.num_computed_tokens
+        lo = max(start, self.prompt_logprobs_from - 1)
+        hi = min(start + self.num_new_tokens, len(self.prompt_token_ids) - 1)
+        return (lo, hi) if lo < hi else (0, 0)
 
     def token_at(self, position: int) -> int:
         n = len(self.prompt_token_ids)

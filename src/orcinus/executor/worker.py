@@ -213,8 +213,12 @@ class Worker:
                 out = None
             else:
                 with phase(timer, "forward"):
-                    logits = self.runner.forward_logits(inp) if hidden is None \
-                        else self.runner.forward_logits(inp, hidden)
+                    if inp.prompt_spans:  # some row asked for prompt log-probs
+                        logits, prompt_lps = self.runner.forward_outputs(inp, hidden)
+                    else:
+                        prompt_lps = {}
+                        logits = self.runner.forward_logits(inp) if hidden is None \
+                            else self.runner.forward_logits(inp, hidden)
                 sampling = [r for r in rows if r.samples]  # prompt chunks short of the end sample nothing
                 if sampling:
                     meta = SamplingMetadata.from_rows(sampling)
@@ -224,6 +228,7 @@ class Worker:
                         out = self.sampler(logits, meta)
                 else:
                     out = SamplerOutput([], [], [])
+                out.prompt_logprobs = prompt_lps
                 if timer is not None:
                     out.phases = timer.result()
         except BaseException:

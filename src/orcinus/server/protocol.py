@@ -102,8 +102,10 @@ class SamplingRequest(RequestModel):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
     guided_decoding_backend: str | None = Field(None, description="only 'llguidance' (or 'auto')")
-    prompt_logprobs: int | None = Field(None, description="vLLM extra; not supported (prompt log-probs are not "
-                                                          "computed): refused rather than ignored")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description="vLLM extra: log-probs of the prompt's tokens, with this many top alternatives (0: only each "
+                    "token's own), as a `prompt_logprobs` list; not with stream")
     # ---- end of structured outputs ----
 
     @field_validator("stop", mode="before")
@@ -135,7 +137,8 @@ class SamplingRequest(RequestModel):
         return _or(self.stream, False)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+                        defaults: Mapping[str, Any] | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's settings for this request; raises SamplingParamsError on combinations
         the field bounds cannot express (e.g. min_tokens above max_tokens). A field the client
         left out (or sent as null) takes the model's default from `defaults` (its generation
@@ -155,6 +158,7 @@ class SamplingRequest(RequestModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             structured_outputs=structured_spec(self), logit_bias=self.logit_bias or None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def include_usage(self) -> bool:
@@ -181,7 +185,9 @@ class CompletionRequest(SamplingRequest):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] \
         | Annotated[list[TokenId], Field(min_length=1)] \
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX, description="default 16; null: up to the context length")
+    max_tokens: int | None = Field(16, ge=0, le=INT32_MAX,
+                                   description="default 16; null: up to the context length; 0 only with echo "
+                                               "(the prompt and, with logprobs, its log-probs: scoring a text)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = Field(None, description="default false")
     # Accepted only equal to n (no server-side best-of selection), so not advertised.
@@ -279,7 +285,7 @@ class _GenerationResponse(ResponseModel):
     @model_serializer(mode="wrap")
     def _omit_null_fingerprint(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        for key in ("system_fingerprint", "usage"):
+        for key in ("system_fingerprint", "usage", "prompt_logprobs"):
             if key in data and data[key] is None:
                 del data[key]
         return data
@@ -298,12 +304,36 @@ class CompletionLogprobs(ResponseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(ResponseModel):
+class PromptLogprob(ResponseModel):
+    """vLLM's shape of one entry of `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, None for the first, else token id (as a JSON key) -> entry
+PromptLogprobsList = list[dict[str, PromptLogprob] | None]
+
+
+class _OmitNullPromptLogprobs(ResponseModel):
+    """`prompt_logprobs` (a vLLM extra) is left out unless asked, so OpenAI's shape is unchanged."""
+
+    @model_serializer(mode="wrap")
+    def _omit_null_prompt_logprobs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("prompt_logprobs", 0) is None:
+            del data["prompt_logprobs"]
+        return data
+
+
+class CompletionChoice(_OmitNullPromptLogprobs):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
     stop_reason: int | str | None = Field(None, description="the stop string or token id that ended it")
+    prompt_logprobs: PromptLogprobsList | None = Field(None, description="vLLM extra, with prompt_logprobs")
 
 
 class CompletionResponse(_GenerationResponse):
@@ -359,6 +389,8 @@ class ChatCompletionResponse(_GenerationResponse):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    # vLLM extra, with prompt_logprobs: of the templated prompt, once for all choices (left out otherwise)
+    prompt_logprobs: PromptLogprobsList | None = None
 
 
 class DeltaMessage(ResponseModel):

@@ -56,9 +56,10 @@ class ServingContext:
             raise OpenAIError(404, f"the model {body.model!r} does not exist here; this server serves "
                                    f"{', '.join(map(repr, self.settings.served_model_names))}",
                               param="model", code="model_not_found")
-        if body.prompt_logprobs is not None:
-            raise OpenAIError(400, "prompt_logprobs is not supported by this server (prompt log-probabilities are "
-                                   "not computed)", param="prompt_logprobs")
+        if body.prompt_logprobs is not None and body.streaming:
+            # as vLLM: the list is a property of the whole prompt, with no place in a stream's deltas
+            raise OpenAIError(400, "prompt_logprobs is not available with stream; use echo with logprobs on "
+                                   "/v1/completions to stream a prompt's log-probs", param="prompt_logprobs")
         if body.num_samples > self.settings.max_n:
             raise OpenAIError(400, f"n must be at most {self.settings.max_n} on this server, got {body.num_samples}",
                               param="n")
@@ -125,8 +126,11 @@ class FinishedTracker:
     """Follows a submission to its end: records metrics once per finished request, aborts (and
     counts) whatever had not finished when the consumer stops."""
 
-    def __init__(self, ctx: ServingContext, stream: RequestStream, num_seqs_per_request: int) -> None:
+    def __init__(self, ctx: ServingContext, stream: RequestStream, num_seqs_per_request: int,
+                 count_completion: bool = True) -> None:
         self.ctx = ctx
+        # False for completions with max_tokens 0 (echo only): the engine's one token is not shown
+        self.count_completion = count_completion
         self.stream = stream
         self.n = num_seqs_per_request
         self.final: dict[str, RequestOutput] = {}
@@ -152,7 +156,7 @@ class FinishedTracker:
     def usage(self) -> UsageInfo:
         outs = self.latest.values()
         prompt = sum(len(o.prompt_token_ids) for o in outs)
-        completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        completion = sum(len(c.token_ids) for o in outs for c in o.outputs) if self.count_completion else 0
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def run_to_end(self) -> list[RequestOutput]:

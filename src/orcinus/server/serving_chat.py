@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from orcinus.engine.async_engine import AsyncEngine, GenerateRequest
 from orcinus.engine.llm_engine import PromptType
 from orcinus.request import CompletionOutput, RequestOutput
-from orcinus.server.logprobs import chat_logprobs
+from orcinus.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from orcinus.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                      ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, DeltaMessage)
 from orcinus.server.chat_tools import ToolPlan, plan_tools
@@ -60,7 +60,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     top = (body.top_logprobs or 0) if body.logprobs else None
     defaults = ctx.engine.generation_defaults
     max_tokens = body.max_new_tokens()
-    params = body.sampling_params(max_tokens, top, defaults.values)
+    params = body.sampling_params(max_tokens, top, defaults.values, body.prompt_logprobs)
     if plan is not None and plan.spec() is not None:
         params.structured_outputs = plan.spec()
     if max_tokens is None:
@@ -111,7 +111,9 @@ class _ChatView:
             choices.append(ChatChoice(index=c.index, message=message, logprobs=self._logprobs(c),
                                       finish_reason=reason, stop_reason=c.stop_reason))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=tracker.usage())
+                                      usage=tracker.usage(), prompt_logprobs=None if self.body.prompt_logprobs is None
+                                      else vllm_prompt_logprobs(finals[0].prompt_token_ids, finals[0].prompt_logprobs,
+                                                                self.body.prompt_logprobs))
 
     def _chunk(self, choices: list[ChatStreamChoice], tracker: FinishedTracker, final_usage: bool = False) -> str:
         usage = tracker.usage() if final_usage or self.body.continuous_usage() else None
