@@ -4,16 +4,26 @@ from __future__ import annotations
 import json
 import re
 
-from orcinus.tools.parsers.base import ParsedCalls, ToolCallParser
+from orcinus.tools.parsers.base import ParsedCalls, Snapshot, ToolCallParser, call_prefix
+from orcinus.tools.parsers.partial_json import Invalid, parse, skip_ws
 
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def held_tag(text: str, tag: str) -> int:
+    """Length of the end of text that may be the start of tag (held back until it is known)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
 
 
 class HermesParser(ToolCallParser):
     name = "hermes"
 
     def parse(self, text: str) -> ParsedCalls:
-        if "<tool_call>" not in text:
+        if _OPEN not in text:
             return ParsedCalls(text, [])
         calls = []
         for m in _CALL.finditer(text):
@@ -24,5 +34,31 @@ class HermesParser(ToolCallParser):
             if call is None:
                 return ParsedCalls(text, [])  # not a call we can honour: leave the text as it is
             calls.append(call)
-        content = text[:text.index("<tool_call>")].strip()
+        # Only the blanks before the tag go: a text without calls keeps its own, and streaming
+        # can send leading text before it knows whether a call follows.
+        content = text[:text.index(_OPEN)].rstrip()
         return ParsedCalls(content or None, calls)
+
+    def snapshot(self, text: str) -> Snapshot:
+        start = text.find(_OPEN)
+        if start < 0:  # text so far, less trailing blanks and what may begin a tag
+            return Snapshot(text[:len(text) - held_tag(text, _OPEN)].rstrip())
+        snap = Snapshot(text[:start].rstrip())
+        try:
+            while start >= 0:
+                node = parse(text, start + len(_OPEN))
+                call = call_prefix(self, node, "arguments", "parameters") if node is not None else None
+                if call is None:
+                    return snap
+                snap.calls.append(call)
+                if not node.complete:
+                    return snap
+                after = skip_ws(text, node.end)
+                if not text.startswith(_CLOSE, after):
+                    if _CLOSE.startswith(text[after:]):
+                        return snap  # the closing tag on its way (or the text ends here)
+                    raise Invalid("text after a call inside its tag")
+                start = text.find(_OPEN, after + len(_CLOSE))  # text between calls is dropped
+        except Invalid:
+            return Snapshot(text)  # the whole text is content, as parse() will say
+        return snap
