@@ -148,3 +148,24 @@ def test_a_text_broken_after_a_call_keeps_the_call_and_sends_the_text() -> None:
     content, calls, _ = _assemble(stream, text, None)
     assert get_parser("llama3_json", TOOLS).parse(text).calls == []
     assert calls == [("get_time", '{"tz": "UTC"}')] and content == text and stream.made_calls
+
+
+@pytest.mark.parametrize("depth", [300, 5000])
+@pytest.mark.parametrize("parser", ["json", "hermes", "llama3_json"])
+def test_deep_nesting_waits_for_the_finished_text(parser: str, depth: int) -> None:
+    # 300 levels: a call whose arguments are too deep to follow while written; they come at
+    # the end. 5000: json.loads gives up (RecursionError), so the whole response has no call,
+    # but the stream had sent the call's start: a format broken after a call went out, whose
+    # text then comes as content too. Neither crashes.
+    key = "parameters" if parser == "llama3_json" else "arguments"
+    text = f'{{"name": "get_time", "{key}": {{"a": ' + "[" * depth + "]" * depth + "}}"
+    if parser == "hermes":
+        text = f"<tool_call>{text}</tool_call>"
+    whole = get_parser(parser, TOOLS).parse(text)
+    assert len(whole.calls) == (1 if depth == 300 else 0)
+    content, calls, _ = _assemble(_parser_stream(parser), text, 0)
+    assert content == (whole.content or "")
+    if depth == 300:
+        assert calls == [(c.name, c.arguments) for c in whole.calls]
+    else:
+        assert content == text and [name for name, _ in calls] == ["get_time"]

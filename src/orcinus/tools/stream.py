@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from orcinus.tools.parsers.base import Call, Snapshot, new_call_id
+from orcinus.tools.parsers.partial_json import TooDeep
 
 
 @dataclass
@@ -57,7 +58,10 @@ class ToolCallStream:
 
     def feed(self, text: str) -> StreamDelta:
         """The delta for the text so far (the whole text, not only what is new)."""
-        snap = self.snapshot(text)
+        try:
+            snap = self.snapshot(text)
+        except TooDeep:
+            return StreamDelta()  # the finished text decides
         calls = snap.calls[:self.max_calls] if self.max_calls is not None else snap.calls
         if not snap.content.startswith(self.content) or len(calls) < len(self.calls) or any(
                 name != s.name or not args.startswith(s.arguments) for (name, args), s in zip(calls, self.calls)):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from orcinus.structured.params import GrammarError, StructuredOutputsParams
 from orcinus.tools.parsers.base import Call, Snapshot, ToolCallParser, call_prefix
-from orcinus.tools.parsers.partial_json import Invalid, dumps_prefix, parse
+from orcinus.tools.parsers.partial_json import Invalid, TooDeep, dumps_prefix, parse
 
 
 @dataclass
@@ -45,7 +45,7 @@ def calls_from_named(fn: Function, text: str) -> list[Call]:
 def calls_from_required(text: str) -> list[Call]:
     try:
         items = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # too deep is no call too
         return []  # cut short by max_tokens: nothing complete to report
     return [Call(i["name"], json.dumps(i["arguments"], ensure_ascii=False)) for i in items]
 
@@ -54,7 +54,7 @@ def named_snapshot(fn: Function, text: str) -> Snapshot:
     """Streaming: the call is known from the first token; its arguments grow with the text."""
     try:
         return Snapshot(calls=[(fn.name, dumps_prefix(parse(text, 0)))])
-    except Invalid:  # the grammar rules it out; hold the arguments for the final read
+    except (Invalid, TooDeep):  # hold the arguments for the final read
         return Snapshot(calls=[(fn.name, "")])
 
 
@@ -80,7 +80,7 @@ def required_snapshot(functions: list[Function], text: str) -> Snapshot:
 def _normalised(text: str) -> str:
     try:
         return json.dumps(json.loads(text), ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text  # cut short by max_tokens: the client sees what there is
 
 

@@ -57,7 +57,7 @@ class ToolCallParser:
         if isinstance(args, str):  # some models write the arguments as JSON text already
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):  # too deep is no call too
                 return None
         if not isinstance(args, dict):
             return None
@@ -72,6 +72,8 @@ def json_values(text: str) -> list[tuple[int, int, Any]]:
         if text[i] in "{[":
             try:
                 value, end = decoder.raw_decode(text, i)
+            except RecursionError:
+                break  # too deep to be a call; trying every later bracket would cost quadratic time
             except ValueError:
                 i += 1
                 continue

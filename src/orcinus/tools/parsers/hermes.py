@@ -29,7 +29,7 @@ class HermesParser(ToolCallParser):
         for m in _CALL.finditer(text):
             try:
                 call = self.call_from(json.loads(m.group(1)), "arguments", "parameters")
-            except ValueError:
+            except (ValueError, RecursionError):  # too deep is no call too
                 call = None
             if call is None:
                 return ParsedCalls(text, [])  # not a call we can honour: leave the text as it is

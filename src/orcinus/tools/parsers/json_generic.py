@@ -24,7 +24,7 @@ class GenericJsonParser(ToolCallParser):
             body = m.group(1)
         try:
             value = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # too deep is no call too
             return ParsedCalls(text, [])
         calls = self._calls(value)
         return ParsedCalls(None, calls) if calls else ParsedCalls(text, [])

@@ -18,11 +18,16 @@ _NUMBER_GOES_ON = set("0123456789.eE+-")
 # permissive on purpose: calling a broken number "incomplete" only delays a decision
 _NUMBER_PREFIX = re.compile(r"-?\d*\.?\d*(?:[eE][-+]?\d*)?")
 _LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
-_TRAILING_ESCAPE = re.compile(r"(\\+)(u[0-9a-fA-F]{0,3})?$")
+_HEX = set("0123456789abcdefABCDEF")
+MAX_DEPTH = 200  # deeper, this reader gives up (TooDeep) and the finished text decides
 
 
 class Invalid(ValueError):
     """No continuation makes this text valid JSON."""
+
+
+class TooDeep(Exception):
+    """Nested deeper than this reader follows: nothing can be said before the text is finished."""
 
 
 @dataclass
@@ -50,15 +55,19 @@ def skip_ws(text: str, i: int) -> int:
     return i
 
 
-def parse(text: str, i: int) -> Node | None:
+def parse(text: str, i: int, depth: int = 0) -> Node | None:
     """The value starting at text[i:] (after blanks); None when the text ends before it starts.
     Raises Invalid when no continuation can make it valid."""
+    if depth > MAX_DEPTH:
+        raise TooDeep()
     i = skip_ws(text, i)
     if i == len(text):
         return None
     c = text[i]
     try:
         value, end = _DECODER.raw_decode(text, i)
+    except RecursionError:
+        raise TooDeep() from None
     except ValueError:
         pass  # open (or invalid): read below
     else:
@@ -67,9 +76,9 @@ def parse(text: str, i: int) -> Node | None:
             return Node(kind, True, value, end)
         # a number at the end of the text (or followed by '.', 'e', ...) may go on
     if c == "{":
-        return _object(text, i)
+        return _object(text, i, depth)
     if c == "[":
-        return _array(text, i)
+        return _array(text, i, depth)
     if c == '"':
         return Node("string", False, _open_string(text, i))
     rest = text[i:]
@@ -85,10 +94,7 @@ def _is_number(value: Any) -> bool:
 
 def _open_string(text: str, i: int) -> str:
     """The decoded prefix of a string that the text ends inside (raw_decode failed on it)."""
-    body = text[i + 1:]
-    m = _TRAILING_ESCAPE.search(body)
-    if m and len(m.group(1)) % 2 == 1:  # an escape cut short: wait for the rest of it
-        body = body[:m.start() + len(m.group(1)) - 1]
+    body = text[i + 1:len(text) - _cut_escape(text)]
     try:
         decoded = json.loads('"' + body + '"')
     except ValueError:  # a closing quote after invalid content, a bad escape, a control character
@@ -98,7 +104,25 @@ def _open_string(text: str, i: int) -> str:
     return decoded
 
 
-def _object(text: str, i: int) -> Node:
+def _cut_escape(text: str) -> int:
+    """Length of an escape cut short at the end of text ('\\', '\\u0', ...): it waits for the rest."""
+    n = len(text)
+    start = n
+    while start > n - 3 and start > 0 and text[start - 1] in _HEX:  # up to 3 hex digits of a \uXXXX
+        start -= 1
+    if start > 0 and text[start - 1] == "u":
+        start -= 1
+    elif start < n:  # digits not after a 'u': only a lone backslash can be cut
+        start = n
+    backslashes = start
+    while backslashes > 0 and text[backslashes - 1] == "\\":
+        backslashes -= 1
+    if (start - backslashes) % 2 == 1:  # the last backslash is not itself escaped: an escape begins there
+        return n - start + 1
+    return 0
+
+
+def _object(text: str, i: int, depth: int) -> Node:
     node = Node("object", False)
     j = skip_ws(text, i + 1)
     while j < len(text):
@@ -115,7 +139,7 @@ def _object(text: str, i: int) -> Node:
             return node
         if text[j] != ":":
             raise Invalid(f"expected ':' at {j}")
-        child = parse(text, j + 1)
+        child = parse(text, j + 1, depth + 1)
         node.children.append((key, child))
         if child is None or not child.complete:
             return node
@@ -126,11 +150,11 @@ def _object(text: str, i: int) -> Node:
     return node
 
 
-def _array(text: str, i: int) -> Node:
+def _array(text: str, i: int, depth: int) -> Node:
     node = Node("array", False)
     j = skip_ws(text, i + 1)
     while j < len(text):
-        child = parse(text, j)
+        child = parse(text, j, depth + 1)
         if child is None:
             return node
         node.children.append(child)
