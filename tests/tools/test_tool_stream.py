@@ -50,6 +50,7 @@ GENERIC = [  # SmolLM2-135M-Instruct with the generic instructions
     '{"name": "other", "arguments": {}}',
     "```python\nprint(1)\n```",
     "[1, 2]",
+    '{"name": ["get_time"], "arguments": {}}',
 ]
 
 

@@ -51,7 +51,8 @@ class ToolCallParser:
 
     def call_from(self, obj: Any, *arg_keys: str) -> Call | None:
         """A call from {"name": ..., <arg key>: {...}} naming a listed tool, else None."""
-        if not isinstance(obj, dict) or obj.get("name") not in self.tool_names:
+        name = obj.get("name") if isinstance(obj, dict) else None
+        if not isinstance(name, str) or name not in self.tool_names:  # a list as name is unhashable
             return None
         args = next((obj[k] for k in arg_keys if k in obj), {})
         if isinstance(args, str):  # some models write the arguments as JSON text already
