@@ -170,3 +170,32 @@ def test_deep_nesting_waits_for_the_finished_text(parser: str, depth: int) -> No
         assert calls == [(c.name, c.arguments) for c in whole.calls]
     else:
         assert content == text and [name for name, _ in calls] == ["get_time"]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_calls_in_every_format(seed: int) -> None:
+    # calls with random arguments (unicode, escapes, numbers spelled many ways), written the way
+    # each format allows (blanks, key order, tags, fences, separators), in random chunks
+    from test_partial_json import _text, _value
+
+    rng = random.Random(seed)
+    parser = ["hermes", "llama3_json", "json"][seed % 3]
+    key = "parameters" if parser == "llama3_json" else "arguments"
+    calls = [(rng.choice(TOOLS), {f"a{i}": _value(rng) for i in range(rng.randint(0, 3))})
+             for _ in range(rng.randint(1, 3))]
+    written = [_text(rng, {"name": n, key: a} if rng.random() < 0.8 else {key: a, "name": n}) for n, a in calls]
+    if parser == "hermes":
+        text = rng.choice(["", "Let me look.\n", "  ok ", "a < b "]) + "".join(
+            f"<tool_call>{rng.choice(['', chr(10)])}{w}{rng.choice(['', chr(10)])}</tool_call>{rng.choice(['', chr(10)])}"
+            for w in written)
+    elif parser == "llama3_json":
+        text = rng.choice(["", "<|python_tag|>"]) + rng.choice(["; ", ";", "\n"]).join(written)
+    else:
+        body = f"[{', '.join(written)}]" if len(written) > 1 or rng.random() < 0.3 else written[0]
+        if rng.random() < 0.3:
+            body = f'{{"tool_calls": [{", ".join(written)}]}}'
+        text = rng.choice(["%s", "```json\n%s\n```", "```\n%s```", " %s\n"]).replace("%s", body)
+    whole = get_parser(parser, TOOLS).parse(text)
+    assert len(whole.calls) == len(calls)
+    content, got, _ = _assemble(_parser_stream(parser), text, seed)
+    assert content == (whole.content or "") and got == [(c.name, c.arguments) for c in whole.calls]
