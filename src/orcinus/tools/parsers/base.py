@@ -65,6 +65,14 @@ class ToolCallParser:
         return Call(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+def held_tag(text: str, tag: str) -> int:
+    """Length of the end of text that may be the start of tag (held back until it is known)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
 def json_values(text: str) -> list[tuple[int, int, Any]]:
     """Every top-level JSON object or array in text, as (start, end, value), left to right."""
     decoder = json.JSONDecoder()

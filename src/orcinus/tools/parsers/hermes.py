@@ -4,19 +4,11 @@ from __future__ import annotations
 import json
 import re
 
-from orcinus.tools.parsers.base import ParsedCalls, Snapshot, ToolCallParser, call_prefix
+from orcinus.tools.parsers.base import ParsedCalls, Snapshot, ToolCallParser, call_prefix, held_tag
 from orcinus.tools.parsers.partial_json import Invalid, parse, skip_ws
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-
-
-def held_tag(text: str, tag: str) -> int:
-    """Length of the end of text that may be the start of tag (held back until it is known)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 class HermesParser(ToolCallParser):

@@ -2,8 +2,7 @@
 several separated by ';'."""
 from __future__ import annotations
 
-from orcinus.tools.parsers.base import ParsedCalls, Snapshot, ToolCallParser, call_prefix, json_values
-from orcinus.tools.parsers.hermes import held_tag
+from orcinus.tools.parsers.base import ParsedCalls, Snapshot, ToolCallParser, call_prefix, held_tag, json_values
 from orcinus.tools.parsers.partial_json import Invalid, parse
 
 _TAG = "<|python_tag|>"
