@@ -199,3 +199,18 @@ def test_random_calls_in_every_format(seed: int) -> None:
     assert len(whole.calls) == len(calls)
     content, got, _ = _assemble(_parser_stream(parser), text, seed)
     assert content == (whole.content or "") and got == [(c.name, c.arguments) for c in whole.calls]
+
+
+def test_cut_by_max_tokens() -> None:
+    # named: the stream has the normalised arguments so far, the whole response the raw text
+    plan = ToolPlan("named", FUNCTIONS, FUNCTIONS[0], "json", parallel=True)
+    content, calls, _ = _assemble(plan.stream(), '{ "city" :"Par', None)
+    assert (content, calls) == ("", [("get_weather", '{"city": "Par')])
+    assert plan.extract('{ "city" :"Par')[1][0].arguments == '{ "city" :"Par'
+    # required: the whole response has no complete call and returns the text; the stream keeps
+    # the call it began and sends the text too
+    plan = ToolPlan("required", FUNCTIONS, None, "json", parallel=True)
+    text = '[{"name": "get_time", "arguments": {"tz": "C'
+    content, calls, _ = _assemble(plan.stream(), text, None)
+    assert plan.extract(text) == (text, [])
+    assert content == text and calls == [("get_time", '{"tz": "C')]
