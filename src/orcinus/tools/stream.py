@@ -69,13 +69,16 @@ class ToolCallStream:
         return self._send(snap.content, [Call(name, args, id="") for name, args in calls])
 
     def finish(self, text: str) -> StreamDelta:
-        """The rest, from the finished text read as the whole response reads it."""
+        """The rest, from the finished text read as the whole response reads it. The snapshot of
+        the whole text goes first: where that reading breaks with what was sent (a call cut by
+        max_tokens), the stream still carries everything the snapshot was sure of."""
+        head = self.feed(text)
         content, calls = self.extract(text)
         content = content or ""
         calls = calls[:self.max_calls] if self.max_calls is not None else calls
         if not content.startswith(self.content):
             content = self.content  # cannot happen for a snapshot that keeps to its parse
-        return self._send(content, calls, finished=True)
+        return _merged(head, self._send(content, calls, finished=True))
 
     def _send(self, content: str, calls: list[Call], finished: bool = False) -> StreamDelta:
         delta = StreamDelta(content[len(self.content):])
@@ -93,3 +96,15 @@ class ToolCallStream:
                 delta.calls.append(CallDelta(k, call.arguments, call_id, call.name))
                 self.calls.append(_Sent(call.name, call.arguments))
         return delta
+
+
+def _merged(a: StreamDelta, b: StreamDelta) -> StreamDelta:
+    """One delta for two in a row: one entry per call index (a header keeps its id and name)."""
+    out = StreamDelta(a.content + b.content, [CallDelta(c.index, c.arguments, c.id, c.name) for c in a.calls])
+    for c in b.calls:
+        same = next((m for m in out.calls if m.index == c.index), None)
+        if same is None:
+            out.calls.append(c)
+        else:
+            same.arguments += c.arguments
+    return out
