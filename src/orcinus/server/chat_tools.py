@@ -45,7 +45,6 @@ class ToolPlan:
         calls = parsed.calls if self.parallel else parsed.calls[:1]
         return parsed.content, calls
 
-
     def stream(self) -> ToolCallStream:
         """A choice's streaming reader; named and required know their format from the start."""
         if self.mode == "named":
