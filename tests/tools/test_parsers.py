@@ -32,6 +32,8 @@ def test_hermes() -> None:
     assert _calls("hermes", '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}')[1] == \
         [("get_time", {"tz": "UTC"})]
     assert _calls("hermes", "Paris is sunny.") == ("Paris is sunny.", [])
+    # only the blanks before the tag go: a stream sends leading text before it knows a call follows
+    assert _calls("hermes", '  Sure.\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')[0] == "  Sure."
     # an unknown function or broken JSON: the text is returned as content, nothing invented
     for text in ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', '<tool_call>{"name": </tool_call>'):
         assert _calls("hermes", text) == (text, [])

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 from orcinus.server.errors import OpenAIError
 from orcinus.server.protocol import ChatCompletionRequest
+from orcinus.server.protocol_structured import DeltaFunctionCall, DeltaToolCall
 from orcinus.structured.params import StructuredOutputsParams
 from orcinus.tools import tool_choice as tc
 from orcinus.tools.parsers import get_parser
 from orcinus.tools.parsers.base import Call
+from orcinus.tools.stream import StreamDelta, ToolCallStream
 
 
 @dataclass
@@ -42,6 +44,24 @@ class ToolPlan:
         parsed = get_parser(self.parser, [f.name for f in self.functions]).parse(text)
         calls = parsed.calls if self.parallel else parsed.calls[:1]
         return parsed.content, calls
+
+    def stream(self) -> ToolCallStream:
+        """A choice's streaming reader; named and required know their format from the start."""
+        if self.mode == "named":
+            return ToolCallStream(lambda t: tc.named_snapshot(self.named, t), self.extract)
+        if self.mode == "required":
+            return ToolCallStream(lambda t: tc.required_snapshot(self.functions, t), self.extract)
+        parser = get_parser(self.parser, [f.name for f in self.functions])
+        return ToolCallStream(parser.snapshot, self.extract, None if self.parallel else 1)
+
+
+def delta_tool_calls(delta: StreamDelta) -> list[DeltaToolCall] | None:
+    """OpenAI's shape: id, type and name on a call's first delta, then arguments fragments."""
+    if not delta.calls:
+        return None
+    return [DeltaToolCall(index=d.index, id=d.id, type="function" if d.name is not None else None,
+                          function=DeltaFunctionCall(name=d.name, arguments=d.arguments))
+            for d in delta.calls]
 
 
 def plan_tools(body: ChatCompletionRequest, parser: str) -> ToolPlan | None:

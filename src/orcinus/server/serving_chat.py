@@ -13,9 +13,9 @@ from orcinus.request import CompletionOutput, RequestOutput
 from orcinus.server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from orcinus.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                      ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, DeltaMessage)
-from orcinus.server.chat_tools import ToolPlan, plan_tools
+from orcinus.server.chat_tools import ToolPlan, delta_tool_calls, plan_tools
 from orcinus.server.prompt_budget import check_head_fits
-from orcinus.server.protocol_structured import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
+from orcinus.server.protocol_structured import FunctionCall, ToolCall
 from orcinus.server.serving import FinishedTracker, ServingContext, new_request_id, respond, sse
 from orcinus.tools.tool_prompt import hf_tools, render_messages, template_knows_tools
 
@@ -128,48 +128,37 @@ class _ChatView:
         sent_text = [0] * n
         sent_tokens = [0] * n
         done = [False] * n  # n > 1 repeats finished choices in later outputs
+        # A choice that may call tools is read as it grows (tools/stream.py): text that cannot be
+        # a call goes out as content, calls as delta.tool_calls, what is undecided waits.
+        tools = [self.plan.stream() for _ in range(n)] if self.plan is not None else None
         async for out in tracker.stream:
             tracker.see(out)
             for c in out.outputs:
                 i = c.index
                 if done[i]:
                     continue
-                if self.plan is not None:
-                    # Tool calls are only known once the text is complete: a choice that may call
-                    # tools is sent whole when it finishes (content or tool_calls deltas).
-                    if c.finish_reason is not None:
-                        done[i] = True
-                        for chunk in self._tool_chunks(c, tracker):
-                            yield chunk
-                    continue
-                delta = c.text[sent_text[i]:]
+                finished = c.finish_reason is not None
+                reason = c.finish_reason
+                if tools is None:
+                    content, calls = c.text[sent_text[i]:], None
+                    sent_text[i] = max(sent_text[i], len(c.text))
+                else:
+                    delta = tools[i].finish(c.text) if finished else tools[i].feed(c.text)
+                    content, calls = delta.content, delta_tool_calls(delta)
+                    if tools[i].made_calls and reason == "stop":
+                        reason = "tool_calls"  # as the whole response's _message says
                 new_tokens = len(c.token_ids) - sent_tokens[i]
-                if not delta and not c.finish_reason and not (self.top is not None and new_tokens > 0):
+                if not content and not calls and not finished and not (self.top is not None and new_tokens > 0):
                     continue
                 logprobs = self._logprobs(c, sent_tokens[i])
-                sent_text[i] = max(sent_text[i], len(c.text))
                 sent_tokens[i] = len(c.token_ids)
-                done[i] = c.finish_reason is not None
-                # A choice's closing chunk has an empty delta when no text is left, as OpenAI's.
-                content = delta if delta or not c.finish_reason else None
-                choice = ChatStreamChoice(index=i, delta=DeltaMessage(content=content), logprobs=logprobs,
-                                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                done[i] = finished
+                # A choice's closing chunk has an empty delta when no text is left, as OpenAI's;
+                # a chunk with only log-probs has empty content.
+                if not content and (finished or calls):
+                    content = None
+                choice = ChatStreamChoice(index=i, delta=DeltaMessage(content=content, tool_calls=calls),
+                                          logprobs=logprobs, finish_reason=reason, stop_reason=c.stop_reason)
                 yield self._chunk([choice], tracker)
         if self.body.include_usage():
             yield self._chunk([], tracker, final_usage=True)
-
-    def _tool_chunks(self, c: CompletionOutput, tracker: FinishedTracker) -> list[str]:
-        message, reason = self._message(c)
-        logprobs = self._logprobs(c)
-        chunks = []
-        if message.content:
-            chunks.append(DeltaMessage(content=message.content))
-        for k, call in enumerate(message.tool_calls or []):
-            chunks.append(DeltaMessage(tool_calls=[DeltaToolCall(
-                index=k, id=call.id, type="function",
-                function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments))]))
-        out = [self._chunk([ChatStreamChoice(index=c.index, delta=d, logprobs=logprobs if k == 0 else None)], tracker)
-               for k, d in enumerate(chunks)]
-        out.append(self._chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(), finish_reason=reason,
-                                                 stop_reason=c.stop_reason)], tracker))
-        return out

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 
 from orcinus.structured.params import GrammarError, StructuredOutputsParams
-from orcinus.tools.parsers.base import Call
+from orcinus.tools.parsers.base import Call, Snapshot, ToolCallParser, call_prefix
+from orcinus.tools.parsers.partial_json import Invalid, TooDeep, dumps_prefix, parse
 
 
 @dataclass
@@ -44,15 +45,42 @@ def calls_from_named(fn: Function, text: str) -> list[Call]:
 def calls_from_required(text: str) -> list[Call]:
     try:
         items = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # too deep is no call too
         return []  # cut short by max_tokens: nothing complete to report
     return [Call(i["name"], json.dumps(i["arguments"], ensure_ascii=False)) for i in items]
+
+
+def named_snapshot(fn: Function, text: str) -> Snapshot:
+    """Streaming: the call is known from the first token; its arguments grow with the text."""
+    try:
+        return Snapshot(calls=[(fn.name, dumps_prefix(parse(text, 0)))])
+    except (Invalid, TooDeep):  # hold the arguments for the final read
+        return Snapshot(calls=[(fn.name, "")])
+
+
+def required_snapshot(functions: list[Function], text: str) -> Snapshot:
+    """Streaming: the list's items as they are written (the grammar keeps them valid)."""
+    try:
+        node = parse(text, 0)
+        if node is None or node.complete or node.kind != "array":
+            calls = calls_from_required(text) if node is not None and node.complete else []
+            return Snapshot(calls=[(c.name, c.arguments) for c in calls])
+        names = ToolCallParser(f.name for f in functions)
+        snap = Snapshot()
+        for item in node.children:
+            call = call_prefix(names, item, "arguments")
+            if call is None:
+                break
+            snap.calls.append(call)
+        return snap
+    except Invalid:
+        return Snapshot()
 
 
 def _normalised(text: str) -> str:
     try:
         return json.dumps(json.loads(text), ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text  # cut short by max_tokens: the client sees what there is
 
 

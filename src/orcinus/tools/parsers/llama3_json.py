@@ -2,19 +2,21 @@
 several separated by ';'."""
 from __future__ import annotations
 
-from orcinus.tools.parsers.base import ParsedCalls, ToolCallParser, json_values
+from orcinus.tools.parsers.base import ParsedCalls, Snapshot, ToolCallParser, call_prefix, held_tag, json_values
+from orcinus.tools.parsers.partial_json import Invalid, parse
+
+_TAG = "<|python_tag|>"
 
 
 class Llama3JsonParser(ToolCallParser):
     name = "llama3_json"
 
     def parse(self, text: str) -> ParsedCalls:
-        body = text.replace("<|python_tag|>", "").strip()
+        body = text.replace(_TAG, "").strip()
         if not body.startswith("{"):
             return ParsedCalls(text, [])
         values = json_values(body)
         calls = []
-        rest = body
         for start, end, value in values:
             call = self.call_from(value, "parameters", "arguments")
             if call is None:
@@ -26,3 +28,28 @@ class Llama3JsonParser(ToolCallParser):
         if not calls or leftover.replace(";", "").strip() or rest.strip(" ;\n"):
             return ParsedCalls(text, [])
         return ParsedCalls(None, calls)
+
+    def snapshot(self, text: str) -> Snapshot:
+        body = text[:len(text) - held_tag(text, _TAG)].replace(_TAG, "").lstrip()
+        if not body:
+            return Snapshot()
+        if not body.startswith("{"):
+            return Snapshot(text)  # prose: no continuation makes it a call
+        snap, i = Snapshot(), 0
+        try:
+            while i < len(body):
+                node = parse(body, i)
+                call = call_prefix(self, node, "parameters", "arguments") if node is not None else None
+                if call is None:
+                    break
+                snap.calls.append(call)
+                if not node.complete:
+                    break
+                i = node.end
+                while i < len(body) and body[i] in " \t\n\r;":
+                    i += 1
+                if i < len(body) and body[i] != "{":
+                    raise Invalid("only ';' and blanks between calls")
+        except Invalid:
+            return Snapshot(text)
+        return snap
