@@ -65,7 +65,7 @@ def simulate_orcinus_backend(config: EngineConfig, backend: str, target: SimTarg
                              lengths_known: bool = True):
     """`bench offline`'s run_orcinus on the simulated executor: every request at time 0."""
     from orcinus.bench.kv_usage import KVRecorder
-    from orcinus.bench.offline import CHUNKED_BUDGET, BackendResult
+    from orcinus.bench.offline import CHUNKED_BUDGET, BackendResult, set_normalized_latency
     from orcinus.sim.replay import trace_lengths
     from orcinus.sampling_params import SamplingParams
 
@@ -80,6 +80,7 @@ def simulate_orcinus_backend(config: EngineConfig, backend: str, target: SimTarg
         recorder = KVRecorder(engine)
         recorder.restart()
         got: dict[str, int] = {}
+        ended: dict[str, float] = {}  # virtual finish time per request (all arrive at 0)
         for i, r in enumerate(trace):
             params = SamplingParams(temperature=0.0, max_tokens=r.output_len if lengths_known else None,
                                     ignore_eos=lengths_known)
@@ -87,6 +88,8 @@ def simulate_orcinus_backend(config: EngineConfig, backend: str, target: SimTarg
         while engine.has_unfinished_requests():
             for out in engine.step():
                 got[out.request_id] = len(out.outputs[0].token_ids)
+                if out.finished:
+                    ended[out.request_id] = clock.now
         recorder.detach()
         res.elapsed_s = clock.now
         counts = [got.get(f"off-{i}", 0) for i in range(len(trace))]
@@ -94,6 +97,7 @@ def simulate_orcinus_backend(config: EngineConfig, backend: str, target: SimTarg
         if wrong:
             res.status = f"error: generated/asked token counts differ, e.g. {wrong[:3]}"
         res.output_tokens = sum(counts)
+        set_normalized_latency(res, [(ended[rid], n) for rid, n in got.items() if rid in ended])
         res.kv = recorder.summary().as_dict()
         res.profile = {"simulated": True, "iterations": executor.stats.iterations,
                        "busy_s": executor.stats.busy_s, "overhead_s": executor.stats.overhead_s,
