@@ -64,7 +64,7 @@ def test_validate_sim_prints_the_table(reports, tmp_path, capsys) -> None:
     # offline: orca and static (hf is not simulated: a note); sweep: one config at two rates
     configs = [r["config"] for r in rows]
     assert configs.count("orca") == configs.count("static") == len(METRICS)
-    assert configs.count("orca 4 @ 50 req/s") == configs.count("orca 4 @ inf req/s") == len(METRICS)
+    assert configs.count("orca max_num_seqs=4 @ 50 req/s") == configs.count("orca max_num_seqs=4 @ inf req/s") == len(METRICS)
     assert len(rows) == 4 * len(METRICS)
     assert any("hf not compared" in n for n in data["notes"])
     for r in rows:
