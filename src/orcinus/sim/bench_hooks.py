@@ -35,8 +35,19 @@ def serving_dtype(config: EngineConfig, hardware_kind: str) -> str:
 
 def target_from(config: EngineConfig, hardware: str) -> SimTarget:
     hw = load_hardware(hardware)
-    return SimTarget(load_shape(config.model), hw, Parallel(config.tensor_parallel_size, config.pipeline_parallel_size),
-                     serving_dtype(config, hw.kind))
+    dtype = serving_dtype(config, hw.kind)
+    shape = load_shape(config.model)
+    if hw.kind == "cpu" and config.model not in PRESETS:
+        # the weights' bytes as the model was held when `bench calibrate` loaded it (quantized blocks)
+        from orcinus.sim.weight_bytes import lookup_weight_info, model_key
+
+        weights = lookup_weight_info(model_key(config.model, config.quantization, dtype))
+        if weights is None:
+            logger.warning("no measured weight bytes for %s (%s, %s): the cost model assumes %s weights; "
+                           "`orcinus bench calibrate --model ...` measures them", shape.name, config.quantization,
+                           dtype, dtype)
+        shape = dataclasses.replace(shape, weights=weights)
+    return SimTarget(shape, hw, Parallel(config.tensor_parallel_size, config.pipeline_parallel_size), dtype)
 
 
 def sim_trace(spec, model: str | None) -> list[BenchRequest]:
