@@ -8,6 +8,8 @@ import logging
 import math
 from typing import Callable, Sequence
 
+import torch
+
 from orcinus.bench.workloads import BenchRequest
 from orcinus.config import EngineConfig
 from orcinus.sim.clock import VirtualClock
@@ -82,7 +84,13 @@ def simulate_orcinus_backend(config: EngineConfig, backend: str, target: SimTarg
 
     res = BackendResult(backend)
     policy, chunked = backend.removesuffix("-chunked"), backend.endswith("-chunked")
-    budget = (config.max_num_batched_tokens or CHUNKED_BUDGET) if chunked else (config.max_num_batched_tokens or 1 << 30)
+    # the real run's budgets (bench/offline.run_orcinus): unchunked backends get bench/budgets.py's
+    # finite one for the target's device type, which decides how many prompts share an iteration
+    from orcinus.bench.budgets import unchunked_budget
+
+    device = torch.device("cpu" if target.hardware.kind == "cpu" else "cuda")
+    budget = config.max_num_batched_tokens or (
+        CHUNKED_BUDGET if chunked else unchunked_budget(device, [r.prompt_len for r in trace]))
     cfg = dataclasses.replace(config, scheduler_policy=policy, max_num_batched_tokens=budget)
     clock = VirtualClock()
     engine, executor = build_sim_engine(cfg, target, None if lengths_known else trace_lengths(trace, "off-"), clock)

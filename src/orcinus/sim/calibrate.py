@@ -128,12 +128,14 @@ class Workload:
 # Chosen to span what runs will do: one row, decode batches of 8, 24 and 64 rows (past the
 # quantized path's crossover, layers/quantized_linear.DEQUANT_MIN_ROWS), whole prompts alone and
 # many at once, and mixed iterations (prompts joining running decodes; prompt chunks beside them).
-# ~3 min of measurement on the 2-core Xeon, quiet; --quick ~1 min.
+# ~3 min of measurement on the 2-core Xeon (2 min before decode-16 was added, at load average 2);
+# --quick ~20 s.
 WORKLOADS = (
     Workload("single", 1, 3, (16, 200), (24, 24)),
     Workload("decode-8", 8, 16, (32, 256), (8, 48)),
+    Workload("decode-16", 16, 32, (16, 200), (16, 64)),
     Workload("mixed-24", 24, 48, (16, 160), (4, 48)),
-    Workload("decode-64", 64, 96, (16, 96), (16, 64)),
+    Workload("decode-64", 64, 128, (16, 96), (16, 64)),
     Workload("chunked", 16, 24, (200, 400), (8, 24), budget=128),
 )
 QUICK = (Workload("single", 1, 2, (16, 64), (8, 8)), Workload("decode-8", 8, 8, (16, 96), (4, 16)),
