@@ -85,3 +85,13 @@ def test_error_and_summary_arithmetic() -> None:
     v = Validation("hw", 0.10, rows, [])
     assert v.within_count == 2 and "2 of 4 comparisons within 10 %" in v.to_markdown()
     assert "+9.0" in v.to_markdown() and "-15.0" in v.to_markdown()
+
+
+def test_single_stream_reports_are_left_out_with_a_note(tmp_path) -> None:
+    from orcinus.bench.sim_validate import validate
+
+    path = tmp_path / "single.json"
+    path.write_text(json.dumps({"settings": {"mode": "single", "trace": {"num_requests": 2}},
+                                "command": "orcinus bench offline --mode single", "results": []}))
+    v = validate([str(path)], "xeon-2core")
+    assert v.comparisons == [] and "--mode single" in v.notes[0]

@@ -77,3 +77,20 @@ def test_fit_recovers_the_quantized_path_and_the_fixed_costs() -> None:
     fitted = CostModel(quant, load_hardware("xeon-2core").with_efficiency(eff, fixed), Parallel(), "float32")
     errs = [abs(fitted.iteration_seconds(b) + fixed.seconds(b.rows, b.tokens) - t) / t for b, t in samples]
     assert max(errs) < 0.02
+
+
+def test_measure_times_every_iteration_through_the_observers(checkpoint_factory) -> None:
+    """On a tiny checkpoint: one timed sample per iteration the engine ran, shapes as launched
+    (every prompt token and every output token but the last computed once), times positive."""
+    from orcinus.sim.calibrate import Workload, measure
+
+    tiny = checkpoint_factory("llama")[0]
+    wl = Workload("t", 4, 6, (5, 12), (2, 6))
+    m = measure(tiny, "float32", [wl], seed=1)
+    lengths = m.requests
+    assert len(lengths) == wl.num_requests
+    assert sum(b.tokens for b, _ in m.forward) == sum(p + o - 1 for p, o in lengths)
+    assert sum(b.sampled for b, _ in m.forward) == sum(o for _, o in lengths)
+    assert max(b.rows for b, _ in m.forward) <= wl.max_num_seqs
+    assert all(t > 0 for _, t in m.forward) and len(m.overhead) >= len(m.forward) - 1
+    assert m.weights is not None and m.weights.layer_bytes > 0 and not m.weights.quantized

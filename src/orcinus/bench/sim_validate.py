@@ -190,6 +190,12 @@ def validate(paths: Sequence[str], hardware: str, tolerance: float = DEFAULT_TOL
         if (measured.get("settings") or {}).get("simulated") or measured.get("simulate"):
             raise ValueError(f"{path} is a simulated report: validate measured runs")
         run = path if os.path.basename(path) != "sweep.json" else os.path.dirname(path) or path
+        if (measured.get("settings") or {}).get("mode", "batch") != "batch":
+            notes.append(f"{run}: not compared (--mode {measured['settings']['mode']}: the simulator runs batches)")
+            continue
+        if measured.get("target") == "server":
+            notes.append(f"{run}: measured through `orcinus serve` (HTTP, detokenisation); the simulation replays "
+                         "into the engine, as --target engine does")
         got, why = compare(run, measured, simulate_report(measured, hardware))
         comparisons += got
         notes += why

@@ -148,6 +148,7 @@ class Measured:
     overhead: list[tuple[int, float]] = field(default_factory=list)  # (rows, engine seconds per step)
     profile_markdown: str = ""
     weights: WeightInfo | None = None  # of the model measured, as loaded
+    requests: list[tuple[int, int]] = field(default_factory=list)  # (prompt, output) lengths run
 
 
 class IterationTimer:
@@ -211,6 +212,7 @@ def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: 
             for i in range(wl.num_requests):
                 p = rng.randint(*wl.prompt_len)
                 params = SamplingParams(temperature=0.0, max_tokens=rng.randint(*wl.output_len), ignore_eos=True)
+                out.requests.append((p, params.max_tokens))
                 engine.add_request(f"{wl.label}-{i}", {"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(p)]},
                                    params)
             timer = IterationTimer()
