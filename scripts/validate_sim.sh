@@ -14,11 +14,12 @@
 #         arrivals at 1 and 4 requests/s
 # 3. `orcinus bench validate-sim` on all of them with --simulate OUT_DIR/this-machine.json:
 #    OUT_DIR/validate.md (the table) and OUT_DIR/validate.json.
-# ~20 min on the 2-core Xeon (calibration ~5, A ~2, B ~4, C ~4, S ~4). OUT_DIR/timings.tsv says
+# ~15-20 min on the quiet 2-core Xeon (calibration ~3, A ~2, B ~3, C ~3, S ~4, validation ~1; more
+# when others share the machine). OUT_DIR/timings.tsv says
 # what each step took; OUT_DIR/load.txt the load average before and after each.
 #
 # --smoke: every step at toy scale (calibrate --quick, 4-8 requests per trace, 2-6 tokens each):
-# ~2-3 min; proves the commands, its numbers mean nothing.
+# ~1-2 min; proves the commands, its numbers mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"

@@ -61,7 +61,10 @@ def measure_weight_info(model, dtype=None) -> WeightInfo:
 
     per_layer: dict[int, list[int]] = {}
     embedding = 0
-    for name, p in model.named_parameters():
+    # a layer's buffers are read with its parameters; the model-wide ones (rotary tables) are
+    # gathered a few rows per token, not read whole, so they do not count
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if _LAYER.search(n)]
+    for name, p in tensors:
         m = _LAYER.search(name)
         if m:
             acc = per_layer.setdefault(int(m.group(1)), [0, 0])
