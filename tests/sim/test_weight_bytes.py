@@ -93,3 +93,16 @@ def test_weight_info_store_round_trip(tmp_path) -> None:
     store_weight_info("b|none|float32", WeightInfo(1.0, 2.0, 3.0), path)
     assert lookup_weight_info("a|auto|float32", path) == INFO
     assert lookup_weight_info("c|auto|float32", path) is None
+
+
+def test_simulating_a_calibrated_model_uses_its_stored_bytes(quantized_checkpoint, tmp_path, monkeypatch) -> None:
+    from orcinus.sim.bench_hooks import target_from
+    from orcinus.sim.weight_bytes import model_key
+
+    monkeypatch.setenv("ORCINUS_CACHE", str(tmp_path))
+    config = EngineConfig(model=quantized_checkpoint, dtype="float32")
+    assert target_from(config, "xeon-2core").shape.weights is None  # never measured: dtype-sized weights
+    store_weight_info(model_key(quantized_checkpoint, "auto", "float32"), INFO)
+    assert target_from(config, "xeon-2core").shape.weights == INFO
+    assert target_from(EngineConfig(model=quantized_checkpoint, dtype="float32", quantization="none"),
+                       "xeon-2core").shape.weights is None  # another way of holding the weights
