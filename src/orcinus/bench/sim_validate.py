@@ -196,6 +196,10 @@ def validate(paths: Sequence[str], hardware: str, tolerance: float = DEFAULT_TOL
         if measured.get("target") == "server":
             notes.append(f"{run}: measured through `orcinus serve` (HTTP, detokenisation); the simulation replays "
                          "into the engine, as --target engine does")
+        machine = measured.get("machine") or {}
+        if machine.get("load_avg_1m") is not None:  # a busy machine's numbers do not validate anything
+            notes.append(f"{run}: measured at load average {machine['load_avg_1m']} -> "
+                         f"{machine.get('load_avg_1m_end')} on {machine.get('cpu_count')} CPUs")
         got, why = compare(run, measured, simulate_report(measured, hardware))
         comparisons += got
         notes += why
