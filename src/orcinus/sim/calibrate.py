@@ -1,17 +1,20 @@
 """`orcinus bench calibrate`: fit the cost model's efficiencies and the engine's per-iteration
 overhead to this machine, from orcinus's own measured iterations.
 
-Measurement: the real engine (default model) runs a few offline workloads chosen to span the
-cost model's regimes (single requests, decode batches of 8-48 rows, whole prompts, prompt chunks);
-each iteration's forward time is taken on the forward thread around the executor's call, and each
-step's own time (the step minus its wait for the iteration) is the control plane. The phase
-profile of `bench/profile.py` is recorded beside it.
+Measurement: the real engine (default model, default thread policy) runs offline workloads chosen
+to span what runs do (single requests, decode batches of 8-64 rows, whole prompts alone and many
+at once, prompts joining running decodes, prompt chunks); every iteration is timed through the
+engine's observer hooks (`IterationTimer`): its shape from the batch the engine reports launching,
+its time from the forward thread's phases reported with its result; the step's time less that
+forward is the control plane. The phase profile of `bench/profile.py` is recorded beside it, and
+the loaded model's weight bytes (`sim/weight_bytes.py`: quantized blocks as held).
 
-Fit: forward time = gemm x 1/eff_gemm (compute-bound GEMMs) + (memory-bound GEMM bytes +
-element-wise bytes) x 1/eff_memory + attention x 1/eff_attention (each at the machine's measured
-peak rates); which GEMMs are compute-bound depends on the efficiencies, so classification and a
-non-negative least-squares fit (relative error) alternate until they agree. Overhead = a + b x rows,
-least squares. The result is stored as the `this-machine` hardware.
+Fit: forward time = fixed + per row x rows + compute-bound GEMM flops x 1/eff_gemm + (memory-bound
+GEMM bytes + element-wise bytes) x 1/eff_memory + attention x 1/eff_attention + for quantized
+weights the integer kernel's flops x 1/eff_qdot and the dequantised bytes x 1/eff_dequant (each at
+the machine's measured peak rates); which GEMMs are compute-bound depends on the efficiencies, so
+classification and a non-negative least-squares fit (relative error) alternate until they agree.
+Overhead = a + b x rows, least squares. The result is stored as the `this-machine` hardware.
 """
 from __future__ import annotations
 
