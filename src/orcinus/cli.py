@@ -200,7 +200,11 @@ def _while_loading(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    # the arguments as given: benchmark reports keep them, so that `bench validate-sim` can run
+    # the same command again on the simulated executor
+    args.argv = argv
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     level = str(getattr(args, "log_level", "INFO")).upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO),

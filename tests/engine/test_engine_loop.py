@@ -163,6 +163,11 @@ def test_observers_see_every_step_and_the_batches_it_launched():
     # prompts, then one decode per sampled token except each request's last
     assert sum(b.num_tokens for b in launched) == 13 + (3 - 1) + (2 - 1)
     assert all(b.num_tokens <= 8 for b in launched)
+    # what the simulator's calibration reads: a chunk short of its prompt's end samples nothing
+    # ("a"'s 10-token prompt runs in two chunks under the budget of 8)
+    assert sum(b.num_sampled for b in launched) == 5
+    assert all(b.num_sampled <= b.num_requests for b in launched)
+    assert all(b.kv_tokens >= b.num_tokens and b.keys_seen >= b.num_tokens for b in launched)
     assert seen[-1].stats.generation_tokens_total == 5 and seen[-1].stats.num_running == 0
     engine.remove_observer(seen.append)
     steps = len(seen)

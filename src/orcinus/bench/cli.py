@@ -20,6 +20,9 @@ def add_bench_subparsers(sub: argparse._SubParsersAction) -> None:
     _add_sweep(sub)
     _add_bf16(sub)
     _add_random_checkpoint(sub)
+    from orcinus.bench.sim_validate import add_validate_sim_parser
+
+    add_validate_sim_parser(sub)
     from orcinus.sim.cli import add_sim_subparsers
 
     add_sim_subparsers(sub)
@@ -67,6 +70,12 @@ def _cmd_bf16(args: argparse.Namespace) -> int:
 def _quiet_http_logs() -> None:
     # httpx logs every request at INFO: thousands of lines that would bury the report.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def rerun_argv(args: argparse.Namespace) -> list[str] | None:
+    """The command's arguments after `orcinus` (["bench", "offline", ...]), as parsed by the CLI."""
+    argv = getattr(args, "argv", None)
+    return list(argv) if argv is not None else None
 
 
 def _rates(text: str) -> list[float]:
@@ -136,6 +145,8 @@ def _cmd_offline(args: argparse.Namespace) -> int:
     from orcinus.thread_policy import applied
 
     report.settings["mode"] = args.mode
+    # what `bench validate-sim` needs to run this trace again on the simulated executor
+    report.settings["rerun_argv"] = rerun_argv(args)
     report.settings["cpu_thread_policy"] = applied().describe()
     if args.simulate:
         from orcinus.sim.bench_hooks import run_offline_simulated
@@ -302,6 +313,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                {"command": command_line(), "machine": machine | {"load_avg_1m_end": load_average()},
                 "target": args.target, "simulate": args.simulate, "arrival": args.arrival, "lengths_known": args.lengths_known,
                 "trace": spec.describe() | trace_summary(trace), "configs": [c.__dict__ for c in configs],
+                "rerun_argv": rerun_argv(args),
                 "points": points})
     with open(os.path.join(args.output_dir, "sweep.md"), "w") as f:
         f.write(f"Command: `{command_line()}`\n\nMachine: {machine}\n\n{table}\n\n![Figure 10]({os.path.basename(png)})\n")

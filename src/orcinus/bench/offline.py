@@ -76,6 +76,9 @@ class BackendResult:
     profile: dict | None = None  # per-phase seconds of the timed run (--profile)
     single: dict | None = None  # --mode single: TTFT and ms per output token (single_stream.summarize)
     peer: dict | None = None  # peer backends: their version and settings
+    # orcinus backends with known lengths: per request, (finish - arrival) / output tokens, in ms
+    median_normalized_latency_ms: float = math.nan
+    p90_normalized_latency_ms: float = math.nan
 
     @property
     def ok(self) -> bool:
@@ -184,6 +187,17 @@ class OfflineReport:
         return text
 
 
+def set_normalized_latency(res: BackendResult, latencies: Sequence[tuple[float, int]]) -> None:
+    """The median and p90 of (seconds, output tokens) per request as ms per token, the Orca paper's
+    normalized latency (every request arrives at the start here)."""
+    from orcinus.bench.metrics import Stats
+
+    values = [s / n for s, n in latencies if n > 0]
+    if values:
+        st = Stats.of(values, 1000.0)
+        res.median_normalized_latency_ms, res.p90_normalized_latency_ms = st.median, st.p90
+
+
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -267,6 +281,8 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
             if lengths_known:
                 outs, res.elapsed_s, res.cpu_s = _timed(llm.generate, prompts, params, use_tqdm=progress)
                 got = [len(o.outputs[0].token_ids) for o in outs]
+                set_normalized_latency(res, [(o.metrics.finished_time - o.metrics.arrival_time, n)
+                                             for o, n in zip(outs, got) if o.metrics and o.metrics.finished_time])
             else:  # no max_tokens: each request ends at its trace length, unforeseen (see eos_emulation)
                 from orcinus.bench.eos_emulation import generate_until_trace_lengths
 

@@ -44,6 +44,10 @@ class LaunchedBatch:
     num_requests: int
     num_tokens: int  # positions the model computes: prompts (or chunks), decodes, recomputation
     num_prompt_tokens: int  # of those, prompt positions (a cached prefix is not computed again)
+    # what its cost depends on (the simulator's calibration reads these, sim/cost_model.BatchShape):
+    num_sampled: int = 0  # rows that sample a token (a prompt chunk short of the end does not)
+    keys_seen: float = 0.0  # sum over computed positions of the keys each attends to (causal)
+    kv_tokens: int = 0  # sum over rows of context + new tokens
 
 
 @dataclass

@@ -54,9 +54,15 @@ class _InFlight:
 
 def _launched(batch: ScheduledBatch) -> LaunchedBatch:
     # Counted as scheduled: num_computed_tokens already includes a cached prefix found at admission.
-    prompt = sum(max(0, min(req.num_computed_tokens + n, req.num_prompt_tokens) - req.num_computed_tokens)
-                 for req, n in zip(batch.requests, batch.num_new_tokens))
-    return LaunchedBatch(len(batch.requests), sum(batch.num_new_tokens), prompt)
+    prompt = sampled = kv = 0
+    keys = 0.0
+    for req, n in zip(batch.requests, batch.num_new_tokens):
+        c = req.num_computed_tokens
+        prompt += max(0, min(c + n, req.num_prompt_tokens) - c)
+        sampled += c + n == req.num_tokens  # as the batch message decides (engine/batch_messages.py)
+        keys += n * c + n * (n + 1) / 2
+        kv += c + n
+    return LaunchedBatch(len(batch.requests), sum(batch.num_new_tokens), prompt, sampled, keys, kv)
 
 
 def _rows_of(result: SamplerOutput) -> list[tuple[int, float, dict | None]]:

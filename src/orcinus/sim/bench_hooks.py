@@ -8,6 +8,8 @@ import logging
 import math
 from typing import Callable, Sequence
 
+import torch
+
 from orcinus.bench.workloads import BenchRequest
 from orcinus.config import EngineConfig
 from orcinus.sim.clock import VirtualClock
@@ -35,8 +37,19 @@ def serving_dtype(config: EngineConfig, hardware_kind: str) -> str:
 
 def target_from(config: EngineConfig, hardware: str) -> SimTarget:
     hw = load_hardware(hardware)
-    return SimTarget(load_shape(config.model), hw, Parallel(config.tensor_parallel_size, config.pipeline_parallel_size),
-                     serving_dtype(config, hw.kind))
+    dtype = serving_dtype(config, hw.kind)
+    shape = load_shape(config.model)
+    if hw.kind == "cpu" and config.model not in PRESETS:
+        # the weights' bytes as the model was held when `bench calibrate` loaded it (quantized blocks)
+        from orcinus.sim.weight_bytes import lookup_weight_info, model_key
+
+        weights = lookup_weight_info(model_key(config.model, config.quantization, dtype))
+        if weights is None:
+            logger.warning("no measured weight bytes for %s (%s, %s): the cost model assumes %s weights; "
+                           "`orcinus bench calibrate --model ...` measures them", shape.name, config.quantization,
+                           dtype, dtype)
+        shape = dataclasses.replace(shape, weights=weights)
+    return SimTarget(shape, hw, Parallel(config.tensor_parallel_size, config.pipeline_parallel_size), dtype)
 
 
 def sim_trace(spec, model: str | None) -> list[BenchRequest]:
@@ -65,13 +78,19 @@ def simulate_orcinus_backend(config: EngineConfig, backend: str, target: SimTarg
                              lengths_known: bool = True):
     """`bench offline`'s run_orcinus on the simulated executor: every request at time 0."""
     from orcinus.bench.kv_usage import KVRecorder
-    from orcinus.bench.offline import CHUNKED_BUDGET, BackendResult
+    from orcinus.bench.offline import CHUNKED_BUDGET, BackendResult, set_normalized_latency
     from orcinus.sim.replay import trace_lengths
     from orcinus.sampling_params import SamplingParams
 
     res = BackendResult(backend)
     policy, chunked = backend.removesuffix("-chunked"), backend.endswith("-chunked")
-    budget = (config.max_num_batched_tokens or CHUNKED_BUDGET) if chunked else (config.max_num_batched_tokens or 1 << 30)
+    # the real run's budgets (bench/offline.run_orcinus): unchunked backends get bench/budgets.py's
+    # finite one for the target's device type, which decides how many prompts share an iteration
+    from orcinus.bench.budgets import unchunked_budget
+
+    device = torch.device("cpu" if target.hardware.kind == "cpu" else "cuda")
+    budget = config.max_num_batched_tokens or (
+        CHUNKED_BUDGET if chunked else unchunked_budget(device, [r.prompt_len for r in trace]))
     cfg = dataclasses.replace(config, scheduler_policy=policy, max_num_batched_tokens=budget)
     clock = VirtualClock()
     engine, executor = build_sim_engine(cfg, target, None if lengths_known else trace_lengths(trace, "off-"), clock)
@@ -80,6 +99,7 @@ def simulate_orcinus_backend(config: EngineConfig, backend: str, target: SimTarg
         recorder = KVRecorder(engine)
         recorder.restart()
         got: dict[str, int] = {}
+        ended: dict[str, float] = {}  # virtual finish time per request (all arrive at 0)
         for i, r in enumerate(trace):
             params = SamplingParams(temperature=0.0, max_tokens=r.output_len if lengths_known else None,
                                     ignore_eos=lengths_known)
@@ -87,6 +107,8 @@ def simulate_orcinus_backend(config: EngineConfig, backend: str, target: SimTarg
         while engine.has_unfinished_requests():
             for out in engine.step():
                 got[out.request_id] = len(out.outputs[0].token_ids)
+                if out.finished:
+                    ended[out.request_id] = clock.now
         recorder.detach()
         res.elapsed_s = clock.now
         counts = [got.get(f"off-{i}", 0) for i in range(len(trace))]
@@ -94,6 +116,7 @@ def simulate_orcinus_backend(config: EngineConfig, backend: str, target: SimTarg
         if wrong:
             res.status = f"error: generated/asked token counts differ, e.g. {wrong[:3]}"
         res.output_tokens = sum(counts)
+        set_normalized_latency(res, [(ended[rid], n) for rid, n in got.items() if rid in ended])
         res.kv = recorder.summary().as_dict()
         res.profile = {"simulated": True, "iterations": executor.stats.iterations,
                        "busy_s": executor.stats.busy_s, "overhead_s": executor.stats.overhead_s,

@@ -1,17 +1,20 @@
 """`orcinus bench calibrate`: fit the cost model's efficiencies and the engine's per-iteration
 overhead to this machine, from orcinus's own measured iterations.
 
-Measurement: the real engine (default model) runs a few offline workloads chosen to span the
-cost model's regimes (single requests, decode batches of 8-48 rows, whole prompts, prompt chunks);
-each iteration's forward time is taken on the forward thread around the executor's call, and each
-step's own time (the step minus its wait for the iteration) is the control plane. The phase
-profile of `bench/profile.py` is recorded beside it.
+Measurement: the real engine (default model, default thread policy) runs offline workloads chosen
+to span what runs do (single requests, decode batches of 8-64 rows, whole prompts alone and many
+at once, prompts joining running decodes, prompt chunks); every iteration is timed through the
+engine's observer hooks (`IterationTimer`): its shape from the batch the engine reports launching,
+its time from the forward thread's phases reported with its result; the step's time less that
+forward is the control plane. The phase profile of `bench/profile.py` is recorded beside it, and
+the loaded model's weight bytes (`sim/weight_bytes.py`: quantized blocks as held).
 
-Fit: forward time = gemm x 1/eff_gemm (compute-bound GEMMs) + (memory-bound GEMM bytes +
-element-wise bytes) x 1/eff_memory + attention x 1/eff_attention (each at the machine's measured
-peak rates); which GEMMs are compute-bound depends on the efficiencies, so classification and a
-non-negative least-squares fit (relative error) alternate until they agree. Overhead = a + b x rows,
-least squares. The result is stored as the `this-machine` hardware.
+Fit: forward time = fixed + per row x rows + compute-bound GEMM flops x 1/eff_gemm + (memory-bound
+GEMM bytes + element-wise bytes) x 1/eff_memory + attention x 1/eff_attention + for quantized
+weights the integer kernel's flops x 1/eff_qdot and the dequantised bytes x 1/eff_dequant (each at
+the machine's measured peak rates); which GEMMs are compute-bound depends on the efficiencies, so
+classification and a non-negative least-squares fit (relative error) alternate until they agree.
+Overhead = a + b x rows, least squares. The result is stored as the `this-machine` hardware.
 """
 from __future__ import annotations
 
@@ -21,27 +24,32 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
+from orcinus.engine.iteration_stats import IterationStats
 from orcinus.sim.cost_model import BatchShape, CostModel, Parallel
 from orcinus.sim.hardware import HARDWARE_DIR, Hardware, HardwareError, Overhead, calibration_path
 from orcinus.sim.shapes import ModelShape
+from orcinus.sim.weight_bytes import WeightInfo, measure_weight_info, model_key, store_weight_info
 
 logger = logging.getLogger(__name__)
-FIT_CLASSES = ("gemm", "memory", "attention")
+FIT_CLASSES = ("gemm", "memory", "attention", "qdot", "dequant")
 
 
-# ------------------------------------------------------------------------------------ fitting
 def _features(cost: CostModel, b: BatchShape, eff: dict[str, float]) -> list[float]:
+    """Seconds of each class at efficiency 1, in FIT_CLASSES order: the GEMMs on whichever side of
+    the roofline the current efficiencies put them, element-wise bytes with the memory-bound
+    side, attention, and the quantized weights' integer kernel and dequantisation."""
     w = cost.stage_work(b, 0)
     peak, bw = cost.peak, cost.hw.memory_bandwidth
     gc, gm = w.gemm_flops / peak, w.gemm_bytes / bw
     compute_bound = gc / eff["gemm"] > gm / eff["memory"]
     return [gc if compute_bound else 0.0, (0.0 if compute_bound else gm) + w.elem_bytes / bw,
-            max(w.attn_flops / peak, w.attn_bytes / bw)]
+            max(w.attn_flops / peak, w.attn_bytes / bw), w.qdot_flops / peak, w.dequant_bytes / bw]
 
 
 def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -87,9 +95,13 @@ def fit_efficiencies(cost: CostModel, samples: Sequence[tuple[BatchShape, float]
     for _ in range(rounds):
         a = np.array([_features(cost, b, eff) + ([1.0, float(b.rows)] if with_fixed else []) for b, _ in samples])
         x = _robust_fit(a, y)
-        new = {c: min(1.0 / v, 10.0) if v > 1e-12 else 10.0 for c, v in zip(FIT_CLASSES, x)}
+        # a class no sample exercises (no quantized weights, say) keeps the hardware's value
+        seen = np.any(a[:, :len(FIT_CLASSES)] > 0, axis=0)
+        new = {c: (min(1.0 / v, 10.0) if v > 1e-12 else 10.0) if used else cost.hw.eff(c)
+               for c, v, used in zip(FIT_CLASSES, x, seen)}
         if with_fixed:
-            fixed = Overhead(float(x[3]), float(x[4]), 0.0)
+            k = len(FIT_CLASSES)
+            fixed = Overhead(float(x[k]), float(x[k + 1]), 0.0)
         done = all(abs(new[c] - eff[c]) < 1e-6 * eff[c] for c in FIT_CLASSES)
         eff = new
         if done:
@@ -116,13 +128,21 @@ class Workload:
     budget: int = 1 << 30
 
 
+# Chosen to span what runs will do: one row, decode batches of 8, 24 and 64 rows (past the
+# quantized path's crossover, layers/quantized_linear.DEQUANT_MIN_ROWS), whole prompts alone and
+# many at once, and mixed iterations (prompts joining running decodes; prompt chunks beside them).
+# ~3 min of measurement on the 2-core Xeon (2 min before decode-16 was added, at load average 2);
+# --quick ~20 s.
 WORKLOADS = (
     Workload("single", 1, 3, (16, 200), (24, 24)),
     Workload("decode-8", 8, 16, (32, 256), (8, 48)),
-    Workload("decode-48", 48, 64, (16, 128), (16, 48)),
-    Workload("chunked", 16, 12, (200, 400), (8, 16), budget=128),
+    Workload("decode-16", 16, 32, (16, 200), (16, 64)),
+    Workload("mixed-24", 24, 48, (16, 160), (4, 48)),
+    Workload("decode-64", 64, 128, (16, 96), (16, 64)),
+    Workload("chunked", 16, 24, (200, 400), (8, 24), budget=128),
 )
-QUICK = (Workload("single", 1, 2, (16, 64), (8, 8)), Workload("decode-8", 8, 8, (16, 96), (4, 16)))
+QUICK = (Workload("single", 1, 2, (16, 64), (8, 8)), Workload("decode-8", 8, 8, (16, 96), (4, 16)),
+         Workload("decode-64", 64, 64, (8, 32), (6, 10)))
 
 
 @dataclass
@@ -130,30 +150,51 @@ class Measured:
     forward: list[tuple[BatchShape, float]] = field(default_factory=list)
     overhead: list[tuple[int, float]] = field(default_factory=list)  # (rows, engine seconds per step)
     profile_markdown: str = ""
+    weights: WeightInfo | None = None  # of the model measured, as loaded
+    requests: list[tuple[int, int]] = field(default_factory=list)  # (prompt, output) lengths run
 
 
-def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: int = 0,
-            basis: str = "wall") -> Measured:
-    """basis "wall" (default): wall-clock seconds. "cpu": CPU seconds, which light load from
-    others does not stretch: the process's CPU time over a forward divided by torch's threads
-    (every thread of the OpenMP team works or spins through an iteration), and the engine thread's
-    own CPU time over a step (it sleeps while it waits). On an oversubscribed machine OpenMP's
-    spinning while a descheduled peer is awaited inflates it (measured: 0.5-1 s per decode of the
-    default model at load average 19, against ~0.05-0.25 s of wall time)."""
+class IterationTimer:
+    """An engine observer (`LLMEngine.add_observer(fn, phases=True)`, engine/iteration_stats.py):
+    each iteration's shape from the batches the engine reports launching, its time from the
+    forward thread's phases (input preparation + forward + sampling) that the worker reports with
+    the iteration's result. Batches are collected in the order they are launched, so the k-th
+    timed iteration is the k-th launched batch. The engine's own share of a step, beyond the
+    forward it waited for, is the step's time less that forward's (the control plane that the
+    forward does not overlap)."""
+
+    def __init__(self) -> None:
+        self.pending: deque[BatchShape] = deque()
+        self.forward: list[tuple[BatchShape, float]] = []
+        self.overhead: list[tuple[int, float]] = []
+
+    def __call__(self, it: IterationStats) -> None:
+        for b in it.launched:
+            self.pending.append(BatchShape(b.num_tokens, b.num_requests, b.num_sampled, b.keys_seen, b.kv_tokens))
+        if it.phases is None:
+            return
+        for worker in it.phases.worker:
+            shape = self.pending.popleft()
+            seconds = sum(worker.seconds.get(p, 0.0) for p in ("input preparation", "forward", "sampling"))
+            self.forward.append((shape, seconds))
+            if len(it.phases.worker) == 1:
+                self.overhead.append((shape.rows, max(it.phases.step_s - seconds, 0.0)))
+
+    def clear(self) -> None:
+        self.forward.clear()
+        self.overhead.clear()
+
+
+def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: int = 0) -> Measured:
+    """Runs each workload through the real engine (orca policy, no prefix caching) and times its
+    iterations through the engine's observer hooks; wall-clock seconds."""
     import random
-
-    import torch
 
     from orcinus.bench.profile import profile_phases
     from orcinus.config import EngineConfig
     from orcinus.engine.llm_engine import LLMEngine
     from orcinus.sampling_params import SamplingParams
-    from orcinus.sim.executor import RowTracker
 
-    if basis not in ("cpu", "wall"):
-        raise ValueError(f"basis must be cpu or wall, not {basis!r}")
-    clock = time.process_time if basis == "cpu" else time.perf_counter
-    engine_clock = time.thread_time if basis == "cpu" else time.perf_counter
     out = Measured()
     rng = random.Random(seed)
     for wl in workloads:
@@ -161,64 +202,45 @@ def measure(model: str | None, dtype: str, workloads: Sequence[Workload], seed: 
                                         max_num_seqs=wl.max_num_seqs, max_num_batched_tokens=wl.budget,
                                         enable_prefix_caching=False))
         try:
-            executor, tracker = engine.executor, RowTracker()
-            # The call that runs an iteration on the forward thread: the in-process executor's
-            # `_execute` where it has one, else its (synchronous) `execute_async`.
-            attr = "_execute" if hasattr(executor, "_execute") else "execute_async"
-            inner = getattr(executor, attr)
-            timed: list[tuple[BatchShape, float]] = []
-
-            def execute(msg, inner=inner, tracker=tracker, timed=timed):  # runs on the forward thread
-                rows, _ = tracker.rows(msg)
-                t0 = clock()
-                out = inner(msg)
-                if hasattr(out, "result"):
-                    out.result()
-                if rows:
-                    timed.append((BatchShape.of(rows), (clock() - t0) / per_thread))
-                return out
-
-            per_thread = torch.get_num_threads() if basis == "cpu" else 1
-            setattr(executor, attr, execute)
-            waits: list[float] = []
-            wait_inner = engine._wait_for
-
-            def wait_for(flight, wait_inner=wait_inner, waits=waits):
-                t0 = engine_clock()
-                try:
-                    return wait_inner(flight)
-                finally:
-                    waits.append(engine_clock() - t0)
-
-            engine._wait_for = wait_for
+            if out.weights is None:
+                out.weights = loaded_weight_info(engine)
             vocab = engine.model_config.vocab_size
+            # warm-up: first calls at the workload's widest shapes (allocations, scratch buffers)
             warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-            engine.add_request("warm", {"prompt_token_ids": [1 + i % (vocab - 1) for i in range(16)]}, warm)
+            for i in range(min(wl.max_num_seqs, wl.num_requests)):
+                engine.add_request(f"warm-{i}", {"prompt_token_ids": [1 + (i + j) % (vocab - 1)
+                                                                      for j in range(wl.prompt_len[0])]}, warm)
             while engine.has_unfinished_requests():
                 engine.step()
-            timed.clear()
-            waits.clear()
             for i in range(wl.num_requests):
                 p = rng.randint(*wl.prompt_len)
                 params = SamplingParams(temperature=0.0, max_tokens=rng.randint(*wl.output_len), ignore_eos=True)
+                out.requests.append((p, params.max_tokens))
                 engine.add_request(f"{wl.label}-{i}", {"prompt_token_ids": [rng.randrange(1, vocab) for _ in range(p)]},
                                    params)
-            steps: list[tuple[int, float]] = []
-            with profile_phases(engine) as prof:
-                while engine.has_unfinished_requests():
-                    flight_rows = engine._in_flight[0].message.num_requests if engine._in_flight else None
-                    t0 = engine_clock()
-                    engine.step()
-                    steps.append((flight_rows, engine_clock() - t0))
-            out.forward += timed
-            # step k waits for the iteration launched at the end of step k-1 (the first launches its own)
-            for (rows, step_s), wait_s, shape in zip(steps, waits, [b for b, _ in timed]):
-                out.overhead.append((rows if rows is not None else shape.rows, max(step_s - wait_s, 0.0)))
+            timer = IterationTimer()
+            engine.add_observer(timer, phases=True)
+            try:
+                with profile_phases(engine) as prof:
+                    while engine.has_unfinished_requests():
+                        engine.step()
+            finally:
+                engine.remove_observer(timer)
+            out.forward += timer.forward
+            out.overhead += timer.overhead
             out.profile_markdown += f"\n\n{wl.label}:\n\n{prof.to_markdown()}"
-            logger.info("calibrate: %s: %d iterations", wl.label, len(timed))
+            logger.info("calibrate: %s: %d iterations, up to %d rows", wl.label, len(timer.forward),
+                        max((b.rows for b, _ in timer.forward), default=0))
         finally:
             engine.shutdown()
     return out
+
+
+def loaded_weight_info(engine) -> WeightInfo | None:
+    """The weights' bytes as the engine's in-process worker holds them (None with worker processes)."""
+    worker = getattr(engine.executor, "driver_worker", None)
+    model = getattr(getattr(worker, "runner", None), "model", None)
+    return measure_weight_info(model, engine.dtype) if model is not None else None
 
 
 @dataclass
@@ -241,34 +263,36 @@ class Calibration:
 
 
 def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick: bool = False,
-                           output: str | None = None, basis: str = "wall") -> Calibration:
+                           output: str | None = None) -> Calibration:
     import torch
 
     from orcinus.bench.floor import measure_device
     from orcinus.bench.report import load_average
     from orcinus.bench.trace_builder import read_model_config
     from orcinus.config import EngineConfig
-
     from orcinus.executor.platform import resolve_for_config
+    from orcinus.thread_policy import applied
 
-    resolved = str(resolve_for_config(EngineConfig(model=model, dtype=dtype, device="cpu"))[1]).removeprefix("torch.")
+    config = EngineConfig(model=model, dtype=dtype, device="cpu")
+    resolved = str(resolve_for_config(config)[1]).removeprefix("torch.")
     with open(os.path.join(HARDWARE_DIR, "xeon-2core.json")) as f:
         base = Hardware.from_dict(json.load(f))
-    if basis == "wall":  # peak rates measured now, as the iterations are
-        rates = measure_device(torch.device("cpu"), getattr(torch, resolved), repeats=3 if quick else 5)
-        peak, bandwidth, label = rates.matmul_flops, rates.copy_bandwidth, rates.label
-    else:  # on a busy machine a measurement now is stretched by others' load: the preset's quiet one
-        peak, bandwidth, label = base.flops_for(resolved), base.memory_bandwidth, "xeon-2core preset"
+    t0 = time.perf_counter()
+    rates = measure_device(torch.device("cpu"), getattr(torch, resolved), repeats=3 if quick else 5)
+    peak, bandwidth = rates.matmul_flops, rates.copy_bandwidth
     hw = dataclasses.replace(base, name="this-machine", peak_flops=peak, peak_flops_by_dtype={resolved: peak},
                              memory_bandwidth=bandwidth)
-    shape = ModelShape.from_model_config(read_model_config(model), name=model or "default")
     load_before = load_average()
-    m = measure(model, dtype, QUICK if quick else WORKLOADS, basis=basis)
+    m = measure(model, dtype, QUICK if quick else WORKLOADS)
+    shape = ModelShape.from_model_config(read_model_config(model), name=model or "default", weights=m.weights)
+    if m.weights is not None:  # for the simulator's runs of this model (sim/bench_hooks.target_from)
+        store_weight_info(model_key(model, config.quantization, resolved), m.weights)
     source = (f"orcinus bench calibrate on {time.strftime('%Y-%m-%d %H:%M')} UTC: model {shape.name}, {resolved}, "
-              f"{len(m.forward)} iterations, {basis} time, load average {load_before} -> {load_average()}",
-              f"peak rates ({label}): {peak / 1e9:.1f} GFLOP/s matmul, {bandwidth / 1e9:.1f} GB/s copy")
-    cal = fit_and_store(shape, hw, resolved, m, output or calibration_path(), source)
-    return cal
+              f"{len(m.forward)} iterations (up to {max((b.rows for b, _ in m.forward), default=0)} rows) in "
+              f"{time.perf_counter() - t0:.0f} s, wall time through the engine's observers, load average "
+              f"{load_before} -> {load_average()}, CPU threads {applied().describe()}",
+              f"peak rates ({rates.label}): {peak / 1e9:.1f} GFLOP/s matmul, {bandwidth / 1e9:.1f} GB/s copy")
+    return fit_and_store(shape, hw, resolved, m, output or calibration_path(), source)
 
 
 def fit_and_store(shape: ModelShape, hw: Hardware, resolved: str, m: Measured, path: str,
@@ -288,7 +312,8 @@ def fit_and_store(shape: ModelShape, hw: Hardware, resolved: str, m: Measured, p
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         # the measured iterations ride along, to refit or inspect (Hardware.from_dict ignores them)
-        json.dump(hw.to_dict() | {"calibration_samples": {
+        json.dump(hw.to_dict() | {"model_weights": dataclasses.asdict(m.weights) if m.weights else None,
+                                  "calibration_samples": {
             "forward": [[b.tokens, b.rows, b.sampled, b.keys_seen, b.kv_tokens, t] for b, t in m.forward],
             "engine_own": [[r, t] for r, t in m.overhead]}}, f, indent=2)
     return Calibration(hw, shape.name, resolved, len(m.forward), float(np.median(errs)), path, m.profile_markdown)
@@ -306,7 +331,9 @@ def refit(samples_path: str, model: str | None = None, output: str | None = None
     resolved = next(iter(hw.peak_flops_by_dtype), "float32")
     shape = ModelShape.from_model_config(read_model_config(model), name=model or "default")
     samples = stored["calibration_samples"]
+    weights = WeightInfo(**stored["model_weights"]) if stored.get("model_weights") else None
+    shape = dataclasses.replace(shape, weights=weights)
     m = Measured([(BatchShape(int(t), int(r), int(s), k, int(kv)), sec) for t, r, s, k, kv, sec in samples["forward"]],
-                 [(int(r), sec) for r, sec in samples["engine_own"]])
+                 [(int(r), sec) for r, sec in samples["engine_own"]], weights=weights)
     source = tuple(x for x in hw.sources if not x.startswith("efficiencies and overhead fitted"))
     return fit_and_store(shape, hw, resolved, m, output or calibration_path(), (*source, f"refit from {samples_path}"))

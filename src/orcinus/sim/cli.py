@@ -36,12 +36,9 @@ def add_sim_subparsers(sub: argparse._SubParsersAction) -> None:
                                          "the simulator's efficiencies and overheads (stored as this-machine)")
     c.add_argument("--model", default=None, help="checkpoint folder or .gguf (default: the default model)")
     c.add_argument("--dtype", default="auto")
-    c.add_argument("--quick", action="store_true", help="a smaller measurement (tests, a first look)")
+    c.add_argument("--quick", action="store_true", help="a smaller measurement (~1 min: tests, a first look; the "
+                                                         "full one takes ~3-5 min on a quiet 2-core machine)")
     c.add_argument("--output", default=None, help="where to store it (default: the calibration cache)")
-    c.add_argument("--time-basis", choices=("cpu", "wall"), default="wall",
-                   help="wall (default): wall-clock seconds, what a run measures; cpu: CPU seconds per thread "
-                        "(not stretched by others' load when it is light, but OpenMP's spinning inflates it when the "
-                        "machine is oversubscribed)")
     c.add_argument("--from-samples", default=None, metavar="JSON",
                    help="refit from the iterations a previous calibration stored (no measurement)")
     c.set_defaults(func=_cmd_calibrate)
@@ -90,8 +87,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
         cal = refit(args.from_samples, args.model, args.output)
     else:
-        cal = calibrate_this_machine(args.model, args.dtype, quick=args.quick, output=args.output,
-                                     basis=args.time_basis)
+        cal = calibrate_this_machine(args.model, args.dtype, quick=args.quick, output=args.output)
     print(cal.summary())
     return 0
 

@@ -2,8 +2,10 @@
 
 For each pipeline stage, on one of its tensor-parallel devices:
 - GEMMs (q/k/v, output projection, MLP; the LM head on the last stage): 2 flops per parameter per
-  token, every weight byte read once; time = max(flops / (peak x eff_gemm), bytes / (bandwidth x
-  eff_memory)).
+  token, every weight byte read once (the bytes the loaded model holds where `ModelShape.weights`
+  gives them: quantized blocks); time = max(flops / (peak x eff_gemm), bytes / (bandwidth x
+  eff_memory)). Quantized weights add their own kernels' time: the integer kernel's flops below
+  the crossover (eff_qdot), the dequantisation's bytes from it up (eff_dequant).
 - Attention, per request: QK^T and PV flops over its context (causal within the new tokens) and
   its whole KV read once plus the new KV written; time = max(flops / peak, bytes / bandwidth) /
   eff_attention.
@@ -71,6 +73,8 @@ class StageWork:
     attn_flops: float = 0.0
     attn_bytes: float = 0.0
     elem_bytes: float = 0.0
+    qdot_flops: float = 0.0  # GEMM flops of quantized weights run by the integer kernel (few rows)
+    dequant_bytes: float = 0.0  # quantized weights dequantised into the activations' dtype (many rows)
     comm_bytes: float = 0.0  # ring-sized bytes each device sends for the TP collectives
     comm_steps: int = 0  # latency-bound steps of those collectives
     send_bytes: float = 0.0  # to the next stage (0 on the last)
@@ -116,8 +120,12 @@ class CostModel:
         last = stage == self.par.pp - 1
         w = StageWork()
         params = sh.layer_linear_params / tp
+        wi = sh.weights
         w.gemm_flops = 2.0 * b.tokens * params * L
-        w.gemm_bytes = params * self.wb * L
+        w.gemm_bytes = (wi.layer_bytes / tp if wi else params * self.wb) * L
+        if wi and wi.layer_quant_elements:
+            self._quantized_path(w, b.tokens, wi.layer_quant_elements / tp * L, w.gemm_flops
+                                 * min(wi.layer_quant_elements / sh.layer_linear_params, 1.0))
         heads = sh.num_heads / tp
         w.attn_flops = 4.0 * heads * sh.head_dim * b.keys_seen * L
         w.attn_bytes = 2.0 * self.kv_heads_per_device() * sh.head_dim * self.kvb * (b.kv_tokens + b.tokens) * L
@@ -130,7 +138,9 @@ class CostModel:
         if last:
             head = sh.vocab_size * sh.hidden_size / tp
             w.gemm_flops += 2.0 * b.sampled * head
-            w.gemm_bytes += head * self.wb
+            w.gemm_bytes += wi.lm_head_bytes / tp if wi else head * self.wb
+            if wi and wi.lm_head_quant_elements and b.sampled:
+                self._quantized_path(w, b.sampled, wi.lm_head_quant_elements / tp, 2.0 * b.sampled * head)
             w.elem_bytes += 3 * 4.0 * b.sampled * sh.vocab_size  # float32 logits: softmax, sampling
             if tp > 1 and b.sampled:
                 w.comm_bytes += (tp - 1) / tp * b.sampled * sh.vocab_size * 4.0
@@ -139,11 +149,23 @@ class CostModel:
             w.send_bytes = b.tokens * sh.hidden_size * act
         return w
 
+    def _quantized_path(self, w: StageWork, rows: int, elements: float, flops: float) -> None:
+        """Weights kept in quantized blocks (layers/quantized_linear.py): below the crossover the
+        integer kernel does their flops (its own efficiency, `qdot`); from it up they are
+        dequantised into the activations' dtype (`dequant`, bytes written) and a float GEMM runs."""
+        if rows >= self.shape.weights.dequant_min_rows:
+            w.dequant_bytes += elements * self.wb
+        else:
+            w.gemm_flops -= flops
+            w.qdot_flops += flops
+
     # ------------------------------------------------------------------ time
     def stage_time(self, b: BatchShape, stage: int) -> StageTime:
         w, hw = self.stage_work(b, stage), self.hw
         bw = hw.memory_bandwidth
         gemm = max(w.gemm_flops / (self.peak * hw.eff("gemm")), w.gemm_bytes / (bw * hw.eff("memory")))
+        if w.qdot_flops or w.dequant_bytes:  # quantized weights: their own kernels, added to the roofline's
+            gemm += w.qdot_flops / (self.peak * hw.eff("qdot")) + w.dequant_bytes / (bw * hw.eff("dequant"))
         attn = max(w.attn_flops / self.peak, w.attn_bytes / bw) / hw.eff("attention")
         elem = w.elem_bytes / (bw * hw.eff("memory"))
         link = self.tp_link
@@ -162,7 +184,14 @@ class CostModel:
 
     # ------------------------------------------------------------------ memory
     def weight_bytes_per_device(self, stage: int) -> float:
-        sh = self.shape
+        sh, wi = self.shape, self.shape.weights
+        if wi is not None:  # as the loaded model holds them
+            per = wi.layer_bytes * self.stage_layers[stage]
+            if stage == 0:
+                per += wi.embedding_bytes
+            if stage == self.par.pp - 1 and not (sh.tie_word_embeddings and self.par.pp == 1):
+                per += wi.lm_head_bytes
+            return per / self.par.tp
         per = sh.layer_linear_params * self.stage_layers[stage] / self.par.tp
         if stage == 0:
             per += sh.vocab_size * sh.hidden_size / self.par.tp

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orcinus.config import ModelConfig
+from orcinus.sim.weight_bytes import WeightInfo
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -25,6 +26,8 @@ class ModelShape:
     mlp_matrices: int = 3  # gated MLP (Llama); 2 for GPT-style MLPs
     tie_word_embeddings: bool = False
     eos_token_id: int = 0
+    # the weights as a loaded model holds them (quantized blocks); None: every weight in the serving dtype
+    weights: WeightInfo | None = None
 
     @property
     def q_size(self) -> int:
@@ -54,12 +57,12 @@ class ModelShape:
                            tie_word_embeddings=self.tie_word_embeddings, eos_token_ids=[self.eos_token_id])
 
     @classmethod
-    def from_model_config(cls, cfg: ModelConfig, name: str = "") -> "ModelShape":
+    def from_model_config(cls, cfg: ModelConfig, name: str = "", weights: WeightInfo | None = None) -> "ModelShape":
         mlp = 2 if cfg.architecture in ("gpt2", "opt") else 3
         eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
         return cls(name or cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                    cfg.head_dim, cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings, mlp,
-                   cfg.tie_word_embeddings, eos)
+                   cfg.tie_word_embeddings, eos, weights)
 
 
 def _gpt3(name: str, layers: int, hidden: int) -> ModelShape:
