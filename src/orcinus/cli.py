@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     # the arguments as given: benchmark reports keep them, so that `bench validate-sim` can run
     # the same command again on the simulated executor
     args.argv = argv
+    args.root_parser = parser  # `bench validate-sim` parses the commands it runs again with it
     debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     level = str(getattr(args, "log_level", "INFO")).upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO),

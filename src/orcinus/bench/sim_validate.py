@@ -123,14 +123,16 @@ def simulated_argv(argv: Sequence[str], hardware: str, out: str) -> list[str]:
     return kept + ["--output-dir", out]
 
 
-def simulate_report(report: dict, hardware: str) -> dict:
-    """The simulated run's JSON report of the same command."""
-    from orcinus.cli import build_parser
-
+def simulate_report(report: dict, hardware: str, parser: argparse.ArgumentParser | None) -> dict:
+    """The simulated run's JSON report of the same command. `parser` is orcinus' root parser
+    (`orcinus.cli` hands it over: this layer may not import the CLI above it)."""
+    if parser is None:
+        raise ValueError("validate-sim needs orcinus' command-line parser to run a report again: "
+                         "call it through `orcinus bench validate-sim` (or pass orcinus.cli.build_parser())")
     with tempfile.TemporaryDirectory(prefix="orcinus-validate-sim-") as out:
         argv = simulated_argv(measured_argv(report), hardware, out)
         logger.info("validate-sim: orcinus %s", " ".join(shlex.quote(a) for a in argv))
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         args.argv = argv
         with contextlib.redirect_stdout(io.StringIO()):  # its own report: only the comparison is printed
             args.func(args)
@@ -181,7 +183,8 @@ def compare(run: str, measured: dict, predicted: dict) -> tuple[list[Comparison]
     return out, notes
 
 
-def validate(paths: Sequence[str], hardware: str, tolerance: float = DEFAULT_TOLERANCE) -> Validation:
+def validate(paths: Sequence[str], hardware: str, tolerance: float = DEFAULT_TOLERANCE,
+             parser: argparse.ArgumentParser | None = None) -> Validation:
     comparisons: list[Comparison] = []
     notes: list[str] = []
     for path in paths:
@@ -200,7 +203,7 @@ def validate(paths: Sequence[str], hardware: str, tolerance: float = DEFAULT_TOL
         if machine.get("load_avg_1m") is not None:  # a busy machine's numbers do not validate anything
             notes.append(f"{run}: measured at load average {machine['load_avg_1m']} -> "
                          f"{machine.get('load_avg_1m_end')} on {machine.get('cpu_count')} CPUs")
-        got, why = compare(run, measured, simulate_report(measured, hardware))
+        got, why = compare(run, measured, simulate_report(measured, hardware, parser))
         comparisons += got
         notes += why
     return Validation(hardware, tolerance, comparisons, notes)
@@ -224,7 +227,7 @@ def add_validate_sim_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_validate_sim(args: argparse.Namespace) -> int:
     from orcinus.bench.report import command_line, machine_info, write_json
 
-    v = validate(args.reports, args.simulate, args.tolerance)
+    v = validate(args.reports, args.simulate, args.tolerance, args.root_parser)
     text = v.to_markdown()
     print(text)
     if args.output_json:
