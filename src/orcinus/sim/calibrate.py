@@ -6,8 +6,11 @@ to span what runs do (single requests, decode batches of 8-64 rows, whole prompt
 at once, prompts joining running decodes, prompt chunks); every iteration is timed through the
 engine's observer hooks (`IterationTimer`): its shape from the batch the engine reports launching,
 its time from the forward thread's phases reported with its result; the step's time less that
-forward is the control plane. The phase profile of `bench/profile.py` is recorded beside it, and
-the loaded model's weight bytes (`sim/weight_bytes.py`: quantized blocks as held).
+forward is the control plane. Both the peak-rate measurement and the workloads run on threads that
+end with them, so no OpenMP team is left on the main thread beside the forward thread's
+(bench/own_thread.py): the engine is measured as `bench offline` runs it. The phase profile of
+`bench/profile.py` is recorded beside it, and the loaded model's weight bytes
+(`sim/weight_bytes.py`: quantized blocks as held).
 
 Fit: forward time = fixed + per row x rows + compute-bound GEMM flops x 1/eff_gemm + (memory-bound
 GEMM bytes + element-wise bytes) x 1/eff_memory + attention x 1/eff_attention + for quantized
