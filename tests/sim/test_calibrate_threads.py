@@ -1,6 +1,6 @@
 """`bench calibrate` measures on threads that end with each measurement, never on the caller's
 thread: a peak-rate matmul on the main thread left an OpenMP team there beside the engine's
-forward thread's, which slowed every calibrated iteration by ~15 % against `bench offline` (which
+forward thread's, which slowed every calibrated iteration by 11-24 % against `bench offline` (which
 runs the engine alone) and biased the simulator's predictions (docs/benchmarks.md, "Validation,
 2026-12-05")."""
 from __future__ import annotations

@@ -285,7 +285,7 @@ def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick:
     # Each measurement on a thread that ends with it (bench/own_thread.py): a peak-rate matmul on
     # this thread would leave an OpenMP team beside the engine's forward thread's for the whole
     # measurement, and libgomp then stops spinning between parallel regions. That slowed every
-    # measured iteration by 7-9 ms (~15 %) against `bench offline`, which runs the engine alone,
+    # measured iteration by 11-24 % against `bench offline`, which runs the engine alone,
     # and the simulator predicted offline throughput 10-19 % low (docs/benchmarks.md, "Validation,
     # 2026-12-05").
     rates = on_own_thread(measure_device, torch.device("cpu"), getattr(torch, resolved),
