@@ -17,7 +17,6 @@ import dataclasses
 import gc
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -26,6 +25,7 @@ import torch
 
 from orcinus.bench.budgets import unchunked_budget
 from orcinus.bench.floor import DeviceRates, Floor, ModelDims, measure_device, static_batch_iterations, trace_floor
+from orcinus.bench.own_thread import on_own_thread
 from orcinus.bench.profile import profile_phases
 from orcinus.bench.report import fmt, markdown_table
 from orcinus.bench.workloads import BenchRequest
@@ -205,28 +205,10 @@ def _free_memory() -> None:
 
 
 def _on_own_thread(fn, *args, **kwargs):
-    """fn(*args, **kwargs) on a thread that ends with it. torch's OpenMP keeps a thread team for
-    every thread that ran parallel work; a team left behind by one backend (transformers on the
-    main thread, say) makes libgomp count more threads than cores during the next one and stop
-    spinning between parallel regions, which cost orcinus ~20 % of a decode step on two cores
-    (orcinus/executor/uniproc.py). With each backend on its own thread, the order of
-    --backends does not change their numbers."""
-    box: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    # A daemon thread rather than a ThreadPoolExecutor: Ctrl-C in join() then ends the bench at
-    # once instead of waiting, at interpreter exit, for the backend's run to finish.
-    thread = threading.Thread(target=target, name="orcinus-bench-backend", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]
+    """fn(*args, **kwargs) on a thread that ends with it (bench/own_thread.py): with each backend on
+    its own thread, no OpenMP team of one is left beside the next, and the order of --backends does
+    not change their numbers."""
+    return on_own_thread(fn, *args, **kwargs)
 
 
 def _timed(fn, *args, **kwargs) -> tuple[object, float, float]:

@@ -6,8 +6,11 @@ to span what runs do (single requests, decode batches of 8-64 rows, whole prompt
 at once, prompts joining running decodes, prompt chunks); every iteration is timed through the
 engine's observer hooks (`IterationTimer`): its shape from the batch the engine reports launching,
 its time from the forward thread's phases reported with its result; the step's time less that
-forward is the control plane. The phase profile of `bench/profile.py` is recorded beside it, and
-the loaded model's weight bytes (`sim/weight_bytes.py`: quantized blocks as held).
+forward is the control plane. Both the peak-rate measurement and the workloads run on threads that
+end with them, so no OpenMP team is left on the main thread beside the forward thread's
+(bench/own_thread.py): the engine is measured as `bench offline` runs it. The phase profile of
+`bench/profile.py` is recorded beside it, and the loaded model's weight bytes
+(`sim/weight_bytes.py`: quantized blocks as held).
 
 Fit: forward time = fixed + per row x rows + compute-bound GEMM flops x 1/eff_gemm + (memory-bound
 GEMM bytes + element-wise bytes) x 1/eff_memory + attention x 1/eff_attention + for quantized
@@ -267,6 +270,7 @@ def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick:
     import torch
 
     from orcinus.bench.floor import measure_device
+    from orcinus.bench.own_thread import on_own_thread
     from orcinus.bench.report import load_average
     from orcinus.bench.trace_builder import read_model_config
     from orcinus.config import EngineConfig
@@ -278,12 +282,19 @@ def calibrate_this_machine(model: str | None = None, dtype: str = "auto", quick:
     with open(os.path.join(HARDWARE_DIR, "xeon-2core.json")) as f:
         base = Hardware.from_dict(json.load(f))
     t0 = time.perf_counter()
-    rates = measure_device(torch.device("cpu"), getattr(torch, resolved), repeats=3 if quick else 5)
+    # Each measurement on a thread that ends with it (bench/own_thread.py): a peak-rate matmul on
+    # this thread would leave an OpenMP team beside the engine's forward thread's for the whole
+    # measurement, and libgomp then stops spinning between parallel regions. That slowed every
+    # measured iteration by 11-24 % against `bench offline`, which runs the engine alone,
+    # and the simulator predicted offline throughput 10-19 % low (docs/benchmarks.md, "Validation,
+    # 2026-12-05").
+    rates = on_own_thread(measure_device, torch.device("cpu"), getattr(torch, resolved),
+                          repeats=3 if quick else 5, name="orcinus-calibrate")
     peak, bandwidth = rates.matmul_flops, rates.copy_bandwidth
     hw = dataclasses.replace(base, name="this-machine", peak_flops=peak, peak_flops_by_dtype={resolved: peak},
                              memory_bandwidth=bandwidth)
     load_before = load_average()
-    m = measure(model, dtype, QUICK if quick else WORKLOADS)
+    m = on_own_thread(measure, model, dtype, QUICK if quick else WORKLOADS, name="orcinus-calibrate")
     shape = ModelShape.from_model_config(read_model_config(model), name=model or "default", weights=m.weights)
     if m.weights is not None:  # for the simulator's runs of this model (sim/bench_hooks.target_from)
         store_weight_info(model_key(model, config.quantization, resolved), m.weights)
