@@ -89,6 +89,11 @@ class Request:
         return self.sampling_params.prompt_logprobs is not None and \
             len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
+    def samples_after(self, num_new_tokens: int) -> bool:
+        """Whether an iteration computing `num_new_tokens` more positions samples a token: only the
+        chunk that reaches the end of the sequence does (a prompt chunk short of it does not)."""
+        return self.num_computed_tokens + num_new_tokens == self.num_tokens
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

@@ -1,6 +1,6 @@
 """`bench offline` runs each backend on a thread that ends with it, and joins the engine's forward
 thread before the next backend starts, so that no OpenMP thread team of one backend is left
-running beside the next (orcinus/bench/offline.py, `_on_own_thread`)."""
+running beside the next (orcinus/bench/own_thread.py, `on_own_thread`)."""
 from __future__ import annotations
 
 import threading
@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from orcinus.bench import offline
+from orcinus.bench.own_thread import on_own_thread
 from orcinus.cli import main
 
 
@@ -44,6 +45,6 @@ def test_each_backend_runs_on_its_own_thread_and_leaves_none(checkpoint_factory,
 
 
 def test_own_thread_returns_and_raises_like_a_call():
-    assert offline._on_own_thread(lambda a, b=0: a + b, 2, b=3) == 5
+    assert on_own_thread(lambda a, b=0: a + b, 2, b=3) == 5
     with pytest.raises(ValueError, match="broken"):
-        offline._on_own_thread(lambda: (_ for _ in ()).throw(ValueError("broken")))
+        on_own_thread(lambda: (_ for _ in ()).throw(ValueError("broken")))

@@ -65,3 +65,14 @@ def assert_openai_error(resp: httpx.Response, status: int, param: str | None = N
     if code is not None:
         assert err["code"] == code, err
     return err
+
+
+# Two tools the tool-calling tests offer (tests/server/test_structured_server.py, test_tool_streaming_server.py)
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 10}},
+                                       "required": ["tz"], "additionalProperties": False}}}

@@ -11,19 +11,13 @@ import jsonschema
 import openai
 import pytest
 
+from server_helpers import TIME, WEATHER
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150},
                                            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
           "required": ["name", "age", "tags"], "additionalProperties": False}
 ASK = [{"role": "user", "content": "Describe a person as JSON."}]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 10}},
-                                       "required": ["tz"], "additionalProperties": False}}}
 
 
 @pytest.mark.parametrize("seed", [1, 2])

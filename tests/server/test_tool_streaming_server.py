@@ -9,14 +9,8 @@ import json
 import openai
 import pytest
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 10}},
-                                       "required": ["tz"], "additionalProperties": False}}}
+from server_helpers import TIME, WEATHER
+
 # auto with the default (generic JSON) parser, the reply held to the generic call form by a schema
 GENERIC_CALL = {"type": "json_schema", "json_schema": {"name": "call", "schema": {
     "type": "object", "properties": {"name": {"const": "get_weather"},

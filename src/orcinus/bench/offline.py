@@ -204,13 +204,6 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _on_own_thread(fn, *args, **kwargs):
-    """fn(*args, **kwargs) on a thread that ends with it (bench/own_thread.py): with each backend on
-    its own thread, no OpenMP team of one is left beside the next, and the order of --backends does
-    not change their numbers."""
-    return on_own_thread(fn, *args, **kwargs)
-
-
 def _timed(fn, *args, **kwargs) -> tuple[object, float, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     out = fn(*args, **kwargs)
@@ -280,7 +273,7 @@ def run_orcinus(config: EngineConfig, backend: str, trace: Sequence[BenchRequest
         res.kv_samples = [dataclasses.asdict(x) for x in recorder.samples]
     finally:
         # Join the engine's forward thread now (not at some later garbage collection), so that its
-        # OpenMP thread team is gone before the next backend starts (see _on_own_thread).
+        # OpenMP thread team is gone before the next backend starts (see bench/own_thread.py).
         llm.engine.shutdown()
         del llm
         _free_memory()
@@ -344,15 +337,15 @@ def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: S
             elif mode == "single" and backend in ORCINUS_BACKENDS:
                 from orcinus.bench.single_stream import run_orcinus_single
 
-                res = BackendResult(backend, **_on_own_thread(run_orcinus_single, config, backend, trace,
+                res = BackendResult(backend, **on_own_thread(run_orcinus_single, config, backend, trace,
                                                               WARMUP_REQUESTS))
             elif mode == "single":
                 res = BackendResult(backend, status="n/a: --mode single runs orcinus and the peer backends")
             elif backend in ORCINUS_BACKENDS:
-                res = _on_own_thread(run_orcinus, config, backend, trace, progress, lengths_known,
+                res = on_own_thread(run_orcinus, config, backend, trace, progress, lengths_known,
                                      profile=profile, detokenize=detokenize)
             else:
-                res = _on_own_thread(run_transformers, config, backend, trace, progress)
+                res = on_own_thread(run_transformers, config, backend, trace, progress)
         except Exception as exc:  # one broken baseline must not lose the others' numbers
             logger.exception("backend %s failed", backend)
             res = BackendResult(backend, status=f"error: {type(exc).__name__}: {str(exc)[:200]}")
@@ -360,7 +353,7 @@ def run_offline(config: EngineConfig, trace: Sequence[BenchRequest], backends: S
                     fmt(res.output_tokens_per_s), fmt(res.elapsed_s))
         report.results.append(res)
     if with_floor:
-        floor = _on_own_thread(compute_floor, config, trace)
+        floor = on_own_thread(compute_floor, config, trace)
         static_its = static_batch_iterations([r.output_len for r in trace], config.max_num_seqs)
         report.floor = dataclasses.asdict(floor) | {"output_tokens_per_s": floor.output_tokens_per_s,
                                                     "static_batch_iterations": static_its}

@@ -34,8 +34,7 @@ class MessageBuilder:
         for req, n in zip(batch.requests, batch.num_new_tokens):
             rid = req.request_id
             table = self.kv_cache.block_table(rid)
-            # only the chunk that reaches the end of the sequence samples its next token
-            samples = req.num_computed_tokens + n == req.num_tokens
+            samples = req.samples_after(n)
             if req.num_computed_tokens + n > req.num_tokens or n < 1:
                 raise AssertionError(f"{rid}: {n} new tokens after {req.num_computed_tokens} of {req.num_tokens}")
             known = self._known_blocks.get(rid)

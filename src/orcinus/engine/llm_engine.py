@@ -59,7 +59,7 @@ def _launched(batch: ScheduledBatch) -> LaunchedBatch:
     for req, n in zip(batch.requests, batch.num_new_tokens):
         c = req.num_computed_tokens
         prompt += max(0, min(c + n, req.num_prompt_tokens) - c)
-        sampled += c + n == req.num_tokens  # as the batch message decides (engine/batch_messages.py)
+        sampled += req.samples_after(n)
         keys += n * c + n * (n + 1) / 2
         kv += c + n
     return LaunchedBatch(len(batch.requests), sum(batch.num_new_tokens), prompt, sampled, keys, kv)

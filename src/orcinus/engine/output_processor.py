@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from orcinus.executor.messages import PromptLogprobsChunk
 from orcinus.request import (CompletionOutput, FinishReason, Logprob, Request, RequestMetrics,
@@ -43,6 +44,17 @@ def finish_request(req: Request, reason: FinishReason, stop_reason: int | str | 
     req.finish_reason = reason
     req.stop_reason = stop_reason
     req.finished_time = time.monotonic()
+
+
+def _logprob_entry(token: int, logprob: float, rank: int | None,
+                   alternatives: Iterable[tuple[int, float]]) -> dict[int, Logprob]:
+    """One position's entry: the token itself first, then the alternatives (best first, ranked
+    from 1) that are not it."""
+    entry = {token: Logprob(token, logprob, None, rank)}
+    for k, (tid, lp) in enumerate(alternatives, 1):
+        if tid not in entry:
+            entry[tid] = Logprob(tid, lp, None, k)
+    return entry
 
 
 class OutputProcessor:
@@ -79,12 +91,9 @@ class OutputProcessor:
         req.output_token_ids.append(token)
         req.cumulative_logprob += logprob
         if params.logprobs is not None:
-            ranked = {tid: (lp, rank) for rank, (tid, lp) in enumerate((top or {}).items(), 1)}  # best first
-            entry = {token: Logprob(token, logprob, None, ranked[token][1] if token in ranked else None)}
-            for tid, (lp, rank) in ranked.items():
-                if tid not in entry:
-                    entry[tid] = Logprob(tid, lp, None, rank)
-            req.logprobs.append(entry)
+            alternatives = list((top or {}).items())  # best first
+            rank = next((k for k, (tid, _) in enumerate(alternatives, 1) if tid == token), None)
+            req.logprobs.append(_logprob_entry(token, logprob, rank, alternatives))
         n_out = len(req.output_token_ids)
         if n_out >= params.min_tokens:
             if token in params.stop_token_ids:
@@ -107,11 +116,7 @@ class OutputProcessor:
         top_ids, top_lps = chunk.top_ids.tolist(), chunk.top_logprobs.tolist()
         for i in range(skip, len(own)):
             tok = prompt[chunk.start + i]
-            entry = {tok: Logprob(tok, own[i], None, ranks[i])}
-            for rank, (tid, lp) in enumerate(zip(top_ids[i], top_lps[i]), 1):
-                if tid not in entry:
-                    entry[tid] = Logprob(tid, lp, None, rank)
-            req.prompt_logprobs.append(entry)
+            req.prompt_logprobs.append(_logprob_entry(tok, own[i], ranks[i], zip(top_ids[i], top_lps[i])))
 
     # ------------------------------------------------------------------ text (off the critical path)
     def process_text(self, requests: list[Request]) -> list[Request]:

@@ -177,13 +177,13 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, inp: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Logits only at the sampled positions (one row per request that samples)."""
-        hidden = self.forward_stage(inp, hidden)
-        return self.model.compute_logits(hidden.index_select(0, inp.sample_indices)).float()
+        return self.forward_outputs(inp, hidden)[0]
 
     @torch.inference_mode()
     def forward_outputs(self, inp: ModelInput, hidden: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, dict[str, PromptLogprobsChunk]]:
-        """Last stage: the sampling rows' logits, and the prompt log-probs of the rows that ask."""
+        """Last stage: the sampling rows' logits, and the prompt log-probs of the rows that ask
+        (an empty dict, at no cost, when none does)."""
         hidden = self.forward_stage(inp, hidden)
         logits = self.model.compute_logits(hidden.index_select(0, inp.sample_indices)).float()
         return logits, compute_prompt_logprobs(hidden, inp.prompt_spans, self.model.compute_logits)

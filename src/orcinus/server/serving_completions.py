@@ -136,7 +136,7 @@ class _CompletionView:
 
     def __init__(self, model: str, request_id: str, created: int, body: CompletionRequest,
                  engine_ids: list[str], echo: list[str] | None,
-                 first_piece: Callable[[int], str] = lambda tok: f"token_id:{tok}", score_only: bool = False) -> None:
+                 first_piece: Callable[[int], str], score_only: bool) -> None:
         self.model = model
         self.id = request_id
         self.created = created
