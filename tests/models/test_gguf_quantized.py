@@ -18,7 +18,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from gguf_files import tiny_model, write_gguf
+from gguf_files import tame_q6_k, tiny_model, write_gguf
 from orcinus.config import EngineConfig
 from orcinus.engine.llm_engine import LLMEngine
 from orcinus.layers.quantized_linear import QUANT_TYPES, keep_quantized, quantized, quantized_bytes
@@ -48,25 +48,8 @@ def _write(tmp_path, mix: str, arch: str = "llama", **dims) -> str:
         state.pop("lm_head.weight", None)  # as llama.cpp writes tied models: no output.weight
     path = str(tmp_path / f"tiny-{arch}-{mix}.gguf")
     write_gguf(path, arch, config, state, permute=arch == "llama", qtypes={n: MIXES[mix](n) for n in state})
-    _tame_q6_k(path)
+    tame_q6_k(path)
     return path
-
-
-def _tame_q6_k(path: str) -> None:
-    """gguf_files writes Q6_K as random blocks whose int8 sub-block scales make weights up to ~1.6:
-    hidden states then reach the hundreds and every attention is saturated, so any rounding flips
-    it. An eighth of each block's scale (exact in float16) gives a model in a sane range."""
-    header = read_gguf_header(path)
-    with open(path, "r+b") as f:
-        for t in header.tensors:
-            if t.ggml_type != T.Q6_K:
-                continue
-            f.seek(t.offset)
-            blocks = np.frombuffer(f.read(t.nbytes), dtype=np.uint8).reshape(-1, 210).copy()
-            d = blocks[:, 208:].copy().view(np.float16)
-            blocks[:, 208:] = (d * np.float16(0.125)).view(np.uint8)
-            f.seek(t.offset)
-            f.write(blocks.tobytes())
 
 
 def _engine(path: str, mode: str, tp: int = 1) -> LLMEngine:

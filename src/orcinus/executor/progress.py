@@ -38,11 +38,18 @@ class Progress:
 
 def watch_layers(model: torch.nn.Module, beat: Callable[[], None]) -> int:
     """Call beat() after every layer of the model's layer lists (a forward hook each; on CUDA a
-    replayed graph runs no hooks, but each of its iterations is short). Returns the hooks set."""
+    replayed graph runs no hooks, nor does a fused CPU decode step, which beats once; each of their
+    iterations is short). Returns the hooks set."""
+    def hook(*_) -> None:
+        beat()
+
+    # Marked so that a path running the layers without calling them (layers/fused_decode.py, one C
+    # call per decode step) can tell this hook from others and beat once for the whole step.
+    hook.progress_beat = True  # type: ignore[attr-defined]
     hooks = 0
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList):
             for layer in module:
-                layer.register_forward_hook(lambda *_: beat())
+                layer.register_forward_hook(hook)
                 hooks += 1
     return hooks

@@ -34,6 +34,19 @@ enum { OUT_F32 = 0, OUT_BF16 = 1 };
  * course ("What is the capital of France?"); 16 bits agree with float32 to ~1e-5, and the blocks
  * still feed integer multiply-adds (`madd`: 16-bit pairs summed into 32-bit lanes). */
 #define ACT_MAX 32767
+/* How far ahead of the row being read its stream is prefetched. Each thread walks its output rows in
+ * order, so the weight is one sequential stream per thread; without software prefetch the kernel ran
+ * at ~5 GB/s over the default model's 66 MB of layer weights (its rows come from memory, not cache:
+ * 12.3 ms for a token's 120 layer matmuls on 2 threads, 5.7 ms with it; 512 bytes: 6.7 ms, 4 KiB: 5.9). */
+#define PREFETCH_AHEAD 2048
+
+static inline void prefetch_ahead(const uint8_t *row, int64_t row_bytes) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch((const char *)(row + PREFETCH_AHEAD + off), _MM_HINT_T0);
+#else
+    (void)row; (void)row_bytes;
+#endif
+}
 
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
@@ -371,12 +384,15 @@ int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64
 #ifdef HAVE_VEC
             if (block == 32) {
 #pragma omp for schedule(static)
-                for (int64_t o = 0; o < N; o++)
+                for (int64_t o = 0; o < N; o++) {
+                    prefetch_ahead(w + o * row_bytes, row_bytes);
                     fused32_row(type, w + o * row_bytes, nb, a, K, da, asum, rows, y + o, ldy);
+                }
             } else
 #endif
 #pragma omp for schedule(static)
             for (int64_t o = 0; o < N; o++) {
+                prefetch_ahead(w + o * row_bytes, row_bytes);
                 unpack_row(type, w + o * row_bytes, K, q, ws, wm);
                 for (int64_t g = 0; g < ng; g++) wm[g] -= (float)zoff * ws[g];  /* offset term per group */
                 int64_t r = 0;
@@ -419,6 +435,7 @@ int orcinus_quant_dequantize(int type, const uint8_t *w, int64_t K, int64_t row_
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < n; i++) {
                 const int64_t row = ids ? ids[i] : i;
+                if (!ids) prefetch_ahead(w + row * row_bytes, row_bytes);
                 unpack_row(type, w + row * row_bytes, K, q, ws, wm);
                 for (int64_t g = 0; g < ng; g++) {  /* the reference's formula, e.g. d * (q - 8) for Q4_0 */
                     const float s = ws[g], m = wm[g];

@@ -19,6 +19,7 @@ from torch import nn
 
 from orcinus.config import ModelConfig
 from orcinus.distributed.parallel_state import pipeline_stage
+from orcinus.layers import fused_decode
 from orcinus.layers.context import ForwardContext
 from orcinus.layers.linear import CheckpointTensor, ParallelLMHead, VocabParallelEmbedding
 from orcinus.layers.pipeline import on_first_stage, on_last_stage, stage_layers
@@ -80,8 +81,12 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(input_ids, positions) if hidden is None else hidden
-        for layer in self.model.layers:
-            x = layer(x, positions, ctx)
+        fused = fused_decode.decode(self, self.model.layers, x, positions, ctx)
+        if fused is not None:  # an all-decode CPU batch in one C call (layers/fused_decode.py)
+            x = fused
+        else:
+            for layer in self.model.layers:
+                x = layer(x, positions, ctx)
         return self.finish(x) if self.lm_head is not None else x
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

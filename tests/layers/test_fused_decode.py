@@ -1,0 +1,200 @@
+"""The fused CPU decode step (layers/fused_decode.py, decode_layers.c) against the module path it
+replaces: at every decode iteration of a real engine run, the module path runs first on the same
+input and caches, then the caches are restored and the fused step runs; the layers' outputs and
+the keys and values each writes must agree to float rounding (both call the same matmul and
+attention kernels; the element-wise steps differ only in summation order).
+
+Models: tiny GGUF files of every family shape the fused step takes (block-32 and k-quant types,
+Q4_K_M's mixed q/k/v runs, Qwen2's q/k/v bias, Qwen3's q/k norms, a sliding window), batches of
+one and several requests of different lengths, blocks not consecutive in the pool.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from gguf_files import tame_q6_k, tiny_model, write_gguf  # noqa: E402
+from orcinus.config import EngineConfig
+from orcinus.engine.llm_engine import LLMEngine
+from orcinus.layers import fused_decode
+from orcinus.sampling_params import SamplingParams
+
+_DIMS = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+PROMPTS = [[1, 17, 99, 200, 5, 42, 7, 8, 9], [1, 250, 3], list(range(2, 40))]
+REL_TOL = 1e-4
+
+
+def _q4_k_m(name: str):
+    if name in ("lm_head.weight", "model.embed_tokens.weight") or name.endswith("v_proj.weight"):
+        return T.Q6_K
+    return T.Q4_K
+
+
+def _write(tmp_path, arch: str, qtype, **dims) -> str:
+    config, state = tiny_model(arch, **{**_DIMS, **dims})
+    path = str(tmp_path / f"tiny-{arch}.gguf")
+    pick = qtype if callable(qtype) else (lambda name: qtype)
+    write_gguf(path, arch, config, state, permute=arch == "llama", qtypes={n: pick(n) for n in state})
+    if any(pick(n) == T.Q6_K for n in state):
+        tame_q6_k(path)
+    return path
+
+
+def _engine(path: str, **overrides) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=path, skip_tokenizer_init=True, dtype="float32", device="cpu",
+                                  kv_cache_memory=1 << 22, block_size=8, quantization="gguf", **overrides))
+
+
+class _Checker:
+    """Wraps fused_decode.decode: module path first, caches restored, then the fused step."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.fused_steps = 0
+        self.rows_seen: set[int] = set()
+        self.worst = 0.0
+        original = fused_decode.decode
+
+        def checked(owner, layers, x, positions, ctx):
+            saved = [(k.clone(), v.clone()) for k, v in ctx.kv_caches]
+            ref = x
+            for layer in layers:
+                ref = layer(ref, positions, ctx)
+            ref_caches = [(k.clone(), v.clone()) for k, v in ctx.kv_caches]
+            for (k, v), (k0, v0) in zip(ctx.kv_caches, saved):
+                k.copy_(k0)
+                v.copy_(v0)
+            out = original(owner, layers, x, positions, ctx)
+            if out is None:
+                for (k, v), (k1, v1) in zip(ctx.kv_caches, ref_caches):
+                    k.copy_(k1)
+                    v.copy_(v1)
+                return ref
+            self.fused_steps += 1
+            self.rows_seen.add(x.shape[0])
+            err = float((out - ref).norm() / ref.norm())
+            self.worst = max(self.worst, err)
+            assert err <= REL_TOL, f"layers' output differs by {err:.2e}"
+            slots = ctx.meta.slot_mapping  # the pool's other slots hold whatever they held (maybe NaN)
+            for i, pair in enumerate(zip(ctx.kv_caches, ref_caches)):
+                for name, got, want in zip(("keys", "values"), *pair):
+                    got, want = (t.flatten(0, 1)[slots] for t in (got, want))
+                    assert float((got - want).norm() / want.norm()) <= REL_TOL, f"{name} of layer {i}"
+            return out
+
+        monkeypatch.setattr(fused_decode, "decode", checked)
+
+
+def _generate(engine: LLMEngine, prompts=PROMPTS, max_tokens: int = 12) -> dict[str, list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return done
+
+
+CASES = {
+    "llama-Q4_1": ("llama", T.Q4_1, {}),
+    "llama-Q8_0": ("llama", T.Q8_0, {}),
+    "llama-Q4_K_M": ("llama", _q4_k_m, {}),
+    "llama-Q5_K": ("llama", T.Q5_K, {}),
+    "qwen2-Q4_0 (q/k/v bias)": ("qwen2", T.Q4_0, {}),
+    "qwen3-Q8_0 (q/k norms)": ("qwen3", T.Q8_0, {"head_dim": 64}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_step_matches_module_path(tmp_path, monkeypatch, case: str) -> None:
+    arch, qtype, dims = CASES[case]
+    checker = _Checker(monkeypatch)
+    engine = _engine(_write(tmp_path, arch, qtype, **dims))
+    try:
+        out = _generate(engine)
+        assert sorted(out) == ["r0", "r1", "r2"] and all(len(t) == 12 for t in out.values())
+    finally:
+        engine.shutdown()
+    # 11 decode iterations of the three together (prefill first), and the fused step took them all.
+    assert checker.fused_steps >= 11, checker.fused_steps
+    assert 3 in checker.rows_seen
+
+
+def test_sliding_window_and_scattered_blocks(tmp_path, monkeypatch) -> None:
+    """A window shorter than the context (the fused step passes each layer's window to the C
+    attention), and a pool whose blocks were freed and reused out of order."""
+    checker = _Checker(monkeypatch)
+    engine = _engine(_write(tmp_path, "llama", T.Q4_0), max_num_seqs=4)
+    try:
+        model = engine.executor.driver_worker.runner.model
+        for layer in model.model.layers:
+            layer.self_attn.attn.sliding_window = 8
+        _generate(engine, prompts=[list(range(3, 30)), [5, 6]], max_tokens=3)  # blocks used, then freed
+        _generate(engine, prompts=[[1, 2, 3], list(range(40, 75)), [9] * 20], max_tokens=20)
+    finally:
+        engine.shutdown()
+    assert checker.fused_steps >= 19
+    assert {1, 3} <= checker.rows_seen or 3 in checker.rows_seen
+
+
+def test_switch_and_ineligible_batches(tmp_path, monkeypatch) -> None:
+    """ORCINUS_FUSED_DECODE=0 keeps the module path; so do a hooked layer and prefill batches;
+    outputs are the same tokens either way."""
+    path = _write(tmp_path, "llama", T.Q4_1)
+    calls: list[bool] = []
+    original = fused_decode.decode
+
+    def counted(owner, layers, x, positions, ctx):
+        out = original(owner, layers, x, positions, ctx)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused_decode, "decode", counted)
+    engine = _engine(path)
+    try:
+        fused = _generate(engine)
+    finally:
+        engine.shutdown()
+    assert calls[0] is False and all(calls[1:]) and len(calls) == 12  # the prefill, then 11 fused decodes
+
+    calls.clear()
+    monkeypatch.setenv(fused_decode.ENV_SWITCH, "0")
+    engine = _engine(path)
+    try:
+        assert _generate(engine) == fused
+    finally:
+        engine.shutdown()
+    assert calls and not any(calls)
+
+    calls.clear()
+    monkeypatch.delenv(fused_decode.ENV_SWITCH)
+    engine = _engine(path)
+    try:
+        seen: list[int] = []
+        layer = engine.executor.driver_worker.runner.model.model.layers[0]
+        handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+        assert _generate(engine) == fused
+        handle.remove()
+    finally:
+        engine.shutdown()
+    assert not any(calls) and len(seen) == 12  # a user's hook sees every iteration
+
+
+def test_float_weights_take_the_module_path(tmp_path) -> None:
+    """--quantization none: no quantized linears, so no plan (the module path runs)."""
+    engine = LLMEngine(EngineConfig(model=_write(tmp_path, "llama", T.Q4_1), skip_tokenizer_init=True,
+                                    dtype="float32", device="cpu", kv_cache_memory=1 << 22, block_size=8,
+                                    quantization="none"))
+    try:
+        _generate(engine, max_tokens=3)
+        model = engine.executor.driver_worker.runner.model
+        assert getattr(model, "_fused_decode_plan", None) is fused_decode._NO_PLAN
+    finally:
+        engine.shutdown()
