@@ -21,6 +21,7 @@ from orcinus.executor.host_staging import PackedUpload, zero_copy_upload
 from orcinus.executor.messages import PromptLogprobsChunk
 from orcinus.executor.prompt_logprobs import PromptSpan, compute_prompt_logprobs, prompt_spans
 from orcinus.executor.request_state import WorkerRequest
+from orcinus.layers import fused_decode
 from orcinus.layers.context import ForwardContext
 from orcinus.models.causal_lm import CausalLM
 
@@ -74,6 +75,10 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.backend = make_backend(engine_config.attention_backend, device)
         self.backend.warm_up(device)  # e.g. the CPU decode kernel compiles here, not in the first decode
+        if device.type == "cpu" and fused_decode.prepare(model):  # its library and structs, likewise
+            logger.info("decode steps of up to %d requests: one C call through the layers (fused_decode; "
+                        "%s=0 runs the PyTorch modules)", fused_decode.quant.DEQUANT_MIN_ROWS - 1,
+                        fused_decode.ENV_SWITCH)
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_heads = kv_head_range(model_config.num_kv_heads)[1]  # on this tensor-parallel rank

@@ -207,6 +207,19 @@ def _beat(layers: nn.ModuleList, out: torch.Tensor) -> None:
         h(last, (), out)
 
 
+def prepare(model: nn.Module) -> bool:
+    """Build the plan of a loaded model now (compiling the C file if needed), at start-up rather
+    than in the first decode; True when its decodes can take the fused step."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return False
+    plan = getattr(model, "_fused_decode_plan", None)
+    if plan is None:
+        plan = _build_plan(layers) or _NO_PLAN
+        model._fused_decode_plan = plan
+    return plan is not _NO_PLAN
+
+
 def decode(owner: nn.Module, layers: nn.ModuleList, x: torch.Tensor, positions: torch.Tensor,
            ctx: ForwardContext) -> torch.Tensor | None:
     """The layers' output for an all-decode batch in one C call, or None (take the module path).
@@ -219,8 +232,8 @@ def decode(owner: nn.Module, layers: nn.ModuleList, x: torch.Tensor, positions: 
         return None
     plan = getattr(owner, "_fused_decode_plan", None)
     if plan is None:
-        plan = _build_plan(layers) or _NO_PLAN
-        owner._fused_decode_plan = plan
+        prepare(owner)
+        plan = owner._fused_decode_plan
     if plan is _NO_PLAN or _hooked(layers) or not plan.bind_caches(ctx.kv_caches):
         return None
     plan.model.block_size = meta.block_size
