@@ -86,6 +86,50 @@ def test_kernel_matches_reference(lib, qtype, batch: int) -> None:
     assert (out - x @ ref.t()).abs().max() <= 5e-4 * scale
 
 
+def _has_avx512() -> bool:
+    from orcinus.cpu_features import cpu_flags
+
+    return "avx512bw" in cpu_flags()
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("features", [48, 37])
+def test_register_tiles_match_reference(lib, qtype, features: int) -> None:
+    """Batches from TILE_MIN_ROWS rows up run as register tiles of 16 features by 12/8/4/2/1 rows
+    (every remainder below covered), the features past the last whole strip by the row kernel."""
+    if _has_avx512():
+        assert lib.orcinus_quant_tile_rows() > 0  # this CPU has them: they must be what runs here
+    cols = 512 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 576
+    raw, ref = _weight(qtype, features, cols, seed=features)
+    for batch in (6, 7, 13, 23, 35, 64):
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch)) * 3
+        x[batch // 2, 32:64] = 0  # a zero block (scale 0)
+        out = torch.empty(batch, features)
+        ql._kernel_matmul(lib, ql.Segment(0, features, int(qtype), raw), cols, ql.quantize_activations(lib, x), out, out)
+        exact = _rounded_reference(x) @ ref.t()
+        assert (out - exact).abs().max() <= 1e-4 * exact.abs().max(), batch
+        one = torch.empty(1, features)  # the row kernel, one row: the same numbers
+        ql._kernel_matmul(lib, ql.Segment(0, features, int(qtype), raw), cols,
+                          ql.quantize_activations(lib, x[-1:]), one, one)
+        assert (out[-1:] - one).abs().max() <= 1e-5 * exact.abs().max(), batch
+
+
+def test_float32_never_dequantises_with_tiles(lib, monkeypatch) -> None:
+    """With the tiles a float32 batch of any size takes the kernel (no dequantisation), bfloat16
+    from a crossover on; without them (other builds) float32 dequantises from DEQUANT_MIN_ROWS."""
+    calls = []
+    real = ql.dequantize
+    monkeypatch.setattr(ql, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    raw, _ = _weight(T.Q4_1, 32, 576)
+    weight = _param(T.Q4_1, raw, 32, 576)
+    ql.linear(torch.randn(300, 576), weight)
+    tiles = lib.orcinus_quant_tile_rows() > 0
+    assert (not calls) == tiles
+    assert ql.dequant_min_rows(torch.float32) == (ql.NEVER if tiles else ql.DEQUANT_MIN_ROWS)
+    assert 0 < ql.dequant_min_rows(torch.bfloat16) <= ql.TILED_DEQUANT_MIN_ROWS_BF16
+    assert ql.dequant_min_rows(torch.float16) == 0
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("batch", [1, 64, 200])
 def test_linear_paths_agree(lib, qtype, batch: int) -> None:
@@ -186,28 +230,34 @@ def test_pure_pytorch_path_without_a_compiler(monkeypatch) -> None:
         quant_native.reset_for_tests()
 
 
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "scalar"])
+@pytest.mark.parametrize("march", ["x86-64-v4", "x86-64-v3", "x86-64"], ids=["avx512-no-vnni", "avx2", "scalar"])
 def test_other_instruction_sets_match(monkeypatch, march: str) -> None:
-    """The AVX2 and plain-C builds (what other CPUs get from -march=native) compute the same."""
+    """The AVX-512 build without VNNI (tiles with `madd`), the AVX2 and plain-C builds (what other
+    CPUs get from -march=native) compute the same."""
     import platform
 
     from orcinus.attention import native
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 instruction-set variants")
+    if march == "x86-64-v4" and not _has_avx512():
+        pytest.skip("this CPU cannot run an AVX-512 build")
     flags = [f for f in native.COMPILE_FLAGS if not f.startswith(("-march", "-mprefer"))] + [f"-march={march}"]
     monkeypatch.setattr(native, "COMPILE_FLAGS", flags)
     quant_native.reset_for_tests()
     try:
         lib = quant_native.load()
         assert lib is not None, quant_native.why_unavailable()
+        assert (lib.orcinus_quant_tile_rows() > 0) == (march == "x86-64-v4")
         for qtype in TYPES:
             raw, ref = _weight(qtype, 37, 512)
-            x = torch.randn(5, 512, generator=torch.Generator().manual_seed(3))
-            out = torch.empty(5, 37)
-            ql._kernel_matmul(lib, ql.Segment(0, 37, int(qtype), raw), 512, ql.quantize_activations(lib, x), out, out)
-            exact = _rounded_reference(x) @ ref.t()
-            assert (out - exact).abs().max() <= 1e-4 * exact.abs().max(), qtype.name
+            for batch in (5, 29):
+                x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(3))
+                out = torch.empty(batch, 37)
+                ql._kernel_matmul(lib, ql.Segment(0, 37, int(qtype), raw), 512, ql.quantize_activations(lib, x),
+                                  out, out)
+                exact = _rounded_reference(x) @ ref.t()
+                assert (out - exact).abs().max() <= 1e-4 * exact.abs().max(), (qtype.name, batch)
             assert torch.equal(ql.dequantize(int(qtype), raw, 512), ref), qtype.name
     finally:
         monkeypatch.undo()

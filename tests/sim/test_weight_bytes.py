@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
@@ -16,6 +17,7 @@ from gguf_files import tiny_model, write_gguf  # noqa: E402
 from orcinus.config import EngineConfig  # noqa: E402
 from orcinus.engine.llm_engine import LLMEngine  # noqa: E402
 from orcinus.layers import quant_native  # noqa: E402
+from orcinus.layers.quantized_linear import dequant_min_rows  # noqa: E402
 from orcinus.sim.calibrate import loaded_weight_info  # noqa: E402
 from orcinus.sim.cost_model import BatchShape, CostModel, Parallel  # noqa: E402
 from orcinus.sim.hardware import load_hardware  # noqa: E402
@@ -52,7 +54,7 @@ def test_loaded_quantized_weights_count_their_blocks(quantized_checkpoint) -> No
         engine.shutdown()
     assert info == WeightInfo(layer_bytes=LAYER_BYTES, lm_head_bytes=HEAD_BYTES, embedding_bytes=HEAD_BYTES,
                               layer_quant_elements=LAYER_ELEMENTS, lm_head_quant_elements=VOCAB * HIDDEN,
-                              dequant_min_rows=32)
+                              dequant_min_rows=dequant_min_rows(torch.float32))
     # the same file dequantised: float32 weights, nothing in blocks
     engine = LLMEngine(EngineConfig(model=quantized_checkpoint, skip_tokenizer_init=True, dtype="float32",
                                     device="cpu", kv_cache_memory=1 << 22, quantization="none"))

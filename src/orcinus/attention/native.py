@@ -75,7 +75,8 @@ def build_shared_object(source_path: Path, compiler: str, openmp: bool = True) -
     """Compile `source_path` into a shared object in the kernel cache (or find it there), keyed by
     the source, the flags, the compiler and the CPU. Every C kernel of orcinus is built here."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    source = source_path.read_bytes()
+    # The headers beside the source (included with #include "...") are part of what is built.
+    source = b"\0".join([source_path.read_bytes(), *(h.read_bytes() for h in sorted(source_path.parent.glob("*.h")))])
     extra = OPENMP_FLAGS if openmp else []
     compile_flags, link_flags = COMPILE_FLAGS + extra, LINK_FLAGS + extra
     key = hashlib.sha256(b"\0".join([source, " ".join(compile_flags + link_flags).encode(),

@@ -4,7 +4,7 @@ the integer kernel, dequantise-then-GEMM, and the float32 weight of `--quantizat
     python -m orcinus.bench.quant_matmul [--threads N] [--rows 1,4,16,32,64,128,512]
 
 Prints one line per (shape, rows) with the milliseconds of each path (fastest of several runs, as the machine is shared);
-the crossover `quantized_linear.DEQUANT_MIN_ROWS` was chosen from this (docs/benchmarks.md).
+the crossovers of `quantized_linear.dequant_min_rows` were chosen from this (docs/benchmarks.md).
 """
 from __future__ import annotations
 

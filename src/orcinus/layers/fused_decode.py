@@ -47,10 +47,14 @@ SOURCE = Path(__file__).with_name("decode_layers.c")
 ENV_SWITCH = "ORCINUS_FUSED_DECODE"
 MAX_SEGMENTS = 4
 _i64, _p, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-# Batches of up to this many rows take the fused step: those for which the module path would also
-# run the integer kernel (quantized_linear.DEQUANT_MIN_ROWS), so a row's numbers do not depend on
-# which path its batch took.
-MAX_ROWS = quant.DEQUANT_MIN_ROWS - 1
+# Batches of up to `max_rows()` rows take the fused step: those for which the module path would
+# also run the integer kernel (quantized_linear.dequant_min_rows), so a row's numbers do not depend
+# on which path its batch took; at most ROWS_CAP.
+ROWS_CAP = 256
+
+
+def max_rows() -> int:
+    return min(quant.dequant_min_rows(torch.float32) - 1, ROWS_CAP)
 
 
 class DecodeLinear(ctypes.Structure):
@@ -232,7 +236,7 @@ def decode(owner: nn.Module, layers: nn.ModuleList, x: torch.Tensor, positions: 
     rows = x.shape[0]
     if not (isinstance(meta, PagedCpuMetadata) and meta.native is not None and not meta.native.others
             and len(meta.native.rows) == rows and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.dim() == 2 and 0 < rows <= MAX_ROWS):
+            and x.dim() == 2 and 0 < rows <= max_rows()):
         return None
     plan = getattr(owner, "_fused_decode_plan", None)
     if plan is None:

@@ -10,11 +10,12 @@
  *  - Activations are rounded per block of 32 to int16 with one float scale (da, see ACT_MAX), as
  *    integer dot products need; their per-group integer sums (isum) carry the offset terms:
  *        sum_k w_k x_k ~= sum_g ws[g] da[g] (sum_k q_k a_k) + (wm[g] - zoff ws[g]) da[g] isum[g]
- *  - One weight row is unpacked to bytes once per call and then dotted with every activation row of
- *    the batch (bytes widened to 16 bits, AVX-512BW or AVX2 `madd`, or scalar C).
+ *  - Few rows: one weight row is unpacked to bytes once per call and then dotted with every
+ *    activation row of the batch (bytes widened to 16 bits, AVX-512BW or AVX2 `madd`, or scalar C).
+ *  - More rows, with AVX-512: register tiles of 16 features by up to 12 rows (quant_tiles.h).
  *  - Output rows are split over OpenMP threads (torch's pool; see attention/native.py).
  * `orcinus_quant_dequantize` writes rows as float32 or bfloat16 with the reference's exact formula,
- * for larger batches (prefill) whose GEMM then runs in torch.
+ * for embeddings and for the batches whose GEMM runs in torch (bfloat16 ones, or no AVX-512).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -357,8 +358,12 @@ void orcinus_quant_round_activations(const float *x, int64_t rows, int64_t K, fl
     }
 }
 
+#include "quant_tiles.h"
+
 /* y[r, o] (row stride ldy) = x[r] . W[o] for the weight's rows [0, N); W is `type` blocks, `row_bytes` a row.
- * Activations come quantized (orcinus_quant_activations). Returns 0, or -1 for an unknown type / no memory. */
+ * Activations come quantized (orcinus_quant_activations). Batches of TILE_MIN_ROWS rows or more take
+ * the register tiles (quant_tiles.h) for whole strips of 16 features; the rest one feature at a time.
+ * Returns 0, or -1 for an unknown type / no memory. */
 int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64_t row_bytes,
                          const int16_t *a, const float *da, const float *isum16, int64_t rows,
                          float *y, int64_t ldy, int num_threads) {
@@ -373,7 +378,14 @@ int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64
             asum[r * ng + g] = G == 32 ? da[r * nb + g] * (isum16[r * 2 * nb + 2 * g] + isum16[r * 2 * nb + 2 * g + 1])
                                        : da[r * nb + g / 2] * isum16[r * 2 * nb + g];
     int status = 0;
-#pragma omp parallel num_threads(num_threads) if (N * rows * K > 32768)
+    int64_t first = 0;  /* the first feature the row kernel computes */
+#ifdef HAVE_TILES
+    if (rows >= TILE_MIN_ROWS && N >= 16) {
+        first = N / 16 * 16;
+        status = tiled_matmul(type, w, first, K, row_bytes, G, zoff, a, da, asum, rows, y, ldy, num_threads);
+    }
+#endif
+#pragma omp parallel num_threads(num_threads) if ((N - first) * rows * K > 32768)
     {
         uint8_t *q = (uint8_t *)aligned_alloc(64, (size_t)((K + 63) / 64 * 64));
         float *ws = (float *)malloc(sizeof(float) * (size_t)ng), *wm = (float *)malloc(sizeof(float) * (size_t)ng);
@@ -384,14 +396,14 @@ int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64
 #ifdef HAVE_VEC
             if (block == 32) {
 #pragma omp for schedule(static)
-                for (int64_t o = 0; o < N; o++) {
+                for (int64_t o = first; o < N; o++) {
                     prefetch_ahead(w + o * row_bytes, row_bytes);
                     fused32_row(type, w + o * row_bytes, nb, a, K, da, asum, rows, y + o, ldy);
                 }
             } else
 #endif
 #pragma omp for schedule(static)
-            for (int64_t o = 0; o < N; o++) {
+            for (int64_t o = first; o < N; o++) {
                 prefetch_ahead(w + o * row_bytes, row_bytes);
                 unpack_row(type, w + o * row_bytes, K, q, ws, wm);
                 for (int64_t g = 0; g < ng; g++) wm[g] -= (float)zoff * ws[g];  /* offset term per group */
@@ -452,6 +464,16 @@ int orcinus_quant_dequantize(int type, const uint8_t *w, int64_t K, int64_t row_
         free(q); free(ws); free(wm); free(f);
     }
     return status;
+}
+
+/* The fewest activation rows orcinus_quant_matmul runs as register tiles, or 0 where this build
+ * has none (no AVX-512): the Python side then dequantises for larger batches instead. */
+int orcinus_quant_tile_rows(void) {
+#ifdef HAVE_TILES
+    return TILE_MIN_ROWS;
+#else
+    return 0;
+#endif
 }
 
 int orcinus_quant_openmp(void) {

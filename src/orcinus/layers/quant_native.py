@@ -40,6 +40,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.orcinus_quant_dequantize.restype = _int
     lib.orcinus_quant_dequantize.argtypes = [_int, _p, _i64, _i64, _p, _i64, _p, _int, _int]
     lib.orcinus_quant_openmp.restype = _int
+    lib.orcinus_quant_tile_rows.restype = _int
     return lib
 
 

@@ -8,10 +8,12 @@ boundaries) in their blocks and stores them on the parameter: `param.data` becom
 (uint8) and `param.quant` a `QuantState` saying how to read them. The layers' forwards call
 `linear` / `embedding` below, which dispatch on that state:
 
-- few rows (decode): the C kernel (`quant_kernels.c`), integer dot products against activations
-  rounded to 16-bit integers per block of 32, reading the weight once in its blocks;
-- many rows (prefill): the rows dequantised into the activations' dtype, then one torch GEMM
-  (the crossover, `DEQUANT_MIN_ROWS`, measured: docs/benchmarks.md, "Quantized weights");
+- the C kernel (`quant_kernels.c`): integer dot products against activations rounded to 16-bit
+  integers per block of 32, reading the weight in its blocks; with AVX-512 batches of rows run as
+  register tiles (`quant_tiles.h`), and float32 takes this path at every batch size;
+- many rows where a torch GEMM is faster (bfloat16, or no AVX-512): the rows dequantised into the
+  activations' dtype, then one GEMM (the crossover, `dequant_min_rows`, measured: docs/benchmarks.md,
+  "Quantized weights" and "Quantized matmul tiles");
 - no compiler: the weight dequantised by `gguf.quants.dequantize`, then `F.linear` (slow, exact).
 
 A merged linear (q/k/v, gate/up) whose parts differ in type (Q4_K_M files mix Q4_K and Q6_K)
@@ -39,12 +41,19 @@ QUANT_TYPES: dict[int, tuple[str, int, int]] = {
     12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
 }
 FLOAT = -1  # a segment held as a float tensor
-# From this many rows up the dequantise-then-GEMM path runs; below it the integer kernel.
-# Measured on an Intel Xeon (AMX) with 2 threads (docs/benchmarks.md, "Quantized weights"): for
-# float32 the 64-request trace ran the same with 16 or 32 and slower with 8; a bfloat16 GEMM runs on
-# the AMX tiles, so there the dequantisation pays from fewer rows (8: 7 % faster than 32).
+# Where the C kernel has no register tiles (no AVX-512), from this many rows up the
+# dequantise-then-GEMM path runs; below it the row kernel. Measured on an Intel Xeon (AMX) with 2
+# threads (docs/benchmarks.md, "Quantized weights"): for float32 the 64-request trace ran the same
+# with 16 or 32 and slower with 8; a bfloat16 GEMM runs on the AMX tiles, so there the
+# dequantisation pays from fewer rows (8: 7 % faster than 32).
 DEQUANT_MIN_ROWS = 32
 DEQUANT_MIN_ROWS_BF16 = 8
+# With the register tiles (AVX-512, quant_tiles.h) the kernel outruns dequantise + float32 GEMM at
+# every batch measured (1-512 rows): float32 batches never dequantise. A bfloat16 GEMM (avx512_bf16
+# without AMX) overtakes it from 64 rows (docs/benchmarks.md, "Quantized matmul tiles"); with AMX
+# the crossover measured against the row kernel (8) stands.
+TILED_DEQUANT_MIN_ROWS_BF16 = 64
+NEVER = 1 << 62
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Elements of the weight dequantised per GEMM of that path (8 MiB of float32): every layer of the
 # default model in one piece; its LM head in 15 tiles. Smaller tiles (2 MiB) cost more GEMM calls.
@@ -115,6 +124,20 @@ def keep_quantized(mode: str, device: torch.device) -> bool:
                               "quantization='none' or 'auto' (which dequantises on GPUs)")
         return False
     return mode == "gguf" or quant_native.load() is not None
+
+
+def dequant_min_rows(dtype: torch.dtype) -> int:
+    """From how many activation rows `linear` dequantises the weight for a torch GEMM in `dtype`
+    (0: always, as without the C kernel; NEVER: the kernel takes every batch)."""
+    lib = quant_native.load()
+    if lib is None or dtype not in _OUT_DTYPES:
+        return 0
+    tiles = lib.orcinus_quant_tile_rows() > 0
+    if dtype == torch.bfloat16:
+        from orcinus.cpu_features import cpu_flags
+
+        return TILED_DEQUANT_MIN_ROWS_BF16 if tiles and "amx_bf16" not in cpu_flags() else DEQUANT_MIN_ROWS_BF16
+    return NEVER if tiles else DEQUANT_MIN_ROWS
 
 
 def is_gguf_tensor(loaded: object) -> bool:
@@ -278,8 +301,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if seg.qtype == FLOAT:
             dest.copy_(F.linear(x2, seg.raw))
             continue
-        min_rows = DEQUANT_MIN_ROWS_BF16 if x.dtype == torch.bfloat16 else DEQUANT_MIN_ROWS
-        if lib is None or x2.shape[0] >= min_rows or x.dtype not in _OUT_DTYPES:
+        if x2.shape[0] >= dequant_min_rows(x.dtype):
             # The GEMM gets the same rounded activations the kernel reads, so a row's result does not
             # depend on how many rows share its batch (beyond float rounding).
             if rounded is None:

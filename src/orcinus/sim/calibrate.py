@@ -132,7 +132,7 @@ class Workload:
 
 
 # Chosen to span what runs will do: one row, decode batches of 8, 24 and 64 rows (past the
-# quantized path's crossover, layers/quantized_linear.DEQUANT_MIN_ROWS), whole prompts alone and
+# quantized path's crossover where it has one, layers/quantized_linear.dequant_min_rows), whole prompts alone and
 # many at once, and mixed iterations (prompts joining running decodes; prompt chunks beside them).
 # ~3 min of measurement on the 2-core Xeon (2 min before decode-16 was added, at load average 2);
 # --quick ~20 s.

@@ -3,8 +3,8 @@
 A GGUF model kept quantized holds its linear weights in their blocks (Q4_1: 20 bytes per 32
 weights, Q8_0: 34, ...), not as `dtype` elements; the cost model's memory term must count those
 bytes, and the quantized path's own costs depend on how many weights are in blocks (the integer
-kernel below `DEQUANT_MIN_ROWS` rows, the dequantisation into the activations' dtype from there
-up: layers/quantized_linear.py). This is taken from the loaded model's parameters (what they
+kernel below `dequant_min_rows(dtype)` rows, the dequantisation into the activations' dtype from
+there up: layers/quantized_linear.py). This is taken from the loaded model's parameters (what they
 occupy, `numel x element_size`), never from a dtype assumption.
 
 `bench calibrate` measures it on the model it loads and stores it beside the calibration
@@ -57,7 +57,7 @@ def measure_weight_info(model, dtype=None) -> WeightInfo:
     `lm_head`); a tied LM head counts the embedding's tensor, which it reads."""
     import torch
 
-    from orcinus.layers.quantized_linear import DEQUANT_MIN_ROWS, DEQUANT_MIN_ROWS_BF16
+    from orcinus.layers.quantized_linear import dequant_min_rows
 
     per_layer: dict[int, list[int]] = {}
     embedding = 0
@@ -82,7 +82,7 @@ def measure_weight_info(model, dtype=None) -> WeightInfo:
         embedding_bytes=float(embedding),
         layer_quant_elements=sum(q for _, q in per_layer.values()) / n,
         lm_head_quant_elements=float(_quant_elements(weight)) if weight is not None else 0.0,
-        dequant_min_rows=DEQUANT_MIN_ROWS_BF16 if dtype == torch.bfloat16 else DEQUANT_MIN_ROWS)
+        dequant_min_rows=dequant_min_rows(dtype))
 
 
 # ------------------------------------------------------------------------------------ the store
