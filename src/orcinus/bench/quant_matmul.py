@@ -1,5 +1,6 @@
 """Micro-benchmark of the quantized linear paths at the default model's shapes, per batch size:
-the integer kernel, dequantise-then-GEMM, and the float32 weight of `--quantization none`.
+the integer kernel (register tiles from their crossover up where the CPU has AVX-512),
+dequantise-then-GEMM in float32 and in bfloat16, and the float32 weight of `--quantization none`.
 
     python -m orcinus.bench.quant_matmul [--threads N] [--rows 1,4,16,32,64,128,512]
 
@@ -60,14 +61,22 @@ def run(rows_list: list[int], repeat: int) -> list[dict]:
                 act = ql.quantize_activations(lib, x)
                 ql._dequant_gemm(seg, k, ql._rounded(act, torch.float32), out)
 
+            xb = x.to(torch.bfloat16)
+            outb = torch.empty(rows, n, dtype=torch.bfloat16)
+
+            def dequant_gemm_bf16():
+                ql._dequant_gemm(seg, k, xb, outb)
+
             def float32():
                 torch.nn.functional.linear(x, wf if name == "lm_head" else wf_col)
 
             r = {"shape": name, "rows": rows, "kernel_ms": _best_ms(kernel, repeat),
-                 "dequant_gemm_ms": _best_ms(dequant_gemm, repeat), "float32_ms": _best_ms(float32, repeat)}
+                 "dequant_gemm_ms": _best_ms(dequant_gemm, repeat),
+                 "dequant_gemm_bf16_ms": _best_ms(dequant_gemm_bf16, repeat), "float32_ms": _best_ms(float32, repeat)}
             results.append(r)
             print(f"{name:8s} {n:6d}x{k:<5d} rows {rows:4d}: kernel {r['kernel_ms']:8.3f} ms  "
-                  f"dequant+GEMM {r['dequant_gemm_ms']:8.3f} ms  float32 {r['float32_ms']:8.3f} ms", flush=True)
+                  f"dequant+GEMM {r['dequant_gemm_ms']:8.3f} ms  bf16 dequant+GEMM {r['dequant_gemm_bf16_ms']:8.3f} ms  "
+                  f"float32 {r['float32_ms']:8.3f} ms", flush=True)
     return results
 
 

@@ -380,8 +380,8 @@ int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64
     int status = 0;
     int64_t first = 0;  /* the first feature the row kernel computes */
 #ifdef HAVE_TILES
-    if (rows >= TILE_MIN_ROWS && N >= 16) {
-        first = N / 16 * 16;
+    if (rows >= TILE_MIN_ROWS && N >= STRIP) {
+        first = N / STRIP * STRIP;
         status = tiled_matmul(type, w, first, K, row_bytes, G, zoff, a, da, asum, rows, y, ldy, num_threads);
     }
 #endif

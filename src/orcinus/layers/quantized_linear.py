@@ -48,11 +48,12 @@ FLOAT = -1  # a segment held as a float tensor
 # dequantisation pays from fewer rows (8: 7 % faster than 32).
 DEQUANT_MIN_ROWS = 32
 DEQUANT_MIN_ROWS_BF16 = 8
-# With the register tiles (AVX-512, quant_tiles.h) the kernel outruns dequantise + float32 GEMM at
-# every batch measured (1-512 rows): float32 batches never dequantise. A bfloat16 GEMM (avx512_bf16
-# without AMX) overtakes it from 64 rows (docs/benchmarks.md, "Quantized matmul tiles"); with AMX
-# the crossover measured against the row kernel (8) stands.
-TILED_DEQUANT_MIN_ROWS_BF16 = 64
+# With the register tiles (AVX-512, quant_tiles.h) the kernel outruns dequantise + float32 GEMM
+# at every batch measured (1-512 rows; even float32 weights, `--quantization none`): float32
+# batches never dequantise. A bfloat16 GEMM (avx512_bf16 without AMX) overtakes the tiles from
+# 128-512 rows depending on the shape, 256 overall (docs/benchmarks.md, "Quantized matmul tiles");
+# with AMX the crossover measured against the row kernel (8) stands.
+TILED_DEQUANT_MIN_ROWS_BF16 = 256
 NEVER = 1 << 62
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Elements of the weight dequantised per GEMM of that path (8 MiB of float32): every layer of the
