@@ -12,7 +12,7 @@
  *        sum_k w_k x_k ~= sum_g ws[g] da[g] (sum_k q_k a_k) + (wm[g] - zoff ws[g]) da[g] isum[g]
  *  - Few rows: one weight row is unpacked to bytes once per call and then dotted with every
  *    activation row of the batch (bytes widened to 16 bits, AVX-512BW or AVX2 `madd`, or scalar C).
- *  - More rows, with AVX-512: register tiles of 16 features by up to 12 rows (quant_tiles.h).
+ *  - More rows, with AVX-512: register tiles of 32 features by up to 12 rows (quant_tiles.h).
  *  - Output rows are split over OpenMP threads (torch's pool; see attention/native.py).
  * `orcinus_quant_dequantize` writes rows as float32 or bfloat16 with the reference's exact formula,
  * for embeddings and for the batches whose GEMM runs in torch (bfloat16 ones, or no AVX-512).
@@ -325,7 +325,7 @@ void orcinus_quant_activations(const float *x, int64_t rows, int64_t K, int16_t 
             const float *xb = x + r * K + 32 * b;
             int16_t *ab = a + r * K + 32 * b;
 #ifdef __AVX512F__
-            /* the loop below, 16 lanes at a time (same rounding: the product, then nearest-even) */
+            /* the scalar loop (#else), 16 lanes at a time (same rounding: the product, then nearest-even) */
             const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
             const float vmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
             const float vd = vmax / (float)ACT_MAX, vid = vd > 0.0f ? 1.0f / vd : 0.0f;
@@ -336,8 +336,7 @@ void orcinus_quant_activations(const float *x, int64_t rows, int64_t K, int16_t 
             da[r * nb + b] = vd;
             isum16[r * 2 * nb + 2 * b] = (float)_mm512_reduce_add_epi32(v0);
             isum16[r * 2 * nb + 2 * b + 1] = (float)_mm512_reduce_add_epi32(v1);
-            continue;
-#endif
+#else
             float amax = 0.0f;
             for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
             const float d = amax / (float)ACT_MAX, id = d > 0.0f ? 1.0f / d : 0.0f;
@@ -350,6 +349,7 @@ void orcinus_quant_activations(const float *x, int64_t rows, int64_t K, int16_t 
             }
             isum16[r * 2 * nb + 2 * b] = (float)s0;
             isum16[r * 2 * nb + 2 * b + 1] = (float)s1;
+#endif
         }
     }
 }
@@ -376,7 +376,7 @@ void orcinus_quant_round_activations(const float *x, int64_t rows, int64_t K, fl
 
 /* y[r, o] (row stride ldy) = x[r] . W[o] for the weight's rows [0, N); W is `type` blocks, `row_bytes` a row.
  * Activations come quantized (orcinus_quant_activations). Batches of TILE_MIN_ROWS rows or more take
- * the register tiles (quant_tiles.h) for whole strips of 16 features; the rest one feature at a time.
+ * the register tiles (quant_tiles.h) for whole strips of STRIP features; the rest one feature at a time.
  * Returns 0, or -1 for an unknown type / no memory. */
 int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64_t row_bytes,
                          const int16_t *a, const float *da, const float *isum16, int64_t rows,

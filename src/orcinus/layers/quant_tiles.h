@@ -2,7 +2,7 @@
  * whose `unpack_row`, `fmt` and `prefetch_ahead` it uses).
  *
  * Why: the row-at-a-time kernel loads a weight block once for 4 activation rows and reduces every
- * block's products horizontally; from ~8 rows on, a batch is better served as a GEMM. Dequantising
+ * block's products horizontally; from a few rows on (TILE_MIN_ROWS), a batch is better served as a GEMM. Dequantising
  * the weight to float32 for torch's GEMM costs a pass over every weight per step and multiplies at
  * float32 rate; this keeps the integer arithmetic of the row kernel (same 16-bit activations, same
  * per-group scales, same result up to float summation order) at twice float32's multiply rate.
@@ -160,7 +160,7 @@ DEFINE_TILE(4, 16)
 DEFINE_TILE(2, 16)
 DEFINE_TILE(1, 16)
 
-/* Rows [0, rows) against one packed strip, TILE_ROWS at a time, the rest in at most three tiles. */
+/* Rows [0, rows) against one packed strip, TILE_ROWS at a time, the rest in at most four tiles (8, 4, 2, 1). */
 #define STRIP_ROWS(G)                                                                                   \
     do {                                                                                                \
         int64_t r = 0;                                                                                  \

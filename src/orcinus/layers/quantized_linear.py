@@ -21,6 +21,7 @@ keeps one segment per run of parts of the same type; float parts stay float.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -135,10 +136,16 @@ def dequant_min_rows(dtype: torch.dtype) -> int:
         return 0
     tiles = lib.orcinus_quant_tile_rows() > 0
     if dtype == torch.bfloat16:
-        from orcinus.cpu_features import cpu_flags
-
-        return TILED_DEQUANT_MIN_ROWS_BF16 if tiles and "amx_bf16" not in cpu_flags() else DEQUANT_MIN_ROWS_BF16
+        return TILED_DEQUANT_MIN_ROWS_BF16 if tiles and not _amx_bf16() else DEQUANT_MIN_ROWS_BF16
     return NEVER if tiles else DEQUANT_MIN_ROWS
+
+
+@functools.lru_cache(maxsize=1)
+def _amx_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 on AMX tiles (read once: `linear` asks every call)."""
+    from orcinus.cpu_features import cpu_flags
+
+    return "amx_bf16" in cpu_flags()
 
 
 def is_gguf_tensor(loaded: object) -> bool:
@@ -297,12 +304,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty(x2.shape[0], state.out_features, dtype=x.dtype)
     lib = quant_native.load()
     activations = rounded = None
+    min_rows = dequant_min_rows(x.dtype)
     for seg in state.segments:
         dest = out[:, seg.out_start:seg.out_start + seg.out_rows]
         if seg.qtype == FLOAT:
             dest.copy_(F.linear(x2, seg.raw))
             continue
-        if x2.shape[0] >= dequant_min_rows(x.dtype):
+        if x2.shape[0] >= min_rows:
             # The GEMM gets the same rounded activations the kernel reads, so a row's result does not
             # depend on how many rows share its batch (beyond float rounding).
             if rounded is None:
