@@ -28,7 +28,7 @@ def test_the_package_is_typed() -> None:
 
 
 def test_the_wheel_carries_the_c_decode_kernel(tmp_path) -> None:
-    """A non-editable install must still find `paged_decode.c` and `quant_kernels.c` to compile at first use."""
+    """A non-editable install must still find `paged_attention.c` and `quant_kernels.c` to compile at first use."""
     import zipfile
 
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
@@ -36,7 +36,7 @@ def test_the_wheel_carries_the_c_decode_kernel(tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("orcinus-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "orcinus/attention/paged_decode.c" in names and "orcinus/py.typed" in names
+    assert "orcinus/attention/paged_attention.c" in names and "orcinus/py.typed" in names
     assert "orcinus/layers/quant_kernels.c" in names
 
 

@@ -1,4 +1,4 @@
-"""The C decode kernel of the paged CPU backend (`paged_decode.c` via `native.py`) against the
+"""The C decode kernel of the paged CPU backend (`paged_attention.c` via `native.py`) against the
 reference backend: float32 and bfloat16, one and several threads, sliding windows, GQA, a query
 that is a strided view, and the PyTorch path that replaces it where no compiler works."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel (`paged_decode.c`): compiled (or found in the cache) when a CPU
+"""The CPU paged-attention kernels (`paged_attention.c`: decodes, and prompt chunks): compiled (or found in the cache) when a CPU
 worker starts (`PagedCpuAttention.warm_up`), loaded with ctypes.
 
 Why compile at run time rather than at install: `-march=native` makes the compiler use the vector
@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger("orcinus")
 
-SOURCE = Path(__file__).with_name("paged_decode.c")
+SOURCE = Path(__file__).with_name("paged_attention.c")
 # -ffast-math only when compiling, never when linking: linking a shared object with it would
 # switch the whole process's floating point to flush-to-zero (crtfastmath.o).
 # 512-bit vectors where the CPU has them: 10 % faster than gcc's default 256 on an AVX-512 Xeon.
@@ -130,10 +130,16 @@ def load() -> ctypes.CDLL | None:
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int,
                                                                          ctypes.c_int]
+                fn = lib.orcinus_paged_prefill
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 6 + [
+                                   ctypes.c_float, ctypes.c_int, ctypes.c_int]
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 lib, why = None, f"could not build the C kernel ({exc})"
         if lib is None:
-            log.warning("CPU decode attention: per-request PyTorch path (%s)", why)
+            log.warning("CPU paged attention: per-request PyTorch path (%s)", why)
         _state["lib"], _state["why"] = lib, why
         return lib
 

@@ -9,7 +9,7 @@
  * [rows, hidden] floats and the heavy parts call the kernels the module path calls (through
  * function pointers, so this file links to neither and every result is computed by the same code):
  *   quant_activations / quant_matmul   layers/quant_kernels.c   (the linears, OpenMP over rows)
- *   paged_decode                       attention/paged_decode.c (attention, OpenMP over requests)
+ *   paged_decode                       attention/paged_attention.c (attention, OpenMP over requests)
  * The element-wise steps follow the PyTorch modules' formulas (layers/norms.py, rotary.py,
  * activations.py); layers/fused_decode.py decides when a batch may take this path and packs the
  * structs below (their layout is mirrored there with ctypes).
