@@ -76,8 +76,8 @@ class ModelRunner:
         self.backend = make_backend(engine_config.attention_backend, device)
         self.backend.warm_up(device)  # e.g. the CPU decode kernel compiles here, not in the first decode
         if device.type == "cpu" and fused_decode.prepare(model):  # its library and structs, likewise
-            logger.info("decode steps of up to %d requests: one C call through the layers (fused_decode; "
-                        "%s=0 runs the PyTorch modules)", fused_decode.max_rows(),
+            logger.info("iterations of up to %d tokens (decodes and prompt chunks): one C call through the "
+                        "layers (fused_decode; %s=0 runs the PyTorch modules)", fused_decode.max_rows(),
                         fused_decode.ENV_SWITCH)
         self.num_blocks = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -1,15 +1,17 @@
-/* A decode step through a pipeline stage's decoder layers in one call, for CPUs: Llama-family
+/* An iteration through a pipeline stage's decoder layers in one call, for CPUs: Llama-family
  * layers (pre-norm RMSNorm, rotary self-attention over the paged KV pool, gated SiLU MLP) whose
- * linear weights are kept in their GGUF blocks, for a batch in which every request brings one token.
+ * linear weights are kept in their GGUF blocks, for any batch of decodes and prompt chunks.
  *
  * Why: with the weights read from their 4-bit blocks a token's matmuls take ~6 ms on two cores of
  * an Intel Xeon, while the ~25 small PyTorch ops around them per layer (norms, rotary, the KV write,
  * residual adds, views, the activation quantisation's temporaries) took another ~9 ms: a single
- * user's decode was mostly dispatch. Here each layer's element-wise work is a few loops over
- * [rows, hidden] floats and the heavy parts call the kernels the module path calls (through
- * function pointers, so this file links to neither and every result is computed by the same code):
- *   quant_activations / quant_matmul   layers/quant_kernels.c   (the linears, OpenMP over rows)
- *   paged_decode                       attention/paged_attention.c (attention, OpenMP over requests)
+ * user's decode was mostly dispatch. Prompt-sized batches paid the same ops on [2048, 3072]
+ * temporaries, each allocated (and its pages zeroed by the kernel) per op. Here each layer's
+ * element-wise work is a few loops over [rows, hidden] floats in one scratch buffer the caller keeps,
+ * and the heavy parts call the kernels the module path calls (through function pointers, so this
+ * file links to neither and every result is computed by the same code):
+ *   quant_activations / quant_matmul   layers/quant_kernels.c        (the linears, OpenMP over rows)
+ *   paged_decode / paged_prefill       attention/paged_attention.c   (attention, OpenMP over requests)
  * The element-wise steps follow the PyTorch modules' formulas (layers/norms.py, rotary.py,
  * activations.py); layers/fused_decode.py decides when a batch may take this path and packs the
  * structs below (their layout is mirrored there with ctypes).
@@ -32,6 +34,11 @@ typedef int (*paged_decode_fn)(const void *q, int64_t q_row_stride, const void *
                                const int64_t *table, int64_t table_stride, const int64_t *rows,
                                const int64_t *seq_lens, int num_requests, int num_heads, int num_kv_heads,
                                int head_dim, int block_size, int window, float scale, int dtype, int num_threads);
+typedef int (*paged_prefill_fn)(const void *q, int64_t q_row_stride, const void *k, const void *v, void *out,
+                                const int64_t *table, int64_t table_stride, const int64_t *query_starts,
+                                const int64_t *query_lens, const int64_t *seq_lens, int num_requests, int num_heads,
+                                int num_kv_heads, int head_dim, int block_size, int window, float scale, int dtype,
+                                int num_threads);
 
 /* A linear layer as quantized_linear.QuantState holds it: runs of output rows, each of one type. */
 typedef struct {
@@ -54,12 +61,27 @@ typedef struct {
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
     double scale;
     const float *cos, *sin;
-    void *quant_activations, *quant_matmul, *paged_decode;
+    void *quant_activations, *quant_matmul, *paged_decode, *paged_prefill;
 } DecodeModel;
+
+/* The batch's requests as the attention kernels take them: decodes (one row each) and prompt chunks. */
+typedef struct {
+    int64_t num_decodes;
+    const int64_t *decode_rows, *decode_seq_lens, *decode_table;
+    int64_t decode_table_stride;
+    int64_t num_chunks;
+    const int64_t *chunk_starts, *chunk_lens, *chunk_seq_lens, *chunk_table;
+    int64_t chunk_table_stride;
+} BatchRequests;
+
+/* Element-wise loops run on the OpenMP team (torch's, where this file is built with OpenMP) once a
+ * batch is large enough to pay for waking it: prompt chunks bring thousands of rows. */
+#define PARALLEL_ELEMS 65536
 
 /* out = w * (x / sqrt(mean(x^2) + eps)), per row of n. */
 static void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t n, int64_t ld_in,
-                     int64_t ld_out, double eps) {
+                     int64_t ld_out, double eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PARALLEL_ELEMS)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * ld_in;
         float *o = out + r * ld_out;
@@ -76,7 +98,7 @@ typedef struct {
 } Activations;
 
 /* y [rows, out_features] = x [rows, in_features] W^T (+ bias): x rounded once, then one kernel call
- * per segment, as quantized_linear.linear does for batches under DEQUANT_MIN_ROWS. */
+ * per segment, as quantized_linear.linear does for float32 batches. */
 static int linear(const DecodeModel *m, const DecodeLinear *l, const float *x, int64_t rows, float *y,
                   Activations *act, int threads) {
     ((quant_activations_fn)m->quant_activations)(x, rows, l->in_features, act->a, act->da, act->isum);
@@ -86,9 +108,11 @@ static int linear(const DecodeModel *m, const DecodeLinear *l, const float *x, i
             act->isum, rows, y + l->out_start[s], l->out_features, threads);
         if (status != 0) return status;
     }
-    if (l->bias)
+    if (l->bias) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * l->out_features >= PARALLEL_ELEMS)
         for (int64_t r = 0; r < rows; r++)
             for (int64_t o = 0; o < l->out_features; o++) y[r * l->out_features + o] += l->bias[o];
+    }
     return 0;
 }
 
@@ -103,32 +127,63 @@ static void rotate(float *h, int64_t heads, int64_t D, const float *cos, const f
         }
 }
 
-/* Returns 0, -1 when scratch memory could not be had, or a kernel's non-zero status. */
+/* x += y over n floats. */
+static void add_into(float *x, const float *y, int64_t n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_ELEMS)
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* The scratch one call needs for `rows` rows, in bytes (the caller keeps it between calls: a
+ * prompt-sized batch needs tens of megabytes, which malloc would map and the kernel zero every call). */
+static int64_t widest_of(const DecodeModel *m) {
+    const int64_t H = m->hidden, I = m->intermediate, nq = m->num_heads * m->head_dim;
+    const int64_t a = nq > H ? nq : H;
+    return a > I ? a : I;
+}
+
+int64_t orcinus_decode_layers_scratch_bytes(const DecodeModel *m, int64_t rows) {
+    const int64_t D = m->head_dim, nq = m->num_heads * D, nqkv = nq + 2 * m->num_kv_heads * D;
+    const int64_t floats = rows * (widest_of(m) + nqkv + nq + m->hidden + 2 * m->intermediate)
+                           + rows * widest_of(m) / 32 + 1 + rows * widest_of(m) / 16 + 1;
+    return (int64_t)sizeof(float) * floats + (int64_t)sizeof(int16_t) * rows * widest_of(m) + 64 * 8;
+}
+
+static void *carve(char **at, int64_t bytes) {
+    void *p = *at;
+    *at += (bytes + 63) / 64 * 64;
+    return p;
+}
+
+/* Returns 0, -1 when the scratch given is too small, or a kernel's non-zero status. */
 int orcinus_decode_layers(const DecodeModel *m, const DecodeLayer *layers, int64_t num_layers, float *x,
-                          int64_t rows, const int64_t *positions, const int64_t *slots, const int64_t *table,
-                          int64_t table_stride, const int64_t *seq_lens, const int64_t *query_rows,
-                          int num_threads) {
+                          int64_t rows, const int64_t *positions, const int64_t *slots, const BatchRequests *batch,
+                          void *scratch, int64_t scratch_bytes, int num_threads) {
     const int64_t H = m->hidden, D = m->head_dim, I = m->intermediate;
     const int64_t nq = m->num_heads * D, nkv = m->num_kv_heads * D, nqkv = nq + 2 * nkv;
-    const int64_t widest = nq > I ? (nq > H ? nq : H) : (I > H ? I : H);
-    float *xn = malloc(sizeof(float) * (size_t)(rows * widest));
-    float *qkv = malloc(sizeof(float) * (size_t)(rows * nqkv));
-    float *att = malloc(sizeof(float) * (size_t)(rows * nq));
-    float *y = malloc(sizeof(float) * (size_t)(rows * H));
-    float *gu = malloc(sizeof(float) * (size_t)(rows * 2 * I));
-    Activations act = {malloc(sizeof(int16_t) * (size_t)(rows * widest)), malloc(sizeof(float) * (size_t)(rows * widest / 32 + 1)),
-                       malloc(sizeof(float) * (size_t)(rows * widest / 16 + 1))};
-    int status = (xn && qkv && att && y && gu && act.a && act.da && act.isum) ? 0 : -1;
+    const int64_t widest = widest_of(m);
+    if (scratch_bytes < orcinus_decode_layers_scratch_bytes(m, rows)) return -1;
+    char *at = (char *)scratch;
+    float *xn = carve(&at, (int64_t)sizeof(float) * rows * widest);
+    float *qkv = carve(&at, (int64_t)sizeof(float) * rows * nqkv);
+    float *att = carve(&at, (int64_t)sizeof(float) * rows * nq);
+    float *y = carve(&at, (int64_t)sizeof(float) * rows * H);
+    float *gu = carve(&at, (int64_t)sizeof(float) * rows * 2 * I);
+    Activations act;
+    act.a = carve(&at, (int64_t)sizeof(int16_t) * rows * widest);
+    act.da = carve(&at, (int64_t)sizeof(float) * (rows * widest / 32 + 1));
+    act.isum = carve(&at, (int64_t)sizeof(float) * (rows * widest / 16 + 1));
+    int status = 0;
     for (int64_t li = 0; li < num_layers && status == 0; li++) {
         const DecodeLayer *L = &layers[li];
         /* attention */
-        rms_norm(x, L->input_norm, xn, rows, H, H, H, L->norm_eps);
+        rms_norm(x, L->input_norm, xn, rows, H, H, H, L->norm_eps, num_threads);
         if ((status = linear(m, &L->qkv, xn, rows, qkv, &act, num_threads)) != 0) break;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * nqkv >= PARALLEL_ELEMS)
         for (int64_t r = 0; r < rows; r++) {
             float *q = qkv + r * nqkv, *k = q + nq, *v = k + nkv;
             if (L->q_norm) {
-                rms_norm(q, L->q_norm, q, m->num_heads, D, D, D, L->qk_norm_eps);
-                rms_norm(k, L->k_norm, k, m->num_kv_heads, D, D, D, L->qk_norm_eps);
+                rms_norm(q, L->q_norm, q, m->num_heads, D, D, D, L->qk_norm_eps, 1);
+                rms_norm(k, L->k_norm, k, m->num_kv_heads, D, D, D, L->qk_norm_eps, 1);
             }
             const float *c = m->cos + positions[r] * (D / 2), *s = m->sin + positions[r] * (D / 2);
             rotate(q, m->num_heads, D, c, s);
@@ -136,24 +191,33 @@ int orcinus_decode_layers(const DecodeModel *m, const DecodeLayer *layers, int64
             memcpy(L->k_cache + slots[r] * nkv, k, sizeof(float) * (size_t)nkv);
             memcpy(L->v_cache + slots[r] * nkv, v, sizeof(float) * (size_t)nkv);
         }
-        if ((status = ((paged_decode_fn)m->paged_decode)(
-                 qkv, nqkv, L->k_cache, L->v_cache, att, table, table_stride, query_rows, seq_lens, (int)rows,
+        if (batch->num_decodes > 0 &&
+            (status = ((paged_decode_fn)m->paged_decode)(
+                 qkv, nqkv, L->k_cache, L->v_cache, att, batch->decode_table, batch->decode_table_stride,
+                 batch->decode_rows, batch->decode_seq_lens, (int)batch->num_decodes, (int)m->num_heads,
+                 (int)m->num_kv_heads, (int)D, (int)m->block_size, (int)L->window, (float)m->scale, 0,
+                 num_threads)) != 0)
+            break;
+        if (batch->num_chunks > 0 &&
+            (status = ((paged_prefill_fn)m->paged_prefill)(
+                 qkv, nqkv, L->k_cache, L->v_cache, att, batch->chunk_table, batch->chunk_table_stride,
+                 batch->chunk_starts, batch->chunk_lens, batch->chunk_seq_lens, (int)batch->num_chunks,
                  (int)m->num_heads, (int)m->num_kv_heads, (int)D, (int)m->block_size, (int)L->window,
                  (float)m->scale, 0, num_threads)) != 0)
             break;
         if ((status = linear(m, &L->o, att, rows, y, &act, num_threads)) != 0) break;
-        for (int64_t i = 0; i < rows * H; i++) x[i] += y[i];
+        add_into(x, y, rows * H, num_threads);
         /* MLP: down(silu(gate) * up) */
-        rms_norm(x, L->post_norm, xn, rows, H, H, H, L->norm_eps);
+        rms_norm(x, L->post_norm, xn, rows, H, H, H, L->norm_eps, num_threads);
         if ((status = linear(m, &L->gate_up, xn, rows, gu, &act, num_threads)) != 0) break;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * I >= PARALLEL_ELEMS)
         for (int64_t r = 0; r < rows; r++) {
             const float *g = gu + r * 2 * I, *u = g + I;
             float *a = xn + r * I;
             for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
         }
         if ((status = linear(m, &L->down, xn, rows, y, &act, num_threads)) != 0) break;
-        for (int64_t i = 0; i < rows * H; i++) x[i] += y[i];
+        add_into(x, y, rows * H, num_threads);
     }
-    free(xn); free(qkv); free(att); free(y); free(gu); free(act.a); free(act.da); free(act.isum);
     return status;
 }

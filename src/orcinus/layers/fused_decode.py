@@ -1,19 +1,21 @@
-"""A decode iteration through the decoder layers in one C call (`decode_layers.c`), on CPU.
+"""An iteration through the decoder layers in one C call (`decode_layers.c`), on CPU.
 
-When every request of the batch brings one token, a Llama-family stage whose linears are kept in
-GGUF blocks runs its layers in C: the same quantized-matmul and paged-attention kernels the module
-path calls, without the ~25 PyTorch ops per layer around them (norms, rotary, KV write, residuals).
-On two cores of an Intel Xeon that dispatch was ~9 of a single user's ~19 ms per token
-(docs/benchmarks.md, "A decode step in one call").
+A Llama-family stage whose linears are kept in GGUF blocks runs its layers in C, for any batch of
+decodes and prompt chunks: the same quantized-matmul and paged-attention kernels the module path
+calls, without the ~25 PyTorch ops per layer around them (norms, rotary, KV write, residuals). On
+two cores of an Intel Xeon that dispatch was ~9 of a single user's ~19 ms per token
+(docs/benchmarks.md, "A decode step in one call"); for prompt-sized batches the same ops also
+allocated [rows, 3072] temporaries per op, whose pages the kernel zeroed every time. The C call
+works in one scratch buffer that the plan keeps and grows to the largest batch seen.
 
 `decode(model, x, positions, ctx)` returns the layers' output, or None when this batch or model
 must take the module path, which stays the reference (and what tests compare this path with):
 - the model: pre-norm decoder layers with RMSNorm, rotary self-attention (optional q/k norms and
   q/k/v bias, sliding windows) and a SiLU gated MLP, every linear quantized (up to 4 runs of
   types), float32, no tensor parallelism (the module path's all-reduces sit between the ops);
-- the batch: float32 on CPU, fewer rows than the dequantise-then-GEMM threshold (so each row gets
-  the kernel the module path would give it), all of them decodes in the CPU paged backend's C
-  attention, float32 contiguous caches;
+- the batch: float32 on CPU, at most `max_rows()` rows (those for which the module path would also
+  run the integer kernel, so a row's numbers do not depend on which path its batch took), its
+  decodes and prompt chunks in the CPU paged backend's C kernels, float32 contiguous caches;
 - nothing but the executor's progress beat hooks a layer (a forward hook or a profiler would
   otherwise see no call; the beat is given once per step), and
   `ORCINUS_FUSED_DECODE=0` is not set (the switch for comparing the two paths).
@@ -49,8 +51,9 @@ MAX_SEGMENTS = 4
 _i64, _p, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 # Batches of up to `max_rows()` rows take the fused step: those for which the module path would
 # also run the integer kernel (quantized_linear.dequant_min_rows), so a row's numbers do not depend
-# on which path its batch took; at most ROWS_CAP.
-ROWS_CAP = 256
+# on which path its batch took; at most ROWS_CAP, which bounds the scratch the plan keeps (~30 KB a
+# row for the default model: 120 MB at 4096 rows, twice the default token budget).
+ROWS_CAP = 4096
 
 
 def max_rows() -> int:
@@ -73,7 +76,14 @@ class DecodeLayer(ctypes.Structure):
 class DecodeModel(ctypes.Structure):
     _fields_ = [("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
                 ("intermediate", _i64), ("block_size", _i64), ("scale", _f64), ("cos", _p), ("sin", _p),
-                ("quant_activations", _p), ("quant_matmul", _p), ("paged_decode", _p)]
+                ("quant_activations", _p), ("quant_matmul", _p), ("paged_decode", _p), ("paged_prefill", _p)]
+
+
+class BatchRequests(ctypes.Structure):
+    """The iteration's decodes and prompt chunks (attention/paged_cpu.py's host arrays)."""
+    _fields_ = [("num_decodes", _i64), ("decode_rows", _p), ("decode_seq_lens", _p), ("decode_table", _p),
+                ("decode_table_stride", _i64), ("num_chunks", _i64), ("chunk_starts", _p), ("chunk_lens", _p),
+                ("chunk_seq_lens", _p), ("chunk_table", _p), ("chunk_table_stride", _i64)]
 
 
 _lock = threading.Lock()
@@ -81,20 +91,24 @@ _lib: dict[str, ctypes.CDLL | None] = {}
 
 
 def _load() -> ctypes.CDLL | None:
-    """This file's C library (no OpenMP of its own: the kernels it calls have it), or None."""
+    """This file's C library, or None."""
     with _lock:
         if "lib" not in _lib:
             lib = None
             compiler = native._compiler()
             if compiler is not None:
-                try:
-                    lib = ctypes.CDLL(str(native.build_shared_object(SOURCE, compiler, openmp=False)))
-                    lib.orcinus_decode_layers.restype = ctypes.c_int
-                    lib.orcinus_decode_layers.argtypes = [_p, _p, _i64, _p, _i64, _p, _p, _p, _i64, _p, _p,
-                                                          ctypes.c_int]
-                except (OSError, RuntimeError) as exc:
-                    log.info("fused decode: module path only (%s)", exc)
-                    lib = None
+                for openmp in (True, False):  # its element-wise loops on torch's team where it builds
+                    try:
+                        lib = ctypes.CDLL(str(native.build_shared_object(SOURCE, compiler, openmp=openmp)))
+                        lib.orcinus_decode_layers.restype = ctypes.c_int
+                        lib.orcinus_decode_layers.argtypes = [_p, _p, _i64, _p, _i64, _p, _p, _p, _p, _i64,
+                                                              ctypes.c_int]
+                        lib.orcinus_decode_layers_scratch_bytes.restype = _i64
+                        lib.orcinus_decode_layers_scratch_bytes.argtypes = [_p, _i64]
+                        break
+                    except (OSError, RuntimeError) as exc:
+                        log.info("fused decode: %s build failed (%s)", "OpenMP" if openmp else "serial", exc)
+                        lib = None
             _lib["lib"] = lib
         return _lib["lib"]
 
@@ -127,6 +141,13 @@ class _Plan:
         self.array = (DecodeLayer * len(packed))(*packed)
         self.keep = keep  # tensors whose pointers the structs hold
         self.cache_ptrs: tuple[int, ...] = ()
+        self.scratch = torch.empty(0, dtype=torch.uint8)  # grown to the largest batch seen
+
+    def scratch_for(self, rows: int) -> torch.Tensor:
+        need = self.lib.orcinus_decode_layers_scratch_bytes(ctypes.addressof(self.model), rows)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need, dtype=torch.uint8)
+        return self.scratch
 
     def bind_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         ptrs = tuple(t.data_ptr() for pair in kv_caches for t in pair)
@@ -190,7 +211,8 @@ def _build_plan(layers: nn.ModuleList) -> _Plan | None:
     model = DecodeModel(hidden=hidden, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
                         intermediate=intermediate, block_size=0, scale=a.scale, cos=rotary.cos.data_ptr(),
                         sin=rotary.sin.data_ptr(), quant_activations=fn(qlib.orcinus_quant_activations),
-                        quant_matmul=fn(qlib.orcinus_quant_matmul), paged_decode=fn(alib.orcinus_paged_decode))
+                        quant_matmul=fn(qlib.orcinus_quant_matmul), paged_decode=fn(alib.orcinus_paged_decode),
+                        paged_prefill=fn(alib.orcinus_paged_prefill))
     keep += [rotary.cos, rotary.sin]
     return _Plan(layers, lib, model, packed, keep)
 
@@ -230,13 +252,16 @@ def prepare(model: nn.Module) -> bool:
 
 def decode(owner: nn.Module, layers: nn.ModuleList, x: torch.Tensor, positions: torch.Tensor,
            ctx: ForwardContext) -> torch.Tensor | None:
-    """The layers' output for an all-decode batch in one C call, or None (take the module path).
-    `owner` keeps the plan (the model: its layers and weights do not change after loading)."""
+    """The layers' output for a batch of decodes and prompt chunks in one C call, or None (take the
+    module path). `owner` keeps the plan (the model: its layers and weights do not change after loading)."""
     meta = ctx.meta
     rows = x.shape[0]
-    if not (isinstance(meta, PagedCpuMetadata) and meta.native is not None and not meta.native.others
-            and len(meta.native.rows) == rows and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.dim() == 2 and 0 < rows <= max_rows()):
+    if not (isinstance(meta, PagedCpuMetadata) and meta.native is not None and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.dim() == 2 and 0 < rows <= max_rows()):
+        return None
+    nat = meta.native
+    chunks = nat.prefills
+    if len(nat.rows) + (0 if chunks is None else int(chunks.query_lens.sum())) != rows:
         return None
     plan = getattr(owner, "_fused_decode_plan", None)
     if plan is None:
@@ -248,12 +273,19 @@ def decode(owner: nn.Module, layers: nn.ModuleList, x: torch.Tensor, positions: 
     out = x.contiguous().clone()
     pos = positions.to(torch.int64).contiguous()
     slots = meta.slot_mapping.to(torch.int64).contiguous()
-    nat = meta.native
+    batch = BatchRequests(num_decodes=len(nat.rows), decode_rows=nat.rows.ctypes.data,
+                          decode_seq_lens=nat.seq_lens.ctypes.data, decode_table=nat.table.ctypes.data,
+                          decode_table_stride=nat.table.shape[1] if nat.table.ndim == 2 else 0)
+    if chunks is not None:
+        batch.num_chunks, batch.chunk_table_stride = len(chunks.query_lens), chunks.table.shape[1]
+        batch.chunk_starts, batch.chunk_lens = chunks.query_starts.ctypes.data, chunks.query_lens.ctypes.data
+        batch.chunk_seq_lens, batch.chunk_table = chunks.seq_lens.ctypes.data, chunks.table.ctypes.data
+    scratch = plan.scratch_for(rows)
     status = plan.lib.orcinus_decode_layers(
         ctypes.addressof(plan.model), ctypes.addressof(plan.array), len(plan.array), out.data_ptr(), rows,
-        pos.data_ptr(), slots.data_ptr(), nat.table.ctypes.data, nat.table.shape[1], nat.seq_lens.ctypes.data,
-        nat.rows.ctypes.data, torch.get_num_threads())
+        pos.data_ptr(), slots.data_ptr(), ctypes.addressof(batch), scratch.data_ptr(), scratch.numel(),
+        torch.get_num_threads())
     if status != 0:
-        raise RuntimeError(f"fused decode step failed (status {status}: out of memory or a kernel refused its input)")
+        raise RuntimeError(f"fused layer step failed (status {status}: scratch too small or a kernel refused its input)")
     _beat(layers, out)
     return out

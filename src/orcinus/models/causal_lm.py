@@ -82,7 +82,7 @@ class DecoderLM(nn.Module):
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(input_ids, positions) if hidden is None else hidden
         fused = fused_decode.decode(self, self.model.layers, x, positions, ctx)
-        if fused is not None:  # an all-decode CPU batch in one C call (layers/fused_decode.py)
+        if fused is not None:  # a CPU batch in one C call (layers/fused_decode.py)
             x = fused
         else:
             for layer in self.model.layers:
