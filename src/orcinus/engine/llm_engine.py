@@ -9,6 +9,7 @@ added between steps join at the next launch.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import time
@@ -147,6 +148,11 @@ class LLMEngine:
             from orcinus.thread_policy import engine_note
 
             logger.info("orcinus engine: %s", engine_note(config.cpu_thread_policy))
+        # What exists now (the model's modules, tokenizer tables, imported libraries: ~180,000
+        # objects) lives as long as the engine. Frozen, the collector stops walking it at every full
+        # collection: gc_collect_main was ~3 % of the CPU samples of a 2-core CPU trace run.
+        gc.collect()
+        gc.freeze()
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "LLMEngine":
