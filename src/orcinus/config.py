@@ -61,6 +61,10 @@ class EngineConfig:
     # builds (~file-size memory, faster decode; layers/quantized_linear.py), "gguf" insists on it
     # (CPU only), "none" dequantises them to `dtype` at load as before.
     quantization: Literal["auto", "gguf", "none"] = "auto"
+    # The KV pool's element type (vLLM's flag name): "auto" is the model's dtype; on CPU float16 or
+    # bfloat16 halve a float32 model's pool (twice the tokens per byte, half the bytes each decode
+    # reads: decode attention there is bound by memory). Other dtypes than the model's: CPU only.
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # How idle OpenMP threads wait (orcinus/thread_policy.py): auto | spin | passive | spin:N. It
     # takes effect before torch loads (the CLI flag, ORCINUS_CPU_THREAD_POLICY); here it is checked
     # and reported on the start-up line.
@@ -106,6 +110,8 @@ class EngineConfig:
             raise ConfigError("worker_stall_timeout_s must be positive")
         if self.attention_backend not in ("auto", "reference", "batched", "paged", "triton"):
             raise ConfigError("attention_backend must be auto, reference, batched, paged or triton")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is unknown; choose auto or one of {tuple(DTYPES)}")
         if self.quantization not in QUANTIZATION_MODES:
             raise ConfigError(f"quantization={self.quantization!r} is unknown; choose one of {QUANTIZATION_MODES}")
         if not self.generation_config:

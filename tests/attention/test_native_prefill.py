@@ -96,3 +96,29 @@ def test_prefill_in_the_pthreads_build_matches_reference(threads, monkeypatch):
     finally:
         torch.set_num_threads(before)
         native.reset_for_tests()
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("case", [PREFILL_CASES[0], PREFILL_CASES[3], PREFILL_CASES[1]], ids=lambda c: c.name)
+def test_a_float16_pool_is_read_as_the_reference_reads_it(case, threads):
+    """kv_cache_dtype=float16: the kernels convert the pool's halves as they load them (decodes and
+    prompt chunks, float32 queries); the reference converts the gathered blocks."""
+    layout, q, k, v, k_cache, v_cache = make_inputs(case)
+    k_half, v_half = k_cache.to(torch.float16), v_cache.to(torch.float16)
+    scale = case.head_dim ** -0.5
+    ref = ReferenceAttention()
+    expected = ref.forward(q, k, v, k_half.clone(), v_half.clone(), ref.build(layout, upload), scale, case.sliding_window)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        backend = PagedCpuAttention()
+        meta = backend.build(layout, upload)
+        assert meta.native is not None
+        got = backend.forward(q, k, v, k_half, v_half, meta, scale, case.sliding_window)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    # and the half pool is not the float32 one: the test would see a kernel reading it as float32
+    full = ref.forward(q, k, v, k_cache.clone(), v_cache.clone(), ref.build(layout, upload), scale, case.sliding_window)
+    assert (full - expected).abs().max() > 1e-5

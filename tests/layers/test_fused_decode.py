@@ -215,3 +215,42 @@ def test_float_weights_take_the_module_path(tmp_path) -> None:
         assert getattr(model, "_fused_decode_plan", None) is fused_decode._NO_PLAN
     finally:
         engine.shutdown()
+
+
+def test_a_float16_pool_is_written_and_read_as_the_module_path_does(tmp_path, monkeypatch) -> None:
+    """kv_cache_dtype=float16: the C step rounds the new keys and values to halves as torch's
+    conversion does (nearest even) and its attention reads them back, at every iteration."""
+    checker = _Checker(monkeypatch)
+    engine = _engine(_write(tmp_path, "llama", T.Q4_1), kv_cache_dtype="float16", max_num_batched_tokens=16)
+    try:
+        caches = engine.executor.driver_worker.runner.kv_caches
+        assert all(k.dtype == v.dtype == torch.float16 for k, v in caches)
+        out = _generate(engine, prompts=[[1, 2, 3], list(range(5, 45))], max_tokens=10)
+        assert all(len(t) == 10 for t in out.values())
+    finally:
+        engine.shutdown()
+    assert checker.fused_steps >= 10 and 16 in checker.rows_seen
+
+
+def test_float_to_half_rounds_as_torch_does() -> None:
+    """The C step's conversion of new keys and values (decode_layers.c `f32_to_f16`) against torch's,
+    bit for bit: normals, ties, the halves' subnormals and their underflow, overflow to infinity,
+    infinities, NaN and signed zeros."""
+    import ctypes
+
+    special = [0.0, -0.0, 1.0, -2.5, 65504.0, 65519.0, 65520.0, 1e6, -1e6, float("inf"), float("-inf"),
+               6.0e-8, 3.0e-8, 2.9e-8, 1.0e-5, -6.1e-5, 0.1, 1 / 3, 2049.0, 2051.0, 1.00048828125]
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor(special), torch.randn(20000, generator=g) * 10,
+                   torch.randn(20000, generator=g) * 1e-5, torch.randn(2000, generator=g) * 3e4]).contiguous()
+    got = torch.empty(x.numel(), dtype=torch.int16)
+    lib = fused_decode._load()
+    assert lib is not None
+    lib.orcinus_f32_to_f16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.orcinus_f32_to_f16(x.data_ptr(), got.data_ptr(), x.numel())
+    want = x.to(torch.float16).view(torch.int16)
+    assert torch.equal(got, want), (x[got != want][:5], got[got != want][:5], want[got != want][:5])
+    nan = torch.tensor([float("nan")])
+    one = torch.empty(1, dtype=torch.int16)
+    lib.orcinus_f32_to_f16(nan.data_ptr(), one.data_ptr(), 1)
+    assert torch.isnan(one.view(torch.float16)).all()

@@ -43,7 +43,8 @@ LINK_FLAGS = ["-shared", "-pthread"]
 # than one inside the engine (1.93 against 1.87 ms per layer, two cores): torch's OpenMP workers
 # were still spinning on the other core. Where -fopenmp does not build, pthreads it is.
 OPENMP_FLAGS = ["-fopenmp"]
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's `dtype` argument
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' `dtype` argument (queries, output)
+KV_DTYPE_CODES = {**DTYPE_CODES, torch.float16: 2}  # their `kv_dtype` argument (the pool)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -129,13 +130,13 @@ def load() -> ctypes.CDLL | None:
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                ctypes.c_void_p] + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int,
-                                                                         ctypes.c_int]
+                                                                         ctypes.c_int, ctypes.c_int]
                 fn = lib.orcinus_paged_prefill
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 6 + [
-                                   ctypes.c_float, ctypes.c_int, ctypes.c_int]
+                                   ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 lib, why = None, f"could not build the C kernel ({exc})"
         if lib is None:

@@ -13,6 +13,8 @@
  *   q    [tokens, H, D]          row stride q_row_stride elements, heads contiguous
  *   k, v [blocks, BS, Hkv, D]    the layer's pool, contiguous
  *   out  [tokens, H, D]          contiguous
+ * q and out are float32 or bfloat16 (`dtype`); the pool float32, bfloat16 or float16 (`kv_dtype`,
+ * converted as it is loaded: a float16 pool halves the bytes a decode reads, which bound it).
  *   table[requests, table_stride] int64 block ids; rows[r] the request's query row in q/out;
  *   seq_lens[r] its context length including this token.
  * Requests are split over `num_threads` threads by context length: OpenMP's (torch's pool) where
@@ -27,14 +29,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 
 typedef struct {
     const void *q, *k, *v;
     void *out;
     const int64_t *table, *rows, *seq_lens;
     int64_t table_stride, q_row_stride;
-    int num_heads, num_kv_heads, head_dim, block_size, window, dtype;
+    int num_heads, num_kv_heads, head_dim, block_size, window, dtype, kv_dtype;
     float scale;
     int begin, end;  /* this job's requests */
     int status;      /* 0 ok, -1 out of memory */
@@ -55,6 +57,39 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+/* IEEE half to float, exactly (normal, subnormal, zero, infinity, NaN). */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);
+    else if (exp != 0) bits = sign | ((exp + 112u) << 23) | (man << 13);
+    else if (man == 0) bits = sign;
+    else {  /* subnormal: normalise */
+        int e = -1;
+        uint32_t m = man;
+        do { e++; m <<= 1; } while (!(m & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Element i of a pool of `dtype`, as float32. */
+static inline float kv_at(const void *pool, int dtype, int64_t i) {
+    if (dtype == DTYPE_F32) return ((const float *)pool)[i];
+    const uint16_t x = ((const uint16_t *)pool)[i];
+    return dtype == DTYPE_F16 ? f16_to_f32(x) : bf16_to_f32(x);
+}
+
+#ifdef __AVX512F__
+/* 16 elements of a float32 or float16 pool from element `at`, as float32. */
+static inline __m512 kv_load16(const void *pool, int dtype, int64_t at) {
+    if (dtype == DTYPE_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)pool + at)));
+    return _mm512_loadu_ps((const float *)pool + at);
+}
+#endif
+
 /* The pool slot of a request's token t. */
 static inline int64_t slot_of(const Job *j, const int64_t *blocks, int64_t t) {
     return blocks[t / j->block_size] * j->block_size + t % j->block_size;
@@ -63,9 +98,8 @@ static inline int64_t slot_of(const Job *j, const int64_t *blocks, int64_t t) {
 /* One slot's Hkv x D keys or values, as float32. */
 static inline const float *slot_f32(const Job *j, const void *pool, int64_t slot, float *tmp) {
     const int64_t n = (int64_t)j->num_kv_heads * j->head_dim;
-    if (j->dtype == DTYPE_F32) return (const float *)pool + slot * n;
-    const uint16_t *src = (const uint16_t *)pool + slot * n;
-    for (int64_t i = 0; i < n; i++) tmp[i] = bf16_to_f32(src[i]);
+    if (j->kv_dtype == DTYPE_F32) return (const float *)pool + slot * n;
+    for (int64_t i = 0; i < n; i++) tmp[i] = kv_at(pool, j->kv_dtype, slot * n + i);
     return tmp;
 }
 
@@ -102,22 +136,23 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
     /* scores[h][t] */
     int64_t t_done = first;
 #ifdef __AVX512F__
-    if (j->dtype == DTYPE_F32 && D % 16 == 0 && D <= 128) {
+    if ((j->kv_dtype == DTYPE_F32 || j->kv_dtype == DTYPE_F16) && D % 16 == 0 && D <= 128) {
         /* 16 keys at a time: each dot's 16-lane partial sums stay in a register and one
          * reduction tree (reduce16) turns the 16 of them into 16 scores, instead of one
          * horizontal sum per dot */
         for (; t_done + 16 <= len; t_done += 16) {
-            const float *keys[16];
-            for (int i = 0; i < 16; i++) keys[i] = (const float *)j->k + slot_of(j, blocks, t_done + i) * (int64_t)Hkv * D;
+            int64_t keys[16];  /* element offsets of the 16 slots */
+            for (int i = 0; i < 16; i++) keys[i] = slot_of(j, blocks, t_done + i) * (int64_t)Hkv * D;
             for (int kh = 0; kh < Hkv; kh++)
                 for (int g = 0; g < G; g++) {
                     const int h = kh * G + g;
                     __m512 qv[8], acc[16];
                     for (int c = 0; c < D / 16; c++) qv[c] = _mm512_loadu_ps(qf + h * D + 16 * c);
                     for (int i = 0; i < 16; i++) {
-                        const float *kv = keys[i] + kh * D;
-                        __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kv));
-                        for (int c = 1; c < D / 16; c++) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kv + 16 * c), a);
+                        const int64_t kv = keys[i] + kh * D;
+                        __m512 a = _mm512_mul_ps(qv[0], kv_load16(j->k, j->kv_dtype, kv));
+                        for (int c = 1; c < D / 16; c++)
+                            a = _mm512_fmadd_ps(qv[c], kv_load16(j->k, j->kv_dtype, kv + 16 * c), a);
                         acc[i] = a;
                     }
                     _mm512_storeu_ps(scores + h * n + (t_done - first), reduce16(acc));
@@ -150,7 +185,7 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
     }
     memset(acc, 0, sizeof(float) * (size_t)H * D);
 #ifdef __AVX512F__
-    if (j->dtype == DTYPE_F32 && D == 64) {
+    if ((j->kv_dtype == DTYPE_F32 || j->kv_dtype == DTYPE_F16) && D == 64) {
         /* Per KV head, up to 3 of its query heads at a time with their 3 x 64 sums in 12 registers
          * (the loop below keeps them in memory: a load and a store per multiply-add). */
         for (int kh = 0; kh < Hkv; kh++)
@@ -162,9 +197,9 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
                 for (int g = 0; g < 3; g++)
                     for (int c = 0; c < 4; c++) a[g][c] = _mm512_setzero_ps();
                 for (int64_t t = first; t < len; t++) {
-                    const float *vh = (const float *)j->v + slot_of(j, blocks, t) * (int64_t)Hkv * D + kh * D;
-                    const __m512 v0 = _mm512_loadu_ps(vh), v1 = _mm512_loadu_ps(vh + 16);
-                    const __m512 v2 = _mm512_loadu_ps(vh + 32), v3 = _mm512_loadu_ps(vh + 48);
+                    const int64_t vh = slot_of(j, blocks, t) * (int64_t)Hkv * D + kh * D;
+                    const __m512 v0 = kv_load16(j->v, j->kv_dtype, vh), v1 = kv_load16(j->v, j->kv_dtype, vh + 16);
+                    const __m512 v2 = kv_load16(j->v, j->kv_dtype, vh + 32), v3 = kv_load16(j->v, j->kv_dtype, vh + 48);
                     const __m512 x[3] = {_mm512_set1_ps(w0[t - first]), _mm512_set1_ps(w1[t - first]),
                                          _mm512_set1_ps(w2[t - first])};
                     for (int g = 0; g < 3; g++) {
@@ -232,7 +267,7 @@ static void *run_job(void *arg) {
 int orcinus_paged_decode(const void *q, int64_t q_row_stride, const void *k, const void *v, void *out,
                          const int64_t *table, int64_t table_stride, const int64_t *rows,
                          const int64_t *seq_lens, int num_requests, int num_heads, int num_kv_heads,
-                         int head_dim, int block_size, int window, float scale, int dtype,
+                         int head_dim, int block_size, int window, float scale, int dtype, int kv_dtype,
                          int num_threads) {
     if (num_requests <= 0) return 0;
     if (num_threads < 1) num_threads = 1;
@@ -250,7 +285,7 @@ int orcinus_paged_decode(const void *q, int64_t q_row_stride, const void *k, con
         while (end < num_requests && (seen < target || end == begin)) seen += seq_lens[end++];
         if (i == num_threads - 1) end = num_requests;
         jobs[i] = (Job){q, k, v, out, table, rows, seq_lens, table_stride, q_row_stride, num_heads,
-                        num_kv_heads, head_dim, block_size, window, dtype, scale, begin, end, 0};
+                        num_kv_heads, head_dim, block_size, window, dtype, kv_dtype, scale, begin, end, 0};
         begin = end;
     }
 #ifdef _OPENMP
@@ -300,7 +335,7 @@ typedef struct {
     void *out;
     const int64_t *table, *query_starts, *query_lens, *seq_lens;
     int64_t table_stride, q_row_stride;
-    int num_heads, num_kv_heads, head_dim, block_size, window, dtype;
+    int num_heads, num_kv_heads, head_dim, block_size, window, dtype, kv_dtype;
     float scale;
     int64_t longest;  /* the most keys one item reads */
 } Prefill;
@@ -471,7 +506,7 @@ static size_t prefill_scratch_floats(const Prefill *P) {
 }
 
 /* Item `spec` = {request * Hkv + KV head, first row, end row}: its keys transposed into kt, its
- * values located (read in place from a float32 pool, converted from bfloat16), then its rows SB
+ * values located (read in place from a float32 pool, converted from bfloat16 or float16), then its rows SB
  * at a time. */
 static void run_prefill_item(const Prefill *P, const int64_t *spec, float *buf) {
     const int r = (int)(spec[0] / P->num_kv_heads), kh = (int)(spec[0] % P->num_kv_heads), D = P->head_dim;
@@ -487,7 +522,7 @@ static void run_prefill_item(const Prefill *P, const int64_t *spec, float *buf) 
         voff[t] = (blocks[pos / P->block_size] * P->block_size + pos % P->block_size) * slot_elems + (int64_t)kh * D;
     }
     Item it = {P, kh, P->query_starts[r], base, lo, ldk, kt, qs, s, NULL, voff};
-    if (P->dtype == DTYPE_F32) {
+    if (P->kv_dtype == DTYPE_F32) {
         const float *k = (const float *)P->k;
         for (int d = 0; d < D; d++) {
             float *row = kt + (int64_t)d * ldk;
@@ -497,8 +532,8 @@ static void run_prefill_item(const Prefill *P, const int64_t *spec, float *buf) 
     } else {
         for (int64_t t = 0; t < n; t++) {
             for (int d = 0; d < D; d++) {
-                kt[(int64_t)d * ldk + t] = load_f(P->k, P->dtype, voff[t] + d);
-                vv[t * D + d] = load_f(P->v, P->dtype, voff[t] + d);
+                kt[(int64_t)d * ldk + t] = kv_at(P->k, P->kv_dtype, voff[t] + d);
+                vv[t * D + d] = kv_at(P->v, P->kv_dtype, voff[t] + d);
             }
             voff[t] = t * D;
         }
@@ -532,10 +567,10 @@ int orcinus_paged_prefill(const void *q, int64_t q_row_stride, const void *k, co
                           const int64_t *table, int64_t table_stride, const int64_t *query_starts,
                           const int64_t *query_lens, const int64_t *seq_lens, int num_requests, int num_heads,
                           int num_kv_heads, int head_dim, int block_size, int window, float scale, int dtype,
-                          int num_threads) {
+                          int kv_dtype, int num_threads) {
     if (num_requests <= 0) return 0;
     Prefill P = {q, k, v, out, table, query_starts, query_lens, seq_lens, table_stride, q_row_stride, num_heads,
-                 num_kv_heads, head_dim, block_size, window, dtype, scale, 1};
+                 num_kv_heads, head_dim, block_size, window, dtype, kv_dtype, scale, 1};
     int64_t count = 0;
     for (int r = 0; r < num_requests; r++) {
         const int64_t base = seq_lens[r] - query_lens[r];

@@ -153,9 +153,10 @@ class PagedCpuAttention(AttentionBackend):
 
 
 def _native_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """The C kernel takes float32 or bfloat16 CPU tensors with heads contiguous and one dtype."""
-    return (q.device.type == "cpu" and q.dtype in native.DTYPE_CODES
-            and k_cache.dtype == q.dtype == v_cache.dtype and k_cache.is_contiguous()
+    """The C kernels take float32 or bfloat16 queries, a float32, bfloat16 or float16 pool (keys and
+    values alike), CPU tensors with heads contiguous."""
+    return (q.device.type == "cpu" and q.dtype in native.DTYPE_CODES and k_cache.dtype in native.KV_DTYPE_CODES
+            and k_cache.dtype == v_cache.dtype and k_cache.is_contiguous()
             and v_cache.is_contiguous() and q.stride(2) == 1 and q.stride(1) == q.shape[2])
 
 
@@ -168,7 +169,7 @@ def _native_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         decodes.table.ctypes.data, decodes.table.shape[1], decodes.rows.ctypes.data,
         decodes.seq_lens.ctypes.data, len(decodes.rows), q.shape[1], k_cache.shape[2], q.shape[2],
         k_cache.shape[1], sliding_window or 0, scale, native.DTYPE_CODES[q.dtype],
-        torch.get_num_threads())
+        native.KV_DTYPE_CODES[k_cache.dtype], torch.get_num_threads())
     if status != 0:
         raise MemoryError("CPU decode attention could not allocate its scratch buffer")
 
@@ -182,6 +183,7 @@ def _native_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
         p.table.ctypes.data, p.table.shape[1], p.query_starts.ctypes.data, p.query_lens.ctypes.data,
         p.seq_lens.ctypes.data, len(p.query_lens), q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1],
-        sliding_window or 0, scale, native.DTYPE_CODES[q.dtype], torch.get_num_threads())
+        sliding_window or 0, scale, native.DTYPE_CODES[q.dtype], native.KV_DTYPE_CODES[k_cache.dtype],
+        torch.get_num_threads())
     if status != 0:
         raise MemoryError("CPU prefill attention could not allocate its scratch buffer")

@@ -30,6 +30,8 @@ ENGINE_FLAG_HELP = {
     "enforce_eager": "never use CUDA graphs (on CUDA they replay increment-only iterations; always off on CPU)",
     "quantization": "GGUF weights: auto (default: kept in their quantized blocks on CPU when the C kernel "
                     "builds, ~file-size memory) | gguf (always kept, CPU only) | none (dequantised at load)",
+    "kv_cache_dtype": "element type of the KV pool: auto (default: the model's dtype) | float32 | bfloat16 | "
+                      "float16 (CPU: half a float32 pool's memory and of the bytes each decode step reads)",
     "trust_remote_code": "let a Hugging Face tokenizer folder run its own code",
     "worker_stall_timeout_s": "seconds worker processes may complete no layer while a batch is in flight before the "
                               "engine fails its requests and stops (a stopped or stuck worker; default: %(default)s)",
@@ -37,8 +39,8 @@ ENGINE_FLAG_HELP = {
                          "generation_config.json, GGUF sampling metadata, or its model card's figures; for the "
                          f"default model {SMOLLM2_DEFAULTS}), vllm (none: temperature 1, top_p 1), or a folder "
                          "holding a generation_config.json (default: %(default)s)",
-    "cpu_thread_policy": "how idle OpenMP threads wait: auto (default: passive, right on a quiet and on a busy "
-                         "machine), spin (libgomp's default: fastest on cores of its own, collapses beside other "
+    "cpu_thread_policy": "how idle OpenMP threads wait: auto (default: short spinning, spin:10000, with fewer "
+                         "threads while other processes use the cores; right on a quiet and on a busy machine), spin (libgomp's default: fastest on cores of its own, collapses beside other "
                          "work), passive, or spin:N (GOMP_SPINCOUNT=N). Applied before torch loads (also "
                          "ORCINUS_CPU_THREAD_POLICY); your own OMP_WAIT_POLICY/GOMP_SPINCOUNT wins",
     "override_generation_config": "JSON object changing single defaults, e.g. '{\"temperature\": 0.5, "

@@ -14,7 +14,8 @@ import torch
 
 from orcinus.attention.metadata import AttentionMetadata, BatchLayout
 from orcinus.attention.selector import make_backend
-from orcinus.config import EngineConfig, ModelConfig
+from orcinus.config import DTYPES, EngineConfig, ModelConfig
+from orcinus.errors import ConfigError
 from orcinus.distributed.parallel_state import kv_head_range
 from orcinus.executor.cuda_graphs import DecodeGraphs, DecodeInputs, plan_cuda_graphs
 from orcinus.executor.host_staging import PackedUpload, zero_copy_upload
@@ -58,6 +59,19 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, nu
     return 2 * layers * block_size * heads * cfg.head_dim * elem
 
 
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV pool's dtype for `kv_cache_dtype=name`: the model's for auto. Another dtype than the
+    model's is read by the CPU attention kernels (which convert as they load); the CUDA kernels read
+    the model's only, so there it is refused."""
+    if name == "auto":
+        return model_dtype
+    kv = DTYPES[name]
+    if kv != model_dtype and device.type != "cpu":
+        raise ConfigError(f"kv_cache_dtype={name} with a {str(model_dtype).removeprefix('torch.')} model is "
+                          "supported on CPU only; on CUDA leave kv_cache_dtype=auto")
+    return kv
+
+
 def upload_capacity(tokens: int, seqs: int, max_blocks: int) -> int:
     """Bytes of one iteration's packed metadata: per token ids, positions, slots (int64) and
     Triton tiles (2 x int32); per request query starts, context lengths (int32), sample index
@@ -72,6 +86,7 @@ class ModelRunner:
         self.cfg = model_config
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = resolve_kv_dtype(engine_config.kv_cache_dtype, dtype, device)
         self.block_size = engine_config.block_size
         self.backend = make_backend(engine_config.attention_backend, device)
         self.backend.warm_up(device)  # e.g. the CPU decode kernel compiles here, not in the first decode
@@ -101,7 +116,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ KV pool
     def kv_bytes_per_block(self) -> int:
-        return kv_bytes_per_block(self.cfg, self.block_size, self.dtype, self.num_layers, self.num_kv_heads)
+        return kv_bytes_per_block(self.cfg, self.block_size, self.kv_dtype, self.num_layers, self.num_kv_heads)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """`num_blocks` for the engine's requests; with CUDA graphs one more, the padding block
@@ -110,8 +125,8 @@ class ModelRunner:
         shape = (num_blocks + extra, self.block_size, self.num_kv_heads, self.cfg.head_dim)
         # torch.empty: slots are only ever read after being written, so no need to zero them
         self.kv_caches = [
-            (torch.empty(shape, dtype=self.dtype, device=self.device),
-             torch.empty(shape, dtype=self.dtype, device=self.device))
+            (torch.empty(shape, dtype=self.kv_dtype, device=self.device),
+             torch.empty(shape, dtype=self.kv_dtype, device=self.device))
             for _ in range(self.num_layers)
         ]
         self.num_blocks = num_blocks

@@ -17,7 +17,8 @@
  * structs below (their layout is mirrored there with ctypes).
  *
  * Layouts: x [rows, hidden] float32, the residual stream, updated in place; caches
- * [blocks, block_size, kv_heads, head_dim] float32; cos/sin [max_positions, head_dim / 2].
+ * [blocks, block_size, kv_heads, head_dim] float32 or float16 (kv_cache_dtype=float16: the new keys
+ * and values are rounded to nearest even, as torch's conversion does); cos/sin [max_positions, head_dim / 2].
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,6 +26,7 @@
 #include <string.h>
 
 #define MAX_SEGMENTS 4
+enum { KV_F32 = 0, KV_F16 = 2 };
 
 typedef void (*quant_activations_fn)(const float *x, int64_t rows, int64_t K, int16_t *a, float *da, float *isum16);
 typedef int (*quant_matmul_fn)(int type, const uint8_t *w, int64_t N, int64_t K, int64_t row_bytes,
@@ -33,12 +35,13 @@ typedef int (*quant_matmul_fn)(int type, const uint8_t *w, int64_t N, int64_t K,
 typedef int (*paged_decode_fn)(const void *q, int64_t q_row_stride, const void *k, const void *v, void *out,
                                const int64_t *table, int64_t table_stride, const int64_t *rows,
                                const int64_t *seq_lens, int num_requests, int num_heads, int num_kv_heads,
-                               int head_dim, int block_size, int window, float scale, int dtype, int num_threads);
+                               int head_dim, int block_size, int window, float scale, int dtype, int kv_dtype,
+                               int num_threads);
 typedef int (*paged_prefill_fn)(const void *q, int64_t q_row_stride, const void *k, const void *v, void *out,
                                 const int64_t *table, int64_t table_stride, const int64_t *query_starts,
                                 const int64_t *query_lens, const int64_t *seq_lens, int num_requests, int num_heads,
                                 int num_kv_heads, int head_dim, int block_size, int window, float scale, int dtype,
-                                int num_threads);
+                                int kv_dtype, int num_threads);
 
 /* A linear layer as quantized_linear.QuantState holds it: runs of output rows, each of one type. */
 typedef struct {
@@ -51,7 +54,7 @@ typedef struct {
 typedef struct {
     const float *input_norm, *post_norm;
     const float *q_norm, *k_norm; /* per-head RMSNorm weights (Qwen3), else NULL */
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache; /* the layer's pool: float32 or float16 (the model's kv_dtype) */
     int64_t window; /* sliding window, 0 for none */
     double norm_eps, qk_norm_eps;
     DecodeLinear qkv, o, gate_up, down;
@@ -59,6 +62,7 @@ typedef struct {
 
 typedef struct {
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
+    int64_t kv_dtype; /* the pool's: KV_F32 or KV_F16 (attention/paged_attention.c's codes) */
     double scale;
     const float *cos, *sin;
     void *quant_activations, *quant_matmul, *paged_decode, *paged_prefill;
@@ -127,6 +131,45 @@ static void rotate(float *h, int64_t heads, int64_t D, const float *cos, const f
         }
 }
 
+/* float to IEEE half, rounded to nearest even (infinity past the largest half, NaN kept). */
+static inline uint16_t f32_to_f16(float f) {
+    const uint32_t denorm_magic = ((127 - 15) + (23 - 10) + 1) << 23;
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint16_t o;
+    if (u >= (uint32_t)(127 + 16) << 23) o = u > 0x7f800000u ? 0x7e00 : 0x7c00;
+    else if (u < (uint32_t)113 << 23) {  /* a half subnormal or zero: let float addition round it */
+        float x, m;
+        memcpy(&x, &u, sizeof x);
+        memcpy(&m, &denorm_magic, sizeof m);
+        x += m;
+        memcpy(&u, &x, sizeof u);
+        o = (uint16_t)(u - denorm_magic);
+    } else {
+        const uint32_t odd = (u >> 13) & 1u;
+        u += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
+        o = (uint16_t)(u >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+/* For tests: the conversion the step writes float16 pools with. */
+void orcinus_f32_to_f16(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_f16(x[i]);
+}
+
+/* n floats into a pool slot of the model's KV dtype. */
+static inline void store_kv(void *cache, int64_t kv_dtype, int64_t at, const float *x, int64_t n) {
+    if (kv_dtype == KV_F32) {
+        memcpy((float *)cache + at, x, sizeof(float) * (size_t)n);
+        return;
+    }
+    uint16_t *h = (uint16_t *)cache + at;
+    for (int64_t i = 0; i < n; i++) h[i] = f32_to_f16(x[i]);
+}
+
 /* x += y over n floats. */
 static void add_into(float *x, const float *y, int64_t n, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_ELEMS)
@@ -188,22 +231,22 @@ int orcinus_decode_layers(const DecodeModel *m, const DecodeLayer *layers, int64
             const float *c = m->cos + positions[r] * (D / 2), *s = m->sin + positions[r] * (D / 2);
             rotate(q, m->num_heads, D, c, s);
             rotate(k, m->num_kv_heads, D, c, s);
-            memcpy(L->k_cache + slots[r] * nkv, k, sizeof(float) * (size_t)nkv);
-            memcpy(L->v_cache + slots[r] * nkv, v, sizeof(float) * (size_t)nkv);
+            store_kv(L->k_cache, m->kv_dtype, slots[r] * nkv, k, nkv);
+            store_kv(L->v_cache, m->kv_dtype, slots[r] * nkv, v, nkv);
         }
         if (batch->num_decodes > 0 &&
             (status = ((paged_decode_fn)m->paged_decode)(
                  qkv, nqkv, L->k_cache, L->v_cache, att, batch->decode_table, batch->decode_table_stride,
                  batch->decode_rows, batch->decode_seq_lens, (int)batch->num_decodes, (int)m->num_heads,
                  (int)m->num_kv_heads, (int)D, (int)m->block_size, (int)L->window, (float)m->scale, 0,
-                 num_threads)) != 0)
+                 (int)m->kv_dtype, num_threads)) != 0)
             break;
         if (batch->num_chunks > 0 &&
             (status = ((paged_prefill_fn)m->paged_prefill)(
                  qkv, nqkv, L->k_cache, L->v_cache, att, batch->chunk_table, batch->chunk_table_stride,
                  batch->chunk_starts, batch->chunk_lens, batch->chunk_seq_lens, (int)batch->num_chunks,
                  (int)m->num_heads, (int)m->num_kv_heads, (int)D, (int)m->block_size, (int)L->window,
-                 (float)m->scale, 0, num_threads)) != 0)
+                 (float)m->scale, 0, (int)m->kv_dtype, num_threads)) != 0)
             break;
         if ((status = linear(m, &L->o, att, rows, y, &act, num_threads)) != 0) break;
         add_into(x, y, rows * H, num_threads);

@@ -15,7 +15,8 @@ must take the module path, which stays the reference (and what tests compare thi
   types), float32, no tensor parallelism (the module path's all-reduces sit between the ops);
 - the batch: float32 on CPU, at most `max_rows()` rows (those for which the module path would also
   run the integer kernel, so a row's numbers do not depend on which path its batch took), its
-  decodes and prompt chunks in the CPU paged backend's C kernels, float32 contiguous caches;
+  decodes and prompt chunks in the CPU paged backend's C kernels, contiguous float32 or float16
+  caches;
 - nothing but the executor's progress beat hooks a layer (a forward hook or a profiler would
   otherwise see no call; the beat is given once per step), and
   `ORCINUS_FUSED_DECODE=0` is not set (the switch for comparing the two paths).
@@ -75,7 +76,8 @@ class DecodeLayer(ctypes.Structure):
 
 class DecodeModel(ctypes.Structure):
     _fields_ = [("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
-                ("intermediate", _i64), ("block_size", _i64), ("scale", _f64), ("cos", _p), ("sin", _p),
+                ("intermediate", _i64), ("block_size", _i64), ("kv_dtype", _i64), ("scale", _f64),
+                ("cos", _p), ("sin", _p),
                 ("quant_activations", _p), ("quant_matmul", _p), ("paged_decode", _p), ("paged_prefill", _p)]
 
 
@@ -85,6 +87,10 @@ class BatchRequests(ctypes.Structure):
                 ("decode_table_stride", _i64), ("num_chunks", _i64), ("chunk_starts", _p), ("chunk_lens", _p),
                 ("chunk_seq_lens", _p), ("chunk_table", _p), ("chunk_table_stride", _i64)]
 
+
+# The pools the C step writes (float32, or float16 with kv_cache_dtype=float16; a bfloat16 pool
+# beside float32 activations takes the module path).
+FUSED_KV_DTYPES = (torch.float32, torch.float16)
 
 _lock = threading.Lock()
 _lib: dict[str, ctypes.CDLL | None] = {}
@@ -154,9 +160,10 @@ class _Plan:
         if ptrs != self.cache_ptrs:
             for layer, module in zip(self.array, self.layers):
                 k, v = kv_caches[module.self_attn.attn.kv_index]
-                if not (k.dtype == v.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous()):
+                if not (k.dtype == v.dtype and k.dtype in FUSED_KV_DTYPES and k.is_contiguous() and v.is_contiguous()):
                     return False
                 layer.k_cache, layer.v_cache = k.data_ptr(), v.data_ptr()
+                self.model.kv_dtype = native.KV_DTYPE_CODES[k.dtype]
             self.cache_ptrs = ptrs
         return True
 
