@@ -140,9 +140,22 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
         /* 16 keys at a time: each dot's 16-lane partial sums stay in a register and one
          * reduction tree (reduce16) turns the 16 of them into 16 scores, instead of one
          * horizontal sum per dot */
+        const int64_t esize = j->kv_dtype == DTYPE_F16 ? 2 : 4, slot_bytes = (int64_t)Hkv * D * esize;
         for (; t_done + 16 <= len; t_done += 16) {
             int64_t keys[16];  /* element offsets of the 16 slots */
             for (int i = 0; i < 16; i++) keys[i] = slot_of(j, blocks, t_done + i) * (int64_t)Hkv * D;
+            /* The next 16 keys (and, first, the values) lie in other blocks of the pool, anywhere:
+             * no hardware prefetcher guesses the jump, so ask for them while these are multiplied
+             * (a float16 pool over 30 layers 1.19-1.28 -> 0.93 ms a layer on one EPYC core; float32
+             * unchanged within noise). */
+            for (int64_t t = t_done + 16; t < t_done + 32 && t < len; t++) {
+                const char *at = (const char *)j->k + slot_of(j, blocks, t) * slot_bytes;
+                for (int64_t b = 0; b < slot_bytes; b += 64) __builtin_prefetch(at + b);
+            }
+            if (t_done == first) for (int64_t t = first; t < first + 16 && t < len; t++) {
+                const char *at = (const char *)j->v + slot_of(j, blocks, t) * slot_bytes;
+                for (int64_t b = 0; b < slot_bytes; b += 64) __builtin_prefetch(at + b);
+            }
             for (int kh = 0; kh < Hkv; kh++)
                 for (int g = 0; g < G; g++) {
                     const int h = kh * G + g;
@@ -198,6 +211,11 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
                     for (int c = 0; c < 4; c++) a[g][c] = _mm512_setzero_ps();
                 for (int64_t t = first; t < len; t++) {
                     const int64_t vh = slot_of(j, blocks, t) * (int64_t)Hkv * D + kh * D;
+                    if (t + 8 < len) {
+                        const char *ahead = (const char *)j->v + (slot_of(j, blocks, t + 8) * (int64_t)Hkv * D + kh * D)
+                                            * (j->kv_dtype == DTYPE_F16 ? 2 : 4);
+                        for (int b = 0; b < D * (j->kv_dtype == DTYPE_F16 ? 2 : 4); b += 64) __builtin_prefetch(ahead + b);
+                    }
                     const __m512 v0 = kv_load16(j->v, j->kv_dtype, vh), v1 = kv_load16(j->v, j->kv_dtype, vh + 16);
                     const __m512 v2 = kv_load16(j->v, j->kv_dtype, vh + 32), v3 = kv_load16(j->v, j->kv_dtype, vh + 48);
                     const __m512 x[3] = {_mm512_set1_ps(w0[t - first]), _mm512_set1_ps(w1[t - first]),
