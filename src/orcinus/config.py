@@ -61,9 +61,10 @@ class EngineConfig:
     # builds (~file-size memory, faster decode; layers/quantized_linear.py), "gguf" insists on it
     # (CPU only), "none" dequantises them to `dtype` at load as before.
     quantization: Literal["auto", "gguf", "none"] = "auto"
-    # The KV pool's element type (vLLM's flag name): "auto" is the model's dtype; on CPU float16 or
-    # bfloat16 halve a float32 model's pool (twice the tokens per byte, half the bytes each decode
-    # reads: decode attention there is bound by memory). Other dtypes than the model's: CPU only.
+    # The KV pool's element type (vLLM's flag name): "auto" is float16 for a float32 model whose
+    # weights stay in GGUF blocks on CPU (executor/model_runner.resolve_kv_dtype says why), else the
+    # model's dtype; on CPU float16 or bfloat16 halve a float32 model's pool (twice the tokens per
+    # byte, half the bytes each decode reads). Other dtypes than the model's: CPU only.
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # How idle OpenMP threads wait (orcinus/thread_policy.py): auto | spin | passive | spin:N. It
     # takes effect before torch loads (the CLI flag, ORCINUS_CPU_THREAD_POLICY); here it is checked

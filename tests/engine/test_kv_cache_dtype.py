@@ -2,7 +2,9 @@
 
 A float16 pool for the (float32) default model on CPU holds twice the tokens in the same memory,
 and the model's numbers move only by the rounding of keys and values to halves: its prompt
-log-probs stay within 0.02 of the float32 pool's (and do move, so the pool really is float16)."""
+log-probs stay within 0.02 of the float32 pool's (and do move, so the pool really is float16).
+`auto` takes float16 where the weights stay in GGUF blocks on CPU (float32 activations), and the
+model's dtype elsewhere."""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +30,7 @@ def _prompt_logprobs(llm: LLM) -> list[float]:
 
 
 def test_a_float16_pool_holds_twice_the_tokens_and_keeps_the_numbers():
-    full = LLM(kv_cache_memory=MEMORY, dtype="float32")
+    full = LLM(kv_cache_memory=MEMORY, dtype="float32", kv_cache_dtype="float32")
     half = LLM(kv_cache_memory=MEMORY, dtype="float32", kv_cache_dtype="float16")
     try:
         pools = [llm.engine.executor.driver_worker.runner.kv_caches for llm in (full, half)]
@@ -53,9 +55,25 @@ def test_bad_values_are_refused_with_the_choices():
         parser.parse_args(["--kv-cache-dtype", "fp8"])
 
 
+def _pool_dtype(llm: LLM) -> torch.dtype:
+    try:
+        return llm.engine.executor.driver_worker.runner.kv_caches[0][0].dtype
+    finally:
+        llm.engine.shutdown()
+
+
+def test_auto_is_half_beside_gguf_blocks_and_the_model_dtype_elsewhere(checkpoint_factory):
+    assert _pool_dtype(LLM(kv_cache_memory=MEMORY, dtype="float32")) == torch.float16  # the default GGUF, kept in blocks
+    assert _pool_dtype(LLM(kv_cache_memory=MEMORY, dtype="float32", quantization="none")) == torch.float32
+    folder, _ = checkpoint_factory("llama")  # a Hugging Face folder: float32 weights
+    assert _pool_dtype(LLM(model=folder, kv_cache_memory=MEMORY, dtype="float32")) == torch.float32
+
+
 def test_auto_is_the_model_dtype_and_cuda_keeps_it():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_kv_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    assert resolve_kv_dtype("auto", torch.float32, cpu, weights_quantized=True) == torch.float16
+    assert resolve_kv_dtype("auto", torch.bfloat16, cpu, weights_quantized=True) == torch.bfloat16
     assert resolve_kv_dtype("float16", torch.float32, cpu) == torch.float16
     assert resolve_kv_dtype("bfloat16", torch.bfloat16, cuda) == torch.bfloat16
     with pytest.raises(ConfigError, match="supported on CPU only"):

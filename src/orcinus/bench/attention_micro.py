@@ -1,13 +1,15 @@
 """Micro-benchmark of the attention backends on one layer of a decode-heavy mixed batch.
 
-`python -m orcinus.bench.attention_micro [--requests 64] [--backends batched,reference]`
+`python -m orcinus.bench.attention_micro [--requests 64] [--backends batched,reference] [--prompts]`
 
 Default shapes are the default model's (SmolLM2-135M: 9 query heads, 3 KV heads, head dim 64,
 blocks of 16) with 64 requests whose contexts are spread like the benchmark trace's (prompts
 U(32,256) plus up to 128 generated tokens), two of them prefill chunks. Blocks are scattered over
 the pool as after many iterations. Reports process CPU time per layer (it moves less than wall
 time with other processes' load); `auto` is chosen from these numbers (orcinus/attention/selector.py).
-`paged-torch` is the paged backend without its C decode kernel (the path kept where no compiler works).
+`paged-torch` is the paged backend without its C kernels (the path kept where no compiler works).
+`--prompts`: whole prompts instead (contexts U(32,256), every one a prefill chunk, as in the
+iteration that admits a batch of newcomers), for the prefill kernel.
 """
 from __future__ import annotations
 
@@ -21,11 +23,16 @@ from orcinus.attention.metadata import BatchLayout
 from orcinus.attention.selector import make_backend
 
 
-def make_batch(requests: int, heads: int, kv_heads: int, head_dim: int, block_size: int, seed: int = 0):
+def make_batch(requests: int, heads: int, kv_heads: int, head_dim: int, block_size: int, seed: int = 0,
+               prompts: bool = False):
     rng = np.random.default_rng(seed)
-    seq = rng.integers(32, 256, requests) + rng.integers(0, 128, requests)
-    q_lens = np.ones(requests, dtype=np.int64)
-    q_lens[:2] = np.minimum(seq[:2], 64)  # two prefill chunks ride along, as in a mixed iteration
+    if prompts:  # every request a whole prompt
+        seq = rng.integers(32, 256, requests)
+        q_lens = seq.astype(np.int64)
+    else:
+        seq = rng.integers(32, 256, requests) + rng.integers(0, 128, requests)
+        q_lens = np.ones(requests, dtype=np.int64)
+        q_lens[:2] = np.minimum(seq[:2], 64)  # two prefill chunks ride along, as in a mixed iteration
     nb = -(-seq // block_size)
     pool = int(nb.sum()) * 2
     perm = rng.permutation(pool)
@@ -53,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--backends", default="batched,reference")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--prompts", action="store_true", help="whole prompts instead of a decode-heavy batch")
     args = p.parse_args(argv)
-    layout, (q, k, v, kc, vc) = make_batch(args.requests, 9, 3, 64, 16)
+    layout, (q, k, v, kc, vc) = make_batch(args.requests, 9, 3, 64, 16, prompts=args.prompts)
     up = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     backends = {n: make_backend(n.removesuffix("-torch"), torch.device("cpu")) for n in names}
@@ -67,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.process_time()
             b.forward(q, k, v, kc, vc, metas[n], 0.125)
             cpu[n] += time.process_time() - t0
-    print(f"{args.requests} requests, torch threads={torch.get_num_threads()}")
+    kind = "whole prompts" if args.prompts else "decodes and two prompt chunks"
+    print(f"{args.requests} requests ({kind}, {int(layout.query_lens.sum())} query tokens), "
+          f"torch threads={torch.get_num_threads()}")
     for n in names:
         print(f"{n}: {1e3 * cpu[n] / args.repeats:.2f} ms CPU per layer")
 

@@ -30,8 +30,9 @@ ENGINE_FLAG_HELP = {
     "enforce_eager": "never use CUDA graphs (on CUDA they replay increment-only iterations; always off on CPU)",
     "quantization": "GGUF weights: auto (default: kept in their quantized blocks on CPU when the C kernel "
                     "builds, ~file-size memory) | gguf (always kept, CPU only) | none (dequantised at load)",
-    "kv_cache_dtype": "element type of the KV pool: auto (default: the model's dtype) | float32 | bfloat16 | "
-                      "float16 (CPU: half a float32 pool's memory and of the bytes each decode step reads)",
+    "kv_cache_dtype": "element type of the KV pool: auto (default: float16 for a float32 model kept in GGUF "
+                      "blocks on CPU, else the model's dtype) | float32 | bfloat16 | float16 (CPU: half a float32 "
+                      "pool's memory and of the bytes each decode step reads)",
     "trust_remote_code": "let a Hugging Face tokenizer folder run its own code",
     "worker_stall_timeout_s": "seconds worker processes may complete no layer while a batch is in flight before the "
                               "engine fails its requests and stops (a stopped or stuck worker; default: %(default)s)",

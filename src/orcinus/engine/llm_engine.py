@@ -133,11 +133,14 @@ class LLMEngine:
         self._phase_observers: list[IterationObserver] = []  # observers that asked for phase timings
         self._phases: StepPhases | None = None  # this step's, while such an observer is registered
         logger.info(
-            "orcinus engine: model=%s arch=%s dtype=%s%s device=%s kv_capacity=%d tokens (%d blocks of %d) "
+            "orcinus engine: model=%s arch=%s dtype=%s%s device=%s kv_capacity=%d tokens (%d blocks of %d, %s%s) "
             "policy=%s max_num_seqs=%d max_model_len=%d max_num_batched_tokens=%s prefix_caching=%s cuda_graphs=%s",
             self.model_path, model_config.architecture, str(self.dtype).removeprefix("torch."),
             info.dtype_note, self.device,
-            self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, config.scheduler_policy,
+            self.kv_cache.n_slots, self.kv_cache.num_blocks, config.block_size, info.kv_dtype or "?",
+            " (kv_cache_dtype=auto: half a float32 pool beside GGUF blocks)" if config.kv_cache_dtype == "auto"
+            and info.kv_dtype == "float16" and str(self.dtype) == "torch.float32" else "",
+            config.scheduler_policy,
             config.max_num_seqs, self.max_model_len, self.scheduler.max_num_batched_tokens,
             "on" if self.kv_cache.enable_prefix_caching else "off",
             info.cuda_graphs,

@@ -198,6 +198,7 @@ class WorkerInfo:
     cuda_graphs: str  # the CUDA-graph plan in words: "on (...)" or "off (reason)"
     # a GGUF file's general.sampling.* metadata (the model's sampling defaults); empty otherwise
     gguf_sampling: dict = field(default_factory=dict)
+    kv_dtype: str = ""  # the KV pool's element type, e.g. "float16"
 
 
 @dataclass

@@ -68,7 +68,8 @@ class Worker:
                              if k.startswith("general.sampling.")}
         return WorkerInfo(self.available_kv_blocks(), self.model_config, self.model_path, str(self.device),
                           str(self.dtype).removeprefix("torch."), dtype_note(self.config, self.device, self.model_path),
-                          self.runner.graph_plan.describe(), gguf_sampling)
+                          self.runner.graph_plan.describe(), gguf_sampling,
+                          str(self.runner.kv_dtype).removeprefix("torch."))
 
     # ------------------------------------------------------------------ KV sizing
     def available_kv_blocks(self) -> int:

@@ -79,7 +79,8 @@ typedef struct {
 } BatchRequests;
 
 /* Element-wise loops run on the OpenMP team (torch's, where this file is built with OpenMP) once a
- * batch is large enough to pay for waking it: prompt chunks bring thousands of rows. */
+ * loop has 65,536 elements: prompt chunks bring thousands of rows (16,384, which also splits decode
+ * batches of a few dozen rows, measured no different on 48 decodes: 674-733 tok/s either way). */
 #define PARALLEL_ELEMS 65536
 
 /* out = w * (x / sqrt(mean(x^2) + eps)), per row of n. */
