@@ -2,6 +2,7 @@
 finish reasons, preemption, chunked prefill, prefix caching, pipelining, aborts."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -131,3 +132,15 @@ def test_parallel_samples_and_logprobs_come_back_per_row() -> None:
     assert len(completions) == 3
     assert all(len(c.token_ids) == 4 and len(c.logprobs) == 4 for c in completions)
     assert engine.free_all_check()
+
+
+def test_the_simulated_pool_follows_kv_cache_dtype():
+    """The cost model's KV bytes per token follow kv_cache_dtype as the real engine resolves it:
+    a float16 pool beside float32 activations holds twice the tokens of a float32 one."""
+    from orcinus.sim.engine import sim_kv_dtype
+
+    target = dataclasses.replace(_target(), dtype="float32")
+    full, _ = build_sim_engine(EngineConfig(kv_cache_dtype="float32"), target, {})
+    half, _ = build_sim_engine(EngineConfig(kv_cache_dtype="float16"), target, {})
+    assert half.kv_cache.num_blocks >= 2 * full.kv_cache.num_blocks - 1
+    assert sim_kv_dtype(EngineConfig(), target) == "float32"  # a GPU, unquantized shape: the serving dtype

@@ -38,6 +38,18 @@ def sim_config(config: EngineConfig, target: SimTarget) -> EngineConfig:
                                pipeline_parallel_size=target.parallel.pp, nnodes=1)
 
 
+def sim_kv_dtype(config: EngineConfig, target: SimTarget) -> str:
+    """The KV pool's dtype the real engine would choose (executor/model_runner.resolve_kv_dtype):
+    the one given, else float16 for float32 activations over weights kept in GGUF blocks on a
+    CPU, else the serving dtype."""
+    if config.kv_cache_dtype != "auto":
+        return config.kv_cache_dtype
+    weights = target.shape.weights
+    if target.hardware.kind == "cpu" and target.dtype == "float32" and weights is not None and weights.quantized:
+        return "float16"
+    return target.dtype
+
+
 def kv_blocks(cost: CostModel, config: EngineConfig) -> int:
     if config.kv_cache_memory is not None:
         tokens = cost.kv_capacity_tokens(config.kv_cache_memory)
@@ -54,7 +66,7 @@ def build_sim_engine(config: EngineConfig, target: SimTarget, lengths: LengthOra
     from orcinus.engine.llm_engine import LLMEngine
 
     cfg = sim_config(config, target)
-    cost = CostModel(target.shape, target.hardware, target.parallel, target.dtype)
+    cost = CostModel(target.shape, target.hardware, target.parallel, target.dtype, kv_dtype=sim_kv_dtype(config, target))
     executor = SimulatedExecutor(target.shape.model_config(), kv_blocks(cost, cfg), cost, clock or VirtualClock(),
                                  lengths, model_path=target.shape.name, record_iterations=record_iterations,
                                  dtype=target.dtype)
