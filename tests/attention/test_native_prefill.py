@@ -100,7 +100,8 @@ def test_prefill_in_the_pthreads_build_matches_reference(threads, monkeypatch):
 
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("case", [PREFILL_CASES[0], PREFILL_CASES[3], PREFILL_CASES[1]], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [PREFILL_CASES[0], PREFILL_CASES[3], PREFILL_CASES[1], PREFILL_CASES[2]],
+                         ids=lambda c: c.name)
 def test_a_float16_pool_is_read_as_the_reference_reads_it(case, threads):
     """kv_cache_dtype=float16: the kernels convert the pool's halves as they load them (decodes and
     prompt chunks, float32 queries); the reference converts the gathered blocks."""
