@@ -27,8 +27,9 @@ def test_the_package_is_typed() -> None:
     assert (Path(orcinus.__file__).parent / "py.typed").is_file()
 
 
-def test_the_wheel_carries_the_c_decode_kernel(tmp_path) -> None:
-    """A non-editable install must still find `paged_attention.c` and `quant_kernels.c` to compile at first use."""
+def test_the_wheel_carries_the_c_kernels(tmp_path) -> None:
+    """A non-editable install must still find the C kernels and the headers they include to compile
+    at first use."""
     import zipfile
 
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
@@ -37,7 +38,8 @@ def test_the_wheel_carries_the_c_decode_kernel(tmp_path) -> None:
     (wheel,) = tmp_path.glob("orcinus-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "orcinus/attention/paged_attention.c" in names and "orcinus/py.typed" in names
-    assert "orcinus/layers/quant_kernels.c" in names
+    assert "orcinus/layers/quant_kernels.c" in names and "orcinus/layers/quant_tiles.h" in names
+    assert "orcinus/attention/paged_prefill.h" in names
 
 
 def test_the_benchmark_dependencies_are_an_extra_the_product_never_imports() -> None:

@@ -1,5 +1,6 @@
-"""The CPU paged-attention kernels (`paged_attention.c`: decodes, and prompt chunks): compiled (or found in the cache) when a CPU
-worker starts (`PagedCpuAttention.warm_up`), loaded with ctypes.
+"""The CPU paged-attention kernels (`paged_attention.c` for decodes, with `paged_prefill.h` for prompt
+chunks): compiled (or found in the cache) when a CPU worker starts (`PagedCpuAttention.warm_up`),
+loaded with ctypes.
 
 Why compile at run time rather than at install: `-march=native` makes the compiler use the vector
 units of the machine that runs it (AVX-512 here, AVX2 elsewhere), and a plain C file with no

@@ -13,8 +13,8 @@ request. This backend keeps per-request calls and removes their overheads:
   expanded keys and no mask; a sliding window is a slice of the keys, not a mask.
 - Prefill chunks use the causal (and window) mask like the reference backend; a whole prompt
   that no window cuts uses SDPA's `is_causal` instead (no mask built).
-- Where the C kernels build (`native.py`, `paged_attention.c`), all decodes of a layer are one call
-  to one kernel and all prompt chunks one call to another, instead of one SDPA each: the per-request
+- Where the C kernels build (`native.py`, `paged_attention.c` and `paged_prefill.h`), all decodes
+  of a layer are one call to one kernel and all prompt chunks one call to another, instead of one SDPA each: the per-request
   Python and tensor-op overhead (~15 small ops per request per layer) was most of decode
   attention's time, and PyTorch's flash kernel ran the short prompts of a serving batch at ~30
   GFLOP/s on two cores.
