@@ -5,6 +5,8 @@ mixes prefill chunks (with and without earlier context) and decodes, and uses co
 that end mid-block. The reference backend is the oracle."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +37,17 @@ CASES = [
     Case("long-prefill-chunk", [20, 1], [37, 40], 2, 1, 16, 16),
     Case("fresh-prompts-inside-window", [6, 12, 1], [6, 12, 20], 4, 2, 16, 4, sliding_window=16),
 ]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's (and so the C kernels') thread count set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_inputs(case: Case, seed: int = 0, consecutive: bool = False):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from attention_cases import CASES, Case, assert_matches_reference, make_inputs, run_backend
+from attention_cases import CASES, Case, assert_matches_reference, make_inputs, run_backend, torch_threads
 from orcinus.attention import native
 from orcinus.attention.paged_cpu import PagedCpuAttention
 from orcinus.attention.reference import ReferenceAttention
@@ -39,20 +39,16 @@ def test_the_kernel_builds_here_and_takes_the_decodes():
     meta = PagedCpuAttention().build(layout, upload)
     assert meta.native is not None
     assert meta.native.rows.tolist() == [5, 6, 10]  # the decodes' rows in the flat batch
-    assert [r.query_len for r in meta.native.others] == [5, 3]
+    assert meta.native.prefills.query_lens.tolist() == [5, 3]  # the prompt chunks, for the prefill kernel
 
 
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kernel_matches_reference(case, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert_matches_reference(PagedCpuAttention(), case)
         assert_matches_reference(PagedCpuAttention(), case, seed=3, consecutive=True)
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_compiler
@@ -61,14 +57,10 @@ def test_many_decodes_over_long_contexts_split_across_threads(head_dim):
     rng = np.random.default_rng(0)
     seq_lens = rng.integers(1, 300, size=40).tolist()
     case = Case("many-decodes", [1] * 40, seq_lens, 9, 3, head_dim, 16)
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
+    with torch_threads(4):
         assert_matches_reference(PagedCpuAttention(), case)
         case.sliding_window = 37
         assert_matches_reference(PagedCpuAttention(), case)
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_compiler
@@ -158,12 +150,8 @@ def test_the_kernel_runs_on_openmp_where_the_compiler_has_it():
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=lambda c: c.name)  # with decodes
 def test_the_pthreads_build_matches_reference(case, threads, pthreads_build):
     assert native.load() is not None and not native.uses_openmp()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert_matches_reference(PagedCpuAttention(), case)
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_compiler

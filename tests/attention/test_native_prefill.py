@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from attention_cases import Case, assert_matches_reference, make_inputs
+from attention_cases import Case, assert_matches_reference, make_inputs, torch_threads
 from orcinus.attention import native
 from orcinus.attention.paged_cpu import PagedCpuAttention
 from orcinus.attention.reference import ReferenceAttention
@@ -46,13 +46,9 @@ def test_the_prefill_kernel_takes_every_chunk():
 @pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: c.name)
 def test_prefill_kernel_matches_reference(case, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         assert_matches_reference(PagedCpuAttention(), case, atol=2e-5)
         assert_matches_reference(PagedCpuAttention(), case, seed=5, consecutive=True, atol=2e-5)
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_compiler
@@ -87,14 +83,12 @@ def test_prefill_kernel_reads_a_strided_query():
 def test_prefill_in_the_pthreads_build_matches_reference(threads, monkeypatch):
     monkeypatch.setattr(native, "OPENMP_FLAGS", [])
     native.reset_for_tests()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        assert native.load() is not None and not native.uses_openmp()
-        for case in PREFILL_CASES[:4]:
-            assert_matches_reference(PagedCpuAttention(), case, atol=2e-5)
+        with torch_threads(threads):
+            assert native.load() is not None and not native.uses_openmp()
+            for case in PREFILL_CASES[:4]:
+                assert_matches_reference(PagedCpuAttention(), case, atol=2e-5)
     finally:
-        torch.set_num_threads(before)
         native.reset_for_tests()
 
 
@@ -110,15 +104,11 @@ def test_a_float16_pool_is_read_as_the_reference_reads_it(case, threads):
     scale = case.head_dim ** -0.5
     ref = ReferenceAttention()
     expected = ref.forward(q, k, v, k_half.clone(), v_half.clone(), ref.build(layout, upload), scale, case.sliding_window)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         backend = PagedCpuAttention()
         meta = backend.build(layout, upload)
         assert meta.native is not None
         got = backend.forward(q, k, v, k_half, v_half, meta, scale, case.sliding_window)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     # and the half pool is not the float32 one: the test would see a kernel reading it as float32
     full = ref.forward(q, k, v, k_cache.clone(), v_cache.clone(), ref.build(layout, upload), scale, case.sliding_window)

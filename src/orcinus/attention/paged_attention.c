@@ -75,12 +75,14 @@ static inline float f16_to_f32(uint16_t h) {
     return f;
 }
 
-/* Element i of a pool of `dtype`, as float32. */
-static inline float kv_at(const void *pool, int dtype, int64_t i) {
-    if (dtype == DTYPE_F32) return ((const float *)pool)[i];
-    const uint16_t x = ((const uint16_t *)pool)[i];
+/* Element i of an array of `dtype` (queries or the pool), as float32. */
+static inline float load_f32(const void *base, int dtype, int64_t i) {
+    if (dtype == DTYPE_F32) return ((const float *)base)[i];
+    const uint16_t x = ((const uint16_t *)base)[i];
     return dtype == DTYPE_F16 ? f16_to_f32(x) : bf16_to_f32(x);
 }
+
+static inline int64_t elem_bytes(int dtype) { return dtype == DTYPE_F32 ? 4 : 2; }
 
 #ifdef __AVX512F__
 /* 16 elements of a float32 or float16 pool from element `at`, as float32. */
@@ -99,7 +101,7 @@ static inline int64_t slot_of(const Job *j, const int64_t *blocks, int64_t t) {
 static inline const float *slot_f32(const Job *j, const void *pool, int64_t slot, float *tmp) {
     const int64_t n = (int64_t)j->num_kv_heads * j->head_dim;
     if (j->kv_dtype == DTYPE_F32) return (const float *)pool + slot * n;
-    for (int64_t i = 0; i < n; i++) tmp[i] = kv_at(pool, j->kv_dtype, slot * n + i);
+    for (int64_t i = 0; i < n; i++) tmp[i] = load_f32(pool, j->kv_dtype, slot * n + i);
     return tmp;
 }
 
@@ -128,11 +130,7 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
     const int64_t n = len - first;
     const int64_t *blocks = j->table + (int64_t)r * j->table_stride;
     const int64_t row = j->rows[r];
-    for (int i = 0; i < H * D; i++) {
-        float x = j->dtype == DTYPE_F32 ? ((const float *)j->q)[row * j->q_row_stride + i]
-                                        : bf16_to_f32(((const uint16_t *)j->q)[row * j->q_row_stride + i]);
-        qf[i] = x * j->scale;
-    }
+    for (int i = 0; i < H * D; i++) qf[i] = load_f32(j->q, j->dtype, row * j->q_row_stride + i) * j->scale;
     /* scores[h][t] */
     int64_t t_done = first;
 #ifdef __AVX512F__
@@ -140,7 +138,7 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
         /* 16 keys at a time: each dot's 16-lane partial sums stay in a register and one
          * reduction tree (reduce16) turns the 16 of them into 16 scores, instead of one
          * horizontal sum per dot */
-        const int64_t esize = j->kv_dtype == DTYPE_F16 ? 2 : 4, slot_bytes = (int64_t)Hkv * D * esize;
+        const int64_t slot_bytes = (int64_t)Hkv * D * elem_bytes(j->kv_dtype);
         for (; t_done + 16 <= len; t_done += 16) {
             int64_t keys[16];  /* element offsets of the 16 slots */
             for (int i = 0; i < 16; i++) keys[i] = slot_of(j, blocks, t_done + i) * (int64_t)Hkv * D;
@@ -212,9 +210,9 @@ static inline __attribute__((always_inline)) void attend_request_impl(const Job 
                 for (int64_t t = first; t < len; t++) {
                     const int64_t vh = slot_of(j, blocks, t) * (int64_t)Hkv * D + kh * D;
                     if (t + 8 < len) {
-                        const char *ahead = (const char *)j->v + (slot_of(j, blocks, t + 8) * (int64_t)Hkv * D + kh * D)
-                                            * (j->kv_dtype == DTYPE_F16 ? 2 : 4);
-                        for (int b = 0; b < D * (j->kv_dtype == DTYPE_F16 ? 2 : 4); b += 64) __builtin_prefetch(ahead + b);
+                        const int64_t esize = elem_bytes(j->kv_dtype);
+                        const char *ahead = (const char *)j->v + (slot_of(j, blocks, t + 8) * (int64_t)Hkv * D + kh * D) * esize;
+                        for (int64_t b = 0; b < D * esize; b += 64) __builtin_prefetch(ahead + b);
                     }
                     const __m512 v0 = kv_load16(j->v, j->kv_dtype, vh), v1 = kv_load16(j->v, j->kv_dtype, vh + 16);
                     const __m512 v2 = kv_load16(j->v, j->kv_dtype, vh + 32), v3 = kv_load16(j->v, j->kv_dtype, vh + 48);

@@ -14,8 +14,8 @@ request. This backend keeps per-request calls and removes their overheads:
 - Prefill chunks use the causal (and window) mask like the reference backend; a whole prompt
   that no window cuts uses SDPA's `is_causal` instead (no mask built).
 - Where the C kernels build (`native.py`, `paged_attention.c` and `paged_prefill.h`), all decodes
-  of a layer are one call to one kernel and all prompt chunks one call to another, instead of one SDPA each: the per-request
-  Python and tensor-op overhead (~15 small ops per request per layer) was most of decode
+  of a layer are one call to one kernel and all prompt chunks one call to another, instead of one
+  SDPA each: the per-request Python and tensor-op overhead (~15 small ops per request per layer) was most of decode
   attention's time, and PyTorch's flash kernel ran the short prompts of a serving batch at ~30
   GFLOP/s on two cores.
 """
@@ -55,21 +55,21 @@ class NativePrefills:
 
 
 @dataclass
-class NativeDecodes:
-    """The iteration's decodes as the C kernel takes them (host arrays, alive as long as this)."""
+class NativeBatch:
+    """The iteration's requests as the C kernels take them (host arrays, alive as long as this):
+    its decodes for the decode kernel, its prompt chunks for the prefill kernel."""
 
-    lib: ctypes.CDLL  # the loaded kernel, looked up once per iteration rather than once per layer
+    lib: ctypes.CDLL  # the loaded kernels, looked up once per iteration rather than once per layer
     rows: np.ndarray  # [n] int64 query row of each decode
     seq_lens: np.ndarray  # [n] int64
     table: np.ndarray  # [n, max_blocks] int64, C-contiguous
-    others: list[RequestBlocks]  # the requests that are not decodes (prefill chunks)
-    prefills: NativePrefills | None = None  # the same chunks for the C prefill kernel
+    prefills: NativePrefills | None = None  # the prompt chunks; None when there are none
 
 
 @dataclass
 class PagedCpuMetadata(AttentionMetadata):
     requests: list[RequestBlocks]
-    native: NativeDecodes | None = None
+    native: NativeBatch | None = None
 
 
 class PagedCpuAttention(AttentionBackend):
@@ -94,10 +94,10 @@ class PagedCpuAttention(AttentionBackend):
             ids = None if run else upload(np.ascontiguousarray(table[i, :n]))
             requests.append(RequestBlocks(int(starts[i]), ql, sl, int(table[i, 0]), n, ids))
         return PagedCpuMetadata(**AttentionMetadata.common(layout, upload), requests=requests,
-                                native=self._native_decodes(layout, requests))
+                                native=self._native_batch(layout))
 
     @staticmethod
-    def _native_decodes(layout: BatchLayout, requests: list[RequestBlocks]) -> NativeDecodes | None:
+    def _native_batch(layout: BatchLayout) -> NativeBatch | None:
         lib = native.load()
         if lib is None:
             return None
@@ -110,10 +110,10 @@ class PagedCpuAttention(AttentionBackend):
                 query_lens=np.ascontiguousarray(layout.query_lens[chunk], dtype=np.int64),
                 seq_lens=np.ascontiguousarray(layout.seq_lens[chunk], dtype=np.int64),
                 table=np.ascontiguousarray(layout.block_table[chunk], dtype=np.int64))
-        return NativeDecodes(lib=lib, rows=np.ascontiguousarray(layout.query_start_loc[:-1][decode], dtype=np.int64),
-                             seq_lens=np.ascontiguousarray(layout.seq_lens[decode], dtype=np.int64),
-                             table=np.ascontiguousarray(layout.block_table[decode], dtype=np.int64),
-                             others=[r for r in requests if r.query_len != 1], prefills=prefills)
+        return NativeBatch(lib=lib, rows=np.ascontiguousarray(layout.query_start_loc[:-1][decode], dtype=np.int64),
+                           seq_lens=np.ascontiguousarray(layout.seq_lens[decode], dtype=np.int64),
+                           table=np.ascontiguousarray(layout.block_table[decode], dtype=np.int64),
+                           prefills=prefills)
 
     def attend(self, q, k_cache, v_cache, meta: PagedCpuMetadata, scale, sliding_window=None):
         num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[2], k_cache.shape[3]
@@ -161,7 +161,7 @@ def _native_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
 
 
 def _native_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                   decodes: NativeDecodes, scale: float, sliding_window: int | None) -> None:
+                   decodes: NativeBatch, scale: float, sliding_window: int | None) -> None:
     if len(decodes.rows) == 0:
         return
     status = decodes.lib.orcinus_paged_decode(
@@ -175,7 +175,7 @@ def _native_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 def _native_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                    batch: NativeDecodes, scale: float, sliding_window: int | None) -> None:
+                    batch: NativeBatch, scale: float, sliding_window: int | None) -> None:
     p = batch.prefills
     if p is None:
         return

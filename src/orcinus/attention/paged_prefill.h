@@ -1,5 +1,5 @@
 /* The prompt-chunk kernel of paged_attention.c (`orcinus_paged_prefill`), included by it after its
- * shared helpers (dtype codes, bf16_to_f32, f32_to_bf16, kv_at, kv_load16): one translation unit,
+ * shared helpers (dtype codes, load_f32, f32_to_bf16, kv_load16): one translation unit,
  * one shared object, built and loaded by attention/native.py. */
 /* ------------------------------------------------------------------------------------------------
  * Prompt chunks: `orcinus_paged_prefill`.
@@ -39,10 +39,6 @@ typedef struct {
     const int64_t *voff;
 } Item;
 
-static inline float load_f(const void *base, int dtype, int64_t i) {
-    return dtype == DTYPE_F32 ? ((const float *)base)[i] : bf16_to_f32(((const uint16_t *)base)[i]);
-}
-
 /* The first key that query position p sees. */
 static inline int64_t first_key(const Prefill *P, int64_t p) {
     return (P->window > 0 && p + 1 > P->window) ? p + 1 - P->window : 0;
@@ -61,7 +57,7 @@ static void prefill_rows(const Item *it, int64_t i0, int64_t i1) {
         float *qj = qs + (int64_t)j * D;
         if (j >= nv) { memset(qj, 0, sizeof(float) * (size_t)D); continue; }
         const int64_t at = (it->row0 + i0 + j / G) * P->q_row_stride + (int64_t)(it->kh * G + j % G) * D;
-        for (int d = 0; d < D; d++) qj[d] = load_f(P->q, P->dtype, at + d) * P->scale;
+        for (int d = 0; d < D; d++) qj[d] = load_f32(P->q, P->dtype, at + d) * P->scale;
     }
     /* scores s[j][t] = q_j . k_t, QV vectors x KT keys per step; steps after the last key that
      * their vectors see are skipped */
@@ -221,8 +217,8 @@ static void run_prefill_item(const Prefill *P, const int64_t *spec, float *buf) 
     } else {
         for (int64_t t = 0; t < n; t++) {
             for (int d = 0; d < D; d++) {
-                kt[(int64_t)d * ldk + t] = kv_at(P->k, P->kv_dtype, voff[t] + d);
-                vv[t * D + d] = kv_at(P->v, P->kv_dtype, voff[t] + d);
+                kt[(int64_t)d * ldk + t] = load_f32(P->k, P->kv_dtype, voff[t] + d);
+                vv[t * D + d] = load_f32(P->v, P->kv_dtype, voff[t] + d);
             }
             voff[t] = t * D;
         }
