@@ -39,7 +39,7 @@ def test_the_wheel_carries_the_c_kernels(tmp_path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "orcinus/attention/paged_attention.c" in names and "orcinus/py.typed" in names
     assert "orcinus/layers/quant_kernels.c" in names and "orcinus/layers/quant_tiles.h" in names
-    assert "orcinus/attention/paged_prefill.h" in names
+    assert "orcinus/attention/paged_prefill.h" in names and "orcinus/csrc/float_formats.h" in names
 
 
 def test_the_benchmark_dependencies_are_an_extra_the_product_never_imports() -> None:

@@ -38,6 +38,8 @@ SOURCE = Path(__file__).with_name("paged_attention.c")
 COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-ffast-math",
                  "-fopenmp-simd", "-std=c11"]
 LINK_FLAGS = ["-shared", "-pthread"]
+# Headers every kernel may include (csrc/float_formats.h: the 16-bit float conversions).
+SHARED_INCLUDE = Path(__file__).resolve().parents[1] / "csrc"
 # The kernel's threads come from OpenMP where the compiler has it: the shared object then needs
 # `libgomp.so.1`, which the dynamic linker finds already loaded by torch (same soname), so the
 # kernel runs on torch's own thread pool. With pthreads of its own, a second thread ran no faster
@@ -77,10 +79,12 @@ def build_shared_object(source_path: Path, compiler: str, openmp: bool = True) -
     """Compile `source_path` into a shared object in the kernel cache (or find it there), keyed by
     the source, the flags, the compiler and the CPU. Every C kernel of orcinus is built here."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    # The headers beside the source (included with #include "...") are part of what is built.
-    source = b"\0".join([source_path.read_bytes(), *(h.read_bytes() for h in sorted(source_path.parent.glob("*.h")))])
+    # The headers beside the source and the shared ones (included with #include "...") are part of
+    # what is built.
+    headers = sorted(source_path.parent.glob("*.h")) + sorted(SHARED_INCLUDE.glob("*.h"))
+    source = b"\0".join([source_path.read_bytes(), *(h.read_bytes() for h in headers)])
     extra = OPENMP_FLAGS if openmp else []
-    compile_flags, link_flags = COMPILE_FLAGS + extra, LINK_FLAGS + extra
+    compile_flags, link_flags = COMPILE_FLAGS + [f"-I{SHARED_INCLUDE}"] + extra, LINK_FLAGS + extra
     key = hashlib.sha256(b"\0".join([source, " ".join(compile_flags + link_flags).encode(),
                                      version.encode(), _cpu_identity().encode()])).hexdigest()[:16]
     stem = source_path.stem

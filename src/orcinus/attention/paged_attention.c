@@ -29,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "float_formats.h"  /* bf16_to_f32, f32_to_bf16, f16_to_f32 */
+
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 
 typedef struct {
@@ -41,39 +43,6 @@ typedef struct {
     int begin, end;  /* this job's requests */
     int status;      /* 0 ok, -1 out of memory */
 } Job;
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
-    return (uint16_t)(bits >> 16);
-}
-
-/* IEEE half to float, exactly (normal, subnormal, zero, infinity, NaN). */
-static inline float f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    uint32_t bits;
-    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);
-    else if (exp != 0) bits = sign | ((exp + 112u) << 23) | (man << 13);
-    else if (man == 0) bits = sign;
-    else {  /* subnormal: normalise */
-        int e = -1;
-        uint32_t m = man;
-        do { e++; m <<= 1; } while (!(m & 0x400u));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3ffu) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 /* Element i of an array of `dtype` (queries or the pool), as float32. */
 static inline float load_f32(const void *base, int dtype, int64_t i) {

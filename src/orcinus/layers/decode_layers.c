@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "float_formats.h"  /* f32_to_f16 */
+
 #define MAX_SEGMENTS 4
 enum { KV_F32 = 0, KV_F16 = 2 };
 
@@ -130,30 +132,6 @@ static void rotate(float *h, int64_t heads, int64_t D, const float *cos, const f
             h[i] = x1 * cos[i] - x2 * sin[i];
             h[i + half] = x2 * cos[i] + x1 * sin[i];
         }
-}
-
-/* float to IEEE half, rounded to nearest even (infinity past the largest half, NaN kept). */
-static inline uint16_t f32_to_f16(float f) {
-    const uint32_t denorm_magic = ((127 - 15) + (23 - 10) + 1) << 23;
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    const uint32_t sign = u & 0x80000000u;
-    u ^= sign;
-    uint16_t o;
-    if (u >= (uint32_t)(127 + 16) << 23) o = u > 0x7f800000u ? 0x7e00 : 0x7c00;
-    else if (u < (uint32_t)113 << 23) {  /* a half subnormal or zero: let float addition round it */
-        float x, m;
-        memcpy(&x, &u, sizeof x);
-        memcpy(&m, &denorm_magic, sizeof m);
-        x += m;
-        memcpy(&u, &x, sizeof u);
-        o = (uint16_t)(u - denorm_magic);
-    } else {
-        const uint32_t odd = (u >> 13) & 1u;
-        u += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
-        o = (uint16_t)(u >> 13);
-    }
-    return (uint16_t)(o | (sign >> 16));
 }
 
 /* For tests: the conversion the step writes float16 pools with. */

@@ -28,6 +28,8 @@
 #include <omp.h>
 #endif
 
+#include "float_formats.h"  /* f16_to_f32, f32_to_bf16 */
+
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };  /* ggml type ids */
 enum { OUT_F32 = 0, OUT_BF16 = 1 };
 /* Activations are rounded to 16-bit integers per block of 32 (scale amax / 32767). 8 bits, as
@@ -49,33 +51,8 @@ static inline void prefetch_ahead(const uint8_t *row, int64_t row_bytes) {
 #endif
 }
 
-static inline float half_to_float(const uint8_t *p) {
-    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#endif
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-    if (exp == 0) {
-        if (man == 0) bits = sign;
-        else {  /* subnormal: normalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400u)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-        }
-    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
-    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
+/* A little-endian half at p (GGUF block scales). */
+static inline float half_to_float(const uint8_t *p) { return f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
 
 /* Elements per block, bytes per block, group size, zero offset. */
 static int fmt(int type, int *block, int *bytes, int *group, int *zoff) {
