@@ -163,7 +163,7 @@ class _Plan:
                 if not (k.dtype == v.dtype and k.dtype in FUSED_KV_DTYPES and k.is_contiguous() and v.is_contiguous()):
                     return False
                 layer.k_cache, layer.v_cache = k.data_ptr(), v.data_ptr()
-                self.model.kv_dtype = native.KV_DTYPE_CODES[k.dtype]
+            self.model.kv_dtype = native.KV_DTYPE_CODES[kv_caches[0][0].dtype]  # one dtype for the whole pool
             self.cache_ptrs = ptrs
         return True
 
@@ -282,7 +282,7 @@ def decode(owner: nn.Module, layers: nn.ModuleList, x: torch.Tensor, positions: 
     slots = meta.slot_mapping.to(torch.int64).contiguous()
     batch = BatchRequests(num_decodes=len(nat.rows), decode_rows=nat.rows.ctypes.data,
                           decode_seq_lens=nat.seq_lens.ctypes.data, decode_table=nat.table.ctypes.data,
-                          decode_table_stride=nat.table.shape[1] if nat.table.ndim == 2 else 0)
+                          decode_table_stride=nat.table.shape[1])
     if chunks is not None:
         batch.num_chunks, batch.chunk_table_stride = len(chunks.query_lens), chunks.table.shape[1]
         batch.chunk_starts, batch.chunk_lens = chunks.query_starts.ctypes.data, chunks.query_lens.ctypes.data
