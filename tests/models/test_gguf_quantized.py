@@ -98,11 +98,13 @@ def test_quantized_model_matches_dequantised_float32(tmp_path, mix: str) -> None
     try:
         qmodel = quant.executor.driver_worker.runner.model
         rmodel = ref.executor.driver_worker.runner.model
-        # The linear weights stay in their blocks: as many bytes as the file stores for them.
+        # The linear weights stay in their blocks: as many bytes as the file stores for them, or,
+        # packed for the register tiles (layers/packed_weights.py), at most 2 bytes more per 32
+        # weights (Q4_0: 20 instead of 18; Q4_1 stays 20, Q8_0 36 instead of 34).
         header = read_gguf_header(path)
         file_quant_bytes = sum(t.nbytes for t in header.tensors if t.ggml_type in QUANT_TYPES)
         q_bytes, _ = quantized_bytes(qmodel)
-        assert q_bytes == file_quant_bytes
+        assert file_quant_bytes <= q_bytes <= file_quant_bytes * 20 / 18
         assert quantized(rmodel.model.layers[0].mlp.gate_up_proj.weight) is None
         assert quantized(qmodel.model.layers[0].mlp.gate_up_proj.weight) is not None
         q_layers, q_logits = _layer_outputs(quant)

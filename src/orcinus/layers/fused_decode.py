@@ -123,7 +123,8 @@ def _linear(module: nn.Module) -> DecodeLinear | None:
     state = quant.quantized(module.weight)
     if state is None or state.pending or not 0 < len(state.segments) <= MAX_SEGMENTS:
         return None
-    if any(s.qtype not in quant.QUANT_TYPES or not s.raw.is_contiguous() for s in state.segments):
+    if any((s.qtype not in quant.QUANT_TYPES and s.qtype not in quant.PACKED_TYPES) or not s.raw.is_contiguous()
+           for s in state.segments):
         return None
     bias = getattr(module, "bias", None)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):

@@ -63,6 +63,10 @@ static int fmt(int type, int *block, int *bytes, int *group, int *zoff) {
     case T_Q4_K: *block = 256; *bytes = 144; *group = 32; *zoff = 0; return 0;
     case T_Q5_K: *block = 256; *bytes = 176; *group = 32; *zoff = 0; return 0;
     case T_Q6_K: *block = 256; *bytes = 210; *group = 16; *zoff = 32; return 0;
+    /* the packed layouts of quant_packed.h (ids: source + 100), bytes per 32 weights */
+    case T_Q4_0 + 100: *block = 32; *bytes = 20; *group = 32; *zoff = 8; return 0;
+    case T_Q4_1 + 100: *block = 32; *bytes = 20; *group = 32; *zoff = 0; return 0;
+    case T_Q8_0 + 100: *block = 32; *bytes = 36; *group = 32; *zoff = 128; return 0;
     default: return -1;
     }
 }
@@ -350,6 +354,26 @@ void orcinus_quant_round_activations(const float *x, int64_t rows, int64_t K, fl
 }
 
 #include "quant_tiles.h"
+#include "quant_packed.h"
+
+#ifndef HAVE_PACKED
+/* No register tiles in this build: nothing reads a packed layout, so nothing is packed. */
+int orcinus_quant_pack(int type, const uint8_t *w, int64_t N, int64_t K, int64_t row_bytes, uint8_t *out,
+                       int num_threads) {
+    (void)type; (void)w; (void)N; (void)K; (void)row_bytes; (void)out; (void)num_threads;
+    return -1;
+}
+#endif
+
+/* The id of the layout orcinus_quant_pack makes of `type` (0: none in this build, or not that type). */
+int orcinus_quant_packed_type(int type) {
+#ifdef HAVE_PACKED
+    return type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0 ? type + PACKED_OFFSET : 0;
+#else
+    (void)type;
+    return 0;
+#endif
+}
 
 /* y[r, o] (row stride ldy) = x[r] . W[o] for the weight's rows [0, N); W is `type` blocks, `row_bytes` a row.
  * Activations come quantized (orcinus_quant_activations). Batches of TILE_MIN_ROWS rows or more take
@@ -360,6 +384,9 @@ int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64
                          float *y, int64_t ldy, int num_threads) {
     int block, bytes, G, zoff;
     if (fmt(type, &block, &bytes, &G, &zoff) != 0 || K % block) return -1;
+#ifndef HAVE_PACKED
+    if (type > 100) return -1;
+#endif
     const int64_t ng = K / G, nb = K / 32;
     /* The offset terms' activation side, per group: da * (integer sum of the group). */
     float *asum = (float *)malloc(sizeof(float) * (size_t)(rows * ng));
@@ -369,6 +396,14 @@ int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64
             asum[r * ng + g] = G == 32 ? da[r * nb + g] * (isum16[r * 2 * nb + 2 * g] + isum16[r * 2 * nb + 2 * g + 1])
                                        : da[r * nb + g / 2] * isum16[r * 2 * nb + g];
     int status = 0;
+#ifdef HAVE_PACKED
+    if (is_packed(type)) {
+        if (N % STRIP) status = -1;
+        else packed_matmul(type, w, N, K, a, da, asum, rows, y, ldy, num_threads);
+        free(asum);
+        return status;
+    }
+#endif
     int64_t first = 0;  /* the first feature the row kernel computes */
 #ifdef HAVE_TILES
     if (rows >= TILE_MIN_ROWS && N >= STRIP) {
@@ -424,6 +459,9 @@ int orcinus_quant_dequantize(int type, const uint8_t *w, int64_t K, int64_t row_
                              int64_t n, void *out, int out_dtype, int num_threads) {
     int block, bytes, G, zoff;
     if (fmt(type, &block, &bytes, &G, &zoff) != 0 || K % block) return -1;
+#ifndef HAVE_PACKED
+    if (type > 100) return -1;
+#endif
     const int64_t ng = K / G;
     int status = 0;
 #pragma omp parallel num_threads(num_threads) if (n * K > 65536)
@@ -438,6 +476,12 @@ int orcinus_quant_dequantize(int type, const uint8_t *w, int64_t K, int64_t row_
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < n; i++) {
                 const int64_t row = ids ? ids[i] : i;
+#ifdef HAVE_PACKED
+                if (is_packed(type)) {
+                    packed_row(type, w, K, row, zoff, f);
+                    goto write;
+                }
+#endif
                 if (!ids) prefetch_ahead(w + row * row_bytes, row_bytes);
                 unpack_row(type, w + row * row_bytes, K, q, ws, wm);
                 for (int64_t g = 0; g < ng; g++) {  /* the reference's formula, e.g. d * (q - 8) for Q4_0 */
@@ -446,6 +490,9 @@ int orcinus_quant_dequantize(int type, const uint8_t *w, int64_t K, int64_t row_
                     float *fg = f + g * G;
                     for (int i = 0; i < G; i++) fg[i] = s * (float)((int)qg[i] - zoff) + m;
                 }
+#ifdef HAVE_PACKED
+            write:
+#endif
                 if (out_dtype == OUT_BF16) {
                     uint16_t *o = (uint16_t *)out + i * K;
                     for (int64_t k = 0; k < K; k++) o[k] = f32_to_bf16(f[k]);

@@ -39,6 +39,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.orcinus_quant_matmul.argtypes = [_int, _p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _int]
     lib.orcinus_quant_dequantize.restype = _int
     lib.orcinus_quant_dequantize.argtypes = [_int, _p, _i64, _i64, _p, _i64, _p, _int, _int]
+    lib.orcinus_quant_pack.restype = _int
+    lib.orcinus_quant_pack.argtypes = [_int, _p, _i64, _i64, _i64, _p, _int]
+    lib.orcinus_quant_packed_type.restype = _int
+    lib.orcinus_quant_packed_type.argtypes = [_int]
     lib.orcinus_quant_openmp.restype = _int
     lib.orcinus_quant_tile_rows.restype = _int
     return lib

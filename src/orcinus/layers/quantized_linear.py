@@ -41,6 +41,10 @@ QUANT_TYPES: dict[int, tuple[str, int, int]] = {
     2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34),
     12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
 }
+# The layouts the kernel packs Q4_0, Q4_1 and Q8_0 into at load (quant_packed.h, packed_weights.py):
+# id -> (name, elements per chunk, bytes per chunk). Never read from a file.
+PACKED_TYPES: dict[int, tuple[str, int, int]] = {102: ("Q4_0, packed", 32, 20), 103: ("Q4_1, packed", 32, 20),
+                                                 108: ("Q8_0, packed", 32, 36)}
 FLOAT = -1  # a segment held as a float tensor
 # Where the C kernel has no register tiles (no AVX-512), from this many rows up the
 # dequantise-then-GEMM path runs; below it the row kernel. Measured on an Intel Xeon (AMX) with 2
@@ -280,16 +284,23 @@ def _join_parts(param: nn.Parameter, state: QuantState) -> None:
         raws = [p.raw if qtype != FLOAT else p.raw.to(state.dtype) for _, p in run]
         segments.append(Segment(run[0][0], sum(p.shape[0] for _, p in run), qtype, torch.cat(raws).contiguous()))
     state.segments = segments
+    set_param_data(param, state)
+
+
+def set_param_data(param: nn.Parameter, state: QuantState) -> None:
+    """The parameter's data: its one segment, or one buffer holding every segment with each segment
+    a view into it (so parameters() counts the real bytes)."""
+    segments = state.segments
     if len(segments) == 1:
         param.data = segments[0].raw
-    else:  # one buffer for all, each segment a view into it (so parameters() counts the real bytes)
-        flat = torch.cat([s.raw.reshape(-1).view(torch.uint8) for s in segments])
-        pos = 0
-        for s in segments:
-            n = s.raw.numel() * s.raw.element_size()
-            s.raw = flat[pos:pos + n].view(s.raw.dtype).view(s.raw.shape)
-            pos += n
-        param.data = flat
+        return
+    flat = torch.cat([s.raw.reshape(-1).view(torch.uint8) for s in segments])
+    pos = 0
+    for s in segments:
+        n = s.raw.numel() * s.raw.element_size()
+        s.raw = flat[pos:pos + n].view(s.raw.dtype).view(s.raw.shape)
+        pos += n
+    param.data = flat
 
 
 # ----------------------------------------------------------------------------- forward

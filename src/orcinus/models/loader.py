@@ -21,6 +21,7 @@ from orcinus.errors import ModelNotFound  # noqa: F401  (re-exported: raised her
 from orcinus.distributed.parallel_state import pipeline_stage, tensor_parallel
 from orcinus.layers.linear import lay_out_for_cpu
 from orcinus.models.hf_config import UnsupportedModel
+from orcinus.layers.packed_weights import pack_for_tiles
 from orcinus.layers.quantized_linear import finalize as quantized_finalize
 from orcinus.layers.quantized_linear import quantized_bytes
 from orcinus.models.registry import resolve
@@ -190,6 +191,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device,
         torch.set_default_dtype(old)
     module.load_weights(weights)
     if quantized_finalize(module):
+        pack_for_tiles(module)  # float32 on AVX-512: the tiles' layout, packed once (packed_weights.py)
         q_bytes, all_bytes = quantized_bytes(module)
         log.info("GGUF weights kept quantized: %.0f MiB of %.0f MiB of weights in their blocks "
                  "(quantization=none dequantises them)", q_bytes / 2**20, all_bytes / 2**20)
