@@ -1,6 +1,6 @@
 """Micro-benchmark of the quantized linear paths at the default model's shapes, per batch size:
-the integer kernel (register tiles from their crossover up where the CPU has AVX-512),
-dequantise-then-GEMM in float32 and in bfloat16, and the float32 weight of `--quantization none`.
+the integer kernel on the GGUF blocks (register tiles from their crossover up where the CPU has
+AVX-512), the same on the layout packed at load (layers/packed_weights.py; AVX-512 only), dequantise-then-GEMM in float32 and in bfloat16, and the float32 weight of `--quantization none`.
 
     python -m orcinus.bench.quant_matmul [--threads N] [--rows 1,4,16,32,64,128,512]
 
@@ -30,6 +30,18 @@ def _best_ms(fn, repeat: int) -> float:
     return min(times) * 1e3  # the least disturbed run: the machine is shared
 
 
+def _packed(lib, ql, seg, k: int):
+    """The segment packed as the loader packs it, or None where this build has no packed layout."""
+    ptype = lib.orcinus_quant_packed_type(seg.qtype)
+    if ptype == 0 or lib.orcinus_quant_tile_rows() <= 0:
+        return None
+    out = torch.empty(seg.out_rows, k // 32 * ql.PACKED_TYPES[ptype][2], dtype=torch.uint8)
+    if lib.orcinus_quant_pack(seg.qtype, seg.raw.data_ptr(), seg.out_rows, k, seg.raw.shape[1], out.data_ptr(),
+                              torch.get_num_threads()) != 0:
+        return None
+    return ql.Segment(0, seg.out_rows, ptype, out)
+
+
 def run(rows_list: list[int], repeat: int) -> list[dict]:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
@@ -50,12 +62,16 @@ def run(rows_list: list[int], repeat: int) -> list[dict]:
         weight = torch.nn.Parameter(raw, requires_grad=False)
         weight.quant = ql.QuantState(k, n, torch.float32, [ql.Segment(0, n, qtype, raw)])
         seg = weight.quant.segments[0]
+        packed = _packed(lib, ql, seg, k)
         for rows in rows_list:
             x = torch.randn(rows, k)
             out = torch.empty(rows, n)
 
             def kernel():
                 ql._kernel_matmul(lib, seg, k, ql.quantize_activations(lib, x), out, out)
+
+            def kernel_packed():
+                ql._kernel_matmul(lib, packed, k, ql.quantize_activations(lib, x), out, out)
 
             def dequant_gemm():
                 act = ql.quantize_activations(lib, x)
@@ -71,10 +87,12 @@ def run(rows_list: list[int], repeat: int) -> list[dict]:
                 torch.nn.functional.linear(x, wf if name == "lm_head" else wf_col)
 
             r = {"shape": name, "rows": rows, "kernel_ms": _best_ms(kernel, repeat),
+                 "packed_ms": _best_ms(kernel_packed, repeat) if packed is not None else None,
                  "dequant_gemm_ms": _best_ms(dequant_gemm, repeat),
                  "dequant_gemm_bf16_ms": _best_ms(dequant_gemm_bf16, repeat), "float32_ms": _best_ms(float32, repeat)}
             results.append(r)
-            print(f"{name:8s} {n:6d}x{k:<5d} rows {rows:4d}: kernel {r['kernel_ms']:8.3f} ms  "
+            packed_txt = f"{r['packed_ms']:8.3f} ms" if packed is not None else "     n/a"
+            print(f"{name:8s} {n:6d}x{k:<5d} rows {rows:4d}: kernel {r['kernel_ms']:8.3f} ms  packed {packed_txt}  "
                   f"dequant+GEMM {r['dequant_gemm_ms']:8.3f} ms  bf16 dequant+GEMM {r['dequant_gemm_bf16_ms']:8.3f} ms  "
                   f"float32 {r['float32_ms']:8.3f} ms", flush=True)
     return results
