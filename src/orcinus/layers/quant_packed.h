@@ -5,8 +5,9 @@
  * every call (unpack to bytes, widen, transpose): 9.4 % of a one-thread run of the 64-request trace
  * (pack_strip + unpack_row, perf), paid again at every layer of every step. Packing at load removes
  * that pass; to keep the model at its file size, the packed weights stay 4-bit (8-bit for Q8_0) and
- * the tile widens them in registers, which the VNNI port hides (a 12-row tile ran at the same
- * multiply rate from 16-bit pairs, 8-bit pairs and nibbles: docs/benchmarks.md, "Issue 21, sixth round").
+ * the tile widens them in registers, which the VNNI port mostly hides (a 12-row tile in L1 ran at
+ * 126-131 GMAC/s from 16-bit pairs, 122-133 from 8-bit ones, 113-122 from nibbles: docs/benchmarks.md,
+ * "Issue 21, sixth round").
  *
  * Layout of a packed weight [N features, K inputs], N a multiple of STRIP: strip after strip (features
  * 32s .. 32s + 31); within a strip, chunk after chunk of 32 inputs, each
@@ -36,7 +37,8 @@ static inline __m512i load_wide(const uint8_t *src) {
 }
 
 /* y[j, 0:32] = activation rows j < R against one packed strip: quant_tiles.h's DEFINE_TILE (G = 32)
- * with the pair vectors and scales read from the strip instead of a per-call scratch. */
+ * with the pair vectors and scales read from the strip instead of a per-call scratch. VBYTES: bytes
+ * of the strip per pair vector (16 for P4, two nibbles to a byte; 32 for P8). */
 #define DEFINE_PACKED_TILE(R, KIND, VBYTES)                                                             \
 static inline void ptile_##R##_##KIND(const uint8_t *strip, int64_t K, const int16_t *a, const float *da,\
                                       const float *asum, float *y, int64_t ldy) {                       \
@@ -99,7 +101,9 @@ static inline void ptile_##R##_##KIND(const uint8_t *strip, int64_t K, const int
             b0 = _mm512_srli_epi16(x0, 4); b1 = _mm512_srli_epi16(x1, 4);                               \
         }                                                                                               \
     } while (0)
-#define PACKED_TILE_ROWS 11 /* 2 x 11 accumulators: with the two widened loads kept for the high nibbles, 12 rows spill */
+/* 2 x 11 accumulators, the two widened loads kept for the high nibbles, two pair vectors, the
+ * broadcast and the mask: 28 of the 32 vector registers (12 rows would leave no room for spills) */
+#define PACKED_TILE_ROWS 11
 DEFINE_PACKED_TILE(11, p4, 16)
 DEFINE_PACKED_TILE(8, p4, 16)
 DEFINE_PACKED_TILE(4, p4, 16)
