@@ -37,7 +37,8 @@ static inline __m512i load_wide(const uint8_t *src) {
 }
 
 /* y[j, 0:32] = activation rows j < R against one packed strip: quant_tiles.h's DEFINE_TILE (G = 32)
- * with the pair vectors and scales read from the strip instead of a per-call scratch. VBYTES: bytes
+ * with the pair vectors and scales read from the strip instead of a per-call scratch (its multiply,
+ * scale and store steps are quant_tiles.h's TILE_*_ROWS). VBYTES: bytes
  * of the strip per pair vector (16 for P4, two nibbles to a byte; 32 for P8). */
 #define DEFINE_PACKED_TILE(R, KIND, VBYTES)                                                             \
 static inline void ptile_##R##_##KIND(const uint8_t *strip, int64_t K, const int16_t *a, const float *da,\
@@ -60,32 +61,16 @@ static inline void ptile_##R##_##KIND(const uint8_t *strip, int64_t K, const int
             const int p = VBYTES == 32 ? i : i / 2 + 8 * (i % 2);                                       \
             __m512i b0, b1;                                                                             \
             PAIRS_##KIND(pc, i, b0, b1);                                                                \
-            _Pragma("GCC unroll 16") for (int j = 0; j < R; j++) {                                      \
-                int32_t pair;                                                                           \
-                memcpy(&pair, a + j * K + 32 * c + 2 * p, sizeof pair);                                 \
-                const __m512i t = _mm512_set1_epi32(pair);                                              \
-                lo[j] = DPWSSD(lo[j], b0, t);                                                           \
-                hi[j] = DPWSSD(hi[j], b1, t);                                                           \
-            }                                                                                           \
+            TILE_MULTIPLY_ROWS(R, b0, b1, c, p);                                                        \
         }                                                                                               \
         const uint16_t *sc = (const uint16_t *)(pc + 16 * 2 * VBYTES);                                  \
         const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));                     \
         const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 16)));              \
         const __m512 m0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 32)));              \
         const __m512 m1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 48)));              \
-        _Pragma("GCC unroll 16") for (int j = 0; j < R; j++) {                                          \
-            const __m512 d = _mm512_set1_ps(da[j * nb + c]), o = _mm512_set1_ps(asum[j * nb + c]);      \
-            float *f = fa + j * STRIP;                                                                  \
-            __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[j]), _mm512_mul_ps(s0, d), _mm512_load_ps(f)); \
-            __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[j]), _mm512_mul_ps(s1, d), _mm512_load_ps(f + 16)); \
-            _mm512_store_ps(f, _mm512_fmadd_ps(m0, o, f0));                                             \
-            _mm512_store_ps(f + 16, _mm512_fmadd_ps(m1, o, f1));                                        \
-        }                                                                                               \
+        TILE_SCALE_ROWS(R, s0, s1, m0, m1, c, nb, c); /* G = 32: one group per chunk */                 \
     }                                                                                                   \
-    for (int j = 0; j < R; j++) {                                                                       \
-        _mm512_storeu_ps(y + j * ldy, _mm512_load_ps(fa + j * STRIP));                                  \
-        _mm512_storeu_ps(y + j * ldy + 16, _mm512_load_ps(fa + j * STRIP + 16));                        \
-    }                                                                                                   \
+    TILE_STORE_ROWS(R);                                                                                 \
 }
 /* The two pair vectors (halves v = 0, 1) of step i of a chunk at pc. P4: an even step loads and
  * widens the 32-byte halves of pair rows (i / 2, i / 2 + 8) and keeps them (x0, x1) for the odd one. */

@@ -104,6 +104,36 @@ static void pack_strip(int type, const uint8_t *w, int64_t row_bytes, int64_t K,
         }
 }
 
+/* The three steps every register tile shares (this one and the packed one of quant_packed.h). They
+ * work on the tile's locals: activations `a` (rows of K), scales `da` (per 32, row stride nb) and
+ * `asum`, integer sums lo[R] / hi[R], float sums fa[R * STRIP], output y (row stride ldy).
+ * Multiply: activation pair (32c + 2p, +1) of each row, broadcast, times the pair vectors b0, b1. */
+#define TILE_MULTIPLY_ROWS(R, b0, b1, c, p)                                                             \
+    _Pragma("GCC unroll 16") for (int j = 0; j < R; j++) {                                              \
+        int32_t pair;                                                                                   \
+        memcpy(&pair, a + j * K + 32 * (c) + 2 * (p), sizeof pair);                                     \
+        const __m512i t = _mm512_set1_epi32(pair);                                                      \
+        lo[j] = DPWSSD(lo[j], b0, t);                                                                   \
+        hi[j] = DPWSSD(hi[j], b1, t);                                                                   \
+    }
+/* Scale: a group's integer sums into the float sums, ws * da (s0, s1) plus the offset term
+ * (wm - zoff ws: m0, m1) * asum; da of 32-block c, asum of group g (row stride ng). */
+#define TILE_SCALE_ROWS(R, s0, s1, m0, m1, c, ng, g)                                                    \
+    _Pragma("GCC unroll 16") for (int j = 0; j < R; j++) {                                              \
+        const __m512 d = _mm512_set1_ps(da[j * nb + (c)]), o = _mm512_set1_ps(asum[j * (ng) + (g)]);    \
+        float *f = fa + j * STRIP;                                                                      \
+        __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[j]), _mm512_mul_ps(s0, d), _mm512_load_ps(f)); \
+        __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[j]), _mm512_mul_ps(s1, d), _mm512_load_ps(f + 16)); \
+        _mm512_store_ps(f, _mm512_fmadd_ps(m0, o, f0));                                                 \
+        _mm512_store_ps(f + 16, _mm512_fmadd_ps(m1, o, f1));                                            \
+    }
+/* Store: the float sums to y. */
+#define TILE_STORE_ROWS(R)                                                                              \
+    for (int j = 0; j < R; j++) {                                                                       \
+        _mm512_storeu_ps(y + j * ldy, _mm512_load_ps(fa + j * STRIP));                                  \
+        _mm512_storeu_ps(y + j * ldy + 16, _mm512_load_ps(fa + j * STRIP + 16));                        \
+    }
+
 /* y[j, 0:32] = activation rows j < R against a packed strip, G elements per scale group. The
  * integer sums of a group live in 2R registers; the float sums in `fa` (L1), updated once per group. */
 #define DEFINE_TILE(R, G)                                                                               \
@@ -124,30 +154,14 @@ static inline void tile_##R##_g##G(const strip_scratch *s, int64_t K, const int1
             _Pragma("GCC unroll 16") for (int p = h * (G / 2); p < (h + 1) * (G / 2); p++) {            \
                 const __m512i b0 = _mm512_load_si512((const void *)(pc + p * STRIP));                   \
                 const __m512i b1 = _mm512_load_si512((const void *)(pc + p * STRIP + 16));              \
-                _Pragma("GCC unroll 16") for (int j = 0; j < R; j++) {                                  \
-                    int32_t pair;                                                                       \
-                    memcpy(&pair, a + j * K + 32 * c + 2 * p, sizeof pair);                             \
-                    const __m512i t = _mm512_set1_epi32(pair);                                          \
-                    lo[j] = DPWSSD(lo[j], b0, t);                                                       \
-                    hi[j] = DPWSSD(hi[j], b1, t);                                                       \
-                }                                                                                       \
+                TILE_MULTIPLY_ROWS(R, b0, b1, c, p);                                                    \
             }                                                                                           \
             const __m512 s0 = _mm512_load_ps(s->wsv + g * STRIP), s1 = _mm512_load_ps(s->wsv + g * STRIP + 16); \
             const __m512 m0 = _mm512_load_ps(s->wmv + g * STRIP), m1 = _mm512_load_ps(s->wmv + g * STRIP + 16); \
-            _Pragma("GCC unroll 16") for (int j = 0; j < R; j++) {                                      \
-                const __m512 d = _mm512_set1_ps(da[j * nb + c]), o = _mm512_set1_ps(asum[j * ng + g]);  \
-                float *f = fa + j * STRIP;                                                              \
-                __m512 f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[j]), _mm512_mul_ps(s0, d), _mm512_load_ps(f)); \
-                __m512 f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[j]), _mm512_mul_ps(s1, d), _mm512_load_ps(f + 16)); \
-                _mm512_store_ps(f, _mm512_fmadd_ps(m0, o, f0));                                         \
-                _mm512_store_ps(f + 16, _mm512_fmadd_ps(m1, o, f1));                                    \
-            }                                                                                           \
+            TILE_SCALE_ROWS(R, s0, s1, m0, m1, c, ng, g);                                              \
         }                                                                                               \
     }                                                                                                   \
-    for (int j = 0; j < R; j++) {                                                                       \
-        _mm512_storeu_ps(y + j * ldy, _mm512_load_ps(fa + j * STRIP));                                  \
-        _mm512_storeu_ps(y + j * ldy + 16, _mm512_load_ps(fa + j * STRIP + 16));                        \
-    }                                                                                                   \
+    TILE_STORE_ROWS(R);                                                                                 \
 }
 DEFINE_TILE(12, 32)
 DEFINE_TILE(8, 32)
