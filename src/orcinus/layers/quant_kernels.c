@@ -31,6 +31,13 @@
 #include "float_formats.h"  /* f16_to_f32, f32_to_bf16 */
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };  /* ggml type ids */
+/* Builds with the AVX-512 register tiles (quant_tiles.h) also read the layouts that quant_packed.h
+ * packs Q4_0, Q4_1 and Q8_0 into at load; their ids are the source's + PACKED_OFFSET. */
+#if defined(__AVX512BW__)
+#define HAVE_PACKED 1
+#endif
+#define PACKED_OFFSET 100
+enum { T_P4_0 = T_Q4_0 + PACKED_OFFSET, T_P4_1 = T_Q4_1 + PACKED_OFFSET, T_P8_0 = T_Q8_0 + PACKED_OFFSET };
 enum { OUT_F32 = 0, OUT_BF16 = 1 };
 /* Activations are rounded to 16-bit integers per block of 32 (scale amax / 32767). 8 bits, as
  * llama.cpp does, flipped the default model's first answer token on a near-tie and sent it off
@@ -63,10 +70,11 @@ static int fmt(int type, int *block, int *bytes, int *group, int *zoff) {
     case T_Q4_K: *block = 256; *bytes = 144; *group = 32; *zoff = 0; return 0;
     case T_Q5_K: *block = 256; *bytes = 176; *group = 32; *zoff = 0; return 0;
     case T_Q6_K: *block = 256; *bytes = 210; *group = 16; *zoff = 32; return 0;
-    /* the packed layouts of quant_packed.h (ids: source + 100), bytes per 32 weights */
-    case T_Q4_0 + 100: *block = 32; *bytes = 20; *group = 32; *zoff = 8; return 0;
-    case T_Q4_1 + 100: *block = 32; *bytes = 20; *group = 32; *zoff = 0; return 0;
-    case T_Q8_0 + 100: *block = 32; *bytes = 36; *group = 32; *zoff = 128; return 0;
+#ifdef HAVE_PACKED  /* the packed layouts (quant_packed.h), bytes per 32 weights */
+    case T_P4_0: *block = 32; *bytes = 20; *group = 32; *zoff = 8; return 0;
+    case T_P4_1: *block = 32; *bytes = 20; *group = 32; *zoff = 0; return 0;
+    case T_P8_0: *block = 32; *bytes = 36; *group = 32; *zoff = 128; return 0;
+#endif
     default: return -1;
     }
 }
@@ -384,9 +392,6 @@ int orcinus_quant_matmul(int type, const uint8_t *w, int64_t N, int64_t K, int64
                          float *y, int64_t ldy, int num_threads) {
     int block, bytes, G, zoff;
     if (fmt(type, &block, &bytes, &G, &zoff) != 0 || K % block) return -1;
-#ifndef HAVE_PACKED
-    if (type > 100) return -1;
-#endif
     const int64_t ng = K / G, nb = K / 32;
     /* The offset terms' activation side, per group: da * (integer sum of the group). */
     float *asum = (float *)malloc(sizeof(float) * (size_t)(rows * ng));
@@ -459,9 +464,6 @@ int orcinus_quant_dequantize(int type, const uint8_t *w, int64_t K, int64_t row_
                              int64_t n, void *out, int out_dtype, int num_threads) {
     int block, bytes, G, zoff;
     if (fmt(type, &block, &bytes, &G, &zoff) != 0 || K % block) return -1;
-#ifndef HAVE_PACKED
-    if (type > 100) return -1;
-#endif
     const int64_t ng = K / G;
     int status = 0;
 #pragma omp parallel num_threads(num_threads) if (n * K > 65536)

@@ -22,10 +22,7 @@
  * The results equal the per-call tiles' bit for bit: same integers, same float operations in the
  * same order. Batches of every size take the tiles (one row too: no row kernel reads this layout).
  */
-#ifdef HAVE_TILES
-#define HAVE_PACKED 1
-#define PACKED_OFFSET 100 /* a packed layout's type id: the ggml id of its source format + 100 */
-enum { T_P4_0 = T_Q4_0 + PACKED_OFFSET, T_P4_1 = T_Q4_1 + PACKED_OFFSET, T_P8_0 = T_Q8_0 + PACKED_OFFSET };
+#ifdef HAVE_PACKED /* quant_kernels.c: with the tiles; type ids T_P4_0, T_P4_1, T_P8_0 */
 
 static inline int is_packed(int type) { return type == T_P4_0 || type == T_P4_1 || type == T_P8_0; }
 static inline int64_t packed_quant_bytes(int type) { return type == T_P8_0 ? 1024 : 512; }
